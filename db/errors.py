@@ -1,0 +1,10 @@
+"""The root of odpo's user-facing errors.
+
+Lives in db/ because db is the bottom layer every other package may import. Anything raised as an
+OdpoError is the user's to fix (bad input, missing model, unreachable database): its str() is one
+clear line, and the CLI and UI show exactly that line instead of a traceback.
+"""
+
+
+class OdpoError(Exception):
+    """An error caused by input or environment, with a one-line message saying what to do."""

@@ -1,0 +1,196 @@
+"""SQLAlchemy 2.0 typed models for odpo's data model (DESIGN.md, "Data model").
+
+Every row carries enough provenance to derive on-policy-ness (adapter versions), labeler speed
+(shown/answered timestamps) and judge agreement later, without side files.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC timestamps: SQLite has no time zones, and mixing aware/naive breaks comparisons."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[int]: JSON}
+
+
+PAIR_STATUSES = ("queued", "shown", "labeled", "retired")
+CHOICES = ("a", "b", "tie", "both_bad", "skip")
+TRAINABLE_CHOICES = ("a", "b")
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    # sha256 of the normalised text: a unique key that works on every backend (TEXT can't be indexed
+    # uniquely everywhere) and makes duplicate imports cheap to detect.
+    text_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    source: Mapped[str] = mapped_column(String(200), default="import")
+    tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    held_out: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    times_sampled: Mapped[int] = mapped_column(Integer, default=0)
+    last_sampled_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Sample(Base):
+    __tablename__ = "samples"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    adapter_version: Mapped[int] = mapped_column(Integer, default=0)  # 0 = base model
+    text: Mapped[str] = mapped_column(Text)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    finish_reason: Mapped[str] = mapped_column(String(20), default="stop")  # stop | length
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # temperature, top_p, ...
+    gen_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Pair(Base):
+    __tablename__ = "pairs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    sample_a_id: Mapped[int] = mapped_column(ForeignKey("samples.id"))
+    sample_b_id: Mapped[int] = mapped_column(ForeignKey("samples.id"))
+    created_version: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(10), default="queued")
+    # How many labelers should see this pair (overlap); claims counts the live/answered showings.
+    labels_wanted: Mapped[int] = mapped_column(Integer, default=1)
+    claims: Mapped[int] = mapped_column(Integer, default=0)
+    purpose: Mapped[str] = mapped_column(String(20), default="train")  # train | typed
+    requested_by: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (Index("ix_pairs_status_id", "status", "id"),)
+
+
+class Assignment(Base):
+    """One showing of a pair to one labeler: what was on the left, and when it expires.
+
+    Claims go through this table so several labelers never get the same pair (unless overlap asks
+    for it) and a closed browser tab gives its pair back after a timeout.
+    """
+
+    __tablename__ = "assignments"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), index=True)
+    labeler: Mapped[str] = mapped_column(String(200))
+    shown_left: Mapped[str] = mapped_column(String(1))  # "a" or "b"
+    shown_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    state: Mapped[str] = mapped_column(String(10), default="open")  # open | answered | expired
+    __table_args__ = (UniqueConstraint("pair_id", "labeler", name="uq_assignment_pair_labeler"),)
+
+
+class Label(Base):
+    __tablename__ = "labels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), index=True)
+    choice: Mapped[str] = mapped_column(String(10))
+    shown_left: Mapped[Optional[str]] = mapped_column(String(1), nullable=True)
+    labeler: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(200), default="human")  # human | judge:<spec>
+    judge_confidence: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    shown_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    answered_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    consumed_version: Mapped[Optional[int]] = mapped_column(Integer, nullable=True, index=True)
+    consumed_step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    undone: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Adapter(Base):
+    __tablename__ = "adapters"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run: Mapped[str] = mapped_column(String(100), default="default")
+    version: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    parent: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    rolled_back: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    __table_args__ = (UniqueConstraint("run", "version", name="uq_adapter_run_version"),)
+
+
+class TrainStep(Base):
+    __tablename__ = "train_steps"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run: Mapped[str] = mapped_column(String(100), default="default")
+    step: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer)  # the version this step's update lands in
+    label_ids: Mapped[list[int]] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    loss: Mapped[float] = mapped_column(Float)
+    reward_accuracy: Mapped[float] = mapped_column(Float, default=0.0)
+    reward_margin: Mapped[float] = mapped_column(Float, default=0.0)
+    kl: Mapped[float] = mapped_column(Float, default=0.0)
+    grad_norm: Mapped[float] = mapped_column(Float, default=0.0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    version_lag: Mapped[float] = mapped_column(Float, default=0.0)
+    committed: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Eval(Base):
+    __tablename__ = "evals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_a: Mapped[int] = mapped_column(Integer)
+    version_b: Mapped[int] = mapped_column(Integer)  # 0 = base
+    judge: Mapped[str] = mapped_column(String(200))
+    n: Mapped[int] = mapped_column(Integer)
+    wins: Mapped[int] = mapped_column(Integer, default=0)
+    losses: Mapped[int] = mapped_column(Integer, default=0)
+    ties: Mapped[int] = mapped_column(Integer, default=0)
+    win_rate: Mapped[float] = mapped_column(Float)
+    ci_low: Mapped[float] = mapped_column(Float)
+    ci_high: Mapped[float] = mapped_column(Float)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Labeler(Base):
+    __tablename__ = "labelers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Reload(Base):
+    """A hot reload seen by a sampler: how long the swap took and how stale serving was."""
+
+    __tablename__ = "reloads"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    swap_ms: Mapped[float] = mapped_column(Float)
+    commit_to_serving_ms: Mapped[float] = mapped_column(Float)
+    retired_pairs: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Control(Base):
+    """Small key/value switches shared between processes (pause training, process heartbeats)."""
+
+    __tablename__ = "control"
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

@@ -1,0 +1,67 @@
+"""Shared fixtures. Tests never touch the network: the hub is forced offline before anything
+imports transformers."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+pytest_plugins = ["tests.model_fixtures"]
+
+TEST_DB_ENV = "ODPO_TEST_DATABASE_URL"
+
+
+def _db_params() -> list:
+    params = [pytest.param("sqlite", id="sqlite")]
+    if os.environ.get(TEST_DB_ENV):
+        params.append(pytest.param("external", id="external-db", marks=pytest.mark.postgres))
+    return params
+
+
+@pytest.fixture(params=_db_params())
+def db_url(request, tmp_path) -> str:
+    """A fresh database per test: a SQLite file, and ODPO_TEST_DATABASE_URL (e.g. PostgreSQL) when set,
+    in its own schema-less database reset by dropping odpo's tables."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'odpo.sqlite3'}"
+    url = os.environ[TEST_DB_ENV]
+    _drop_all(url)
+    return url
+
+
+def _drop_all(url: str) -> None:
+    from sqlalchemy import MetaData, create_engine
+
+    engine = create_engine(url)
+    meta = MetaData()
+    meta.reflect(engine)
+    meta.drop_all(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def database(db_url):
+    from db.engine import Database
+
+    db = Database(db_url)
+    yield db
+    db.close()
+
+
+@pytest.fixture
+def common_config(tmp_path, db_url):
+    from app.config import CommonConfig
+
+    return CommonConfig.resolve(data_dir=str(tmp_path / "data"), db_url=db_url)
+
+
+@pytest.fixture
+def unique_name() -> str:
+    return uuid.uuid4().hex[:8]
