@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from app.config import CommonConfig
-from app.services import import_prompt_records, ensure_initialised
+from app.services import ensure_initialised, import_prompt_records
 from db import store
 
 

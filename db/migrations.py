@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy import Column, Connection, DateTime, Engine, MetaData, String, Table, inspect, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from db.models import Base, utcnow
 

@@ -46,7 +46,7 @@ def add_prompts(session: Session, *, prompts: Iterable[NewPrompt]) -> ImportResu
         chunk = hashes[chunk_start : chunk_start + 500]
         existing.update(session.scalars(select(Prompt.text_hash).where(Prompt.text_hash.in_(chunk))))
     added = dup = held = 0
-    for item, h in zip(items, hashes):
+    for item, h in zip(items, hashes, strict=True):
         if h in existing:
             dup += 1
             continue

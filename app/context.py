@@ -1,0 +1,70 @@
+"""What the serve process is made of: its config and the handles the UI needs.
+
+The UI (app/ui*.py) gets an AppContext and never builds models or engines itself, so it can be
+tested with a database and no sampler at all.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol
+
+from app.config import CommonConfig
+from db.engine import Database
+
+
+class SamplerHandle(Protocol):
+    """The part of the background sampler the UI talks to (in-process, same `odpo serve`)."""
+
+    def request_typed(self, *, prompt_id: int, labeler: str) -> None:
+        """Sample a pair for a prompt a labeler typed, ahead of the regular queue."""
+
+    def state(self) -> dict:
+        """Serving version, queue size, last generation timings, errors: for counters/dashboard."""
+
+
+@dataclass
+class ServeConfig:
+    """`odpo serve`: the web app plus the sampler thread and reload watcher."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    model: str = "smollm2-135m"
+    run: str = "default"
+    queue_size: int = 8
+    max_staleness: int = 1
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    prompts_per_batch: int = 4
+    load_in_4bit: bool = False
+    claim_timeout_s: float = 600.0
+    overlap: int = 1  # how many labelers see each pair
+    guidelines: Optional[Path] = None
+    auth_file: Optional[Path] = None
+    show_judge_after_vote: bool = False
+    headless: bool = False  # sampler + watcher only, no web app
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [(1 <= self.port <= 65535, "port must be 1..65535"),
+                  (self.queue_size >= 1, "queue_size must be >= 1"),
+                  (self.max_staleness >= 0, "max_staleness must be >= 0"),
+                  (self.temperature > 0, "temperature must be > 0 (pairs need two different samples)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+                  (self.prompts_per_batch >= 1, "prompts_per_batch must be >= 1"),
+                  (self.overlap >= 1, "overlap must be >= 1"),
+                  (self.claim_timeout_s > 0, "claim_timeout_s must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class AppContext:
+    common: CommonConfig
+    db: Database
+    config: ServeConfig
+    sampler: Optional[SamplerHandle] = None
+    admins: set[str] = field(default_factory=set)
