@@ -1,0 +1,222 @@
+"""Preference pairs -> padded token tensors -> sequence log-probs.
+
+The prompt and each completion are tokenised *separately* and their ids concatenated. That makes the
+prompt/completion boundary exact (no guessing where a joint tokenisation diverges) and reproduces
+what the sampler did: it fed ``encode_prompt`` ids to the model and the model produced completion
+tokens after them. ``render_prompt``/``encode_prompt`` are therefore the single source of truth for
+prompt formatting; the sampler must use them too, or training would score a context the policy
+never saw.
+
+Batch layout (as TRL's DPO collator): rows ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``
+so one forward pass serves both halves, right padded (training never generates from these rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+# Logit entries handled at once by the log-prob maths: bounds the transient fp32 [chunk, vocab]
+# tensors to 16 MB, small enough to stay in cache on CPU (measured faster than 100 MB chunks).
+_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class PairExample:
+    """One labelled comparison: ``chosen`` was preferred over ``rejected`` for ``prompt``."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(tokenizer: Any, prompt: str) -> str:
+    """The exact text the model is conditioned on: chat-formatted when the tokenizer has a template.
+
+    The generation prompt (e.g. ``<|im_start|>assistant\\n``) is included so the completion starts
+    right after it, both when sampling and when training.
+    """
+    if _has_chat_template(tokenizer):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids of ``render_prompt``; use these for generation too.
+
+    A chat template already writes any BOS it wants, so special tokens are added only for raw
+    text (where e.g. Llama tokenizers need their BOS); this matches ``apply_chat_template(tokenize=True)``.
+    """
+    return _encode_prompts(tokenizer, [prompt])[0]
+
+
+def _encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    add_special = not _has_chat_template(tokenizer)
+    return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+
+
+def _encode_completions(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Response ids followed by exactly one EOS: the model learns where a good answer stops."""
+    eos_id, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
+    if eos_id is None:
+        raise ValueError("the tokenizer has no eos_token; DPO completions must end with one")
+    # A sampler that kept special tokens may hand us text that already ends with EOS: don't double it.
+    stripped = [t[: -len(eos_text)] if eos_text and t.endswith(eos_text) else t for t in texts]
+    ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
+    return [list(row) + [eos_id] for row in ids]
+
+
+def _pad_right(rows: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, mask) in enumerate(zip(rows, masks, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+        completion_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def build_pair_batch(
+    tokenizer: Any,
+    examples: list[PairExample],
+    *,
+    max_prompt_tokens: int = 256,
+    max_completion_tokens: int = 256,
+) -> dict[str, torch.Tensor]:
+    """Tokenise B pairs into one right-padded batch of 2B rows (chosen rows first).
+
+    Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on response tokens and the
+    EOS that ends them). The prompt is truncated from the left, since its end (the question and the
+    generation prompt) matters most; completions from the right, since the model produced them
+    left to right (a cut completion loses its EOS, which is right: it did not end there).
+    """
+    if not examples:
+        raise ValueError("build_pair_batch needs at least one example")
+    if max_prompt_tokens < 1 or max_completion_tokens < 1:
+        raise ValueError("max_prompt_tokens and max_completion_tokens must be >= 1")
+    prompts = [p[-max_prompt_tokens:] for p in _encode_prompts(tokenizer, [e.prompt for e in examples])]
+    chosen = _encode_completions(tokenizer, [e.chosen for e in examples])
+    rejected = _encode_completions(tokenizer, [e.rejected for e in examples])
+    rows, masks = [], []
+    for completions in (chosen, rejected):
+        for prompt_ids, completion_ids in zip(prompts, completions, strict=True):
+            completion_ids = completion_ids[:max_completion_tokens]
+            rows.append(list(prompt_ids) + completion_ids)
+            masks.append([0] * len(prompt_ids) + [1] * len(completion_ids))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return _pad_right(rows, masks, pad_id)
+
+
+def _maths_dtype(logits: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16 logits (log-sum-exp over 49k entries needs it), fp64 stays fp64."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def _chunk_positions(vocab: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // vocab)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """``log_softmax(logits)[label]`` that keeps nothing of size vocab alive between passes.
+
+    Autograd through ``log_softmax(x).gather`` saves the full fp32 log-softmax; through
+    ``x.gather - logsumexp(x)`` it saves an fp32 copy of bf16 logits and its backward adds up
+    full-size gradients. Here only the logits (alive anyway) are saved, and backward recomputes
+    ``softmax`` a cache-sized chunk at a time, writing straight into the one gradient tensor that
+    must exist anyway. Measured on a (busy, 2-core) CPU, vocab 49152, 8 rows x 129 scored
+    positions, forward+backward of ``sequence_logps`` (best of 7; peak RSS growth):
+
+    =========  ======================  ====================  ==================
+    logits     gather - logsumexp      log_softmax.gather    this
+    fp32       1.79 s, +824 MB         1.24 s, +628 MB       1.10 s, +569 MB
+    bf16       2.42 s, +802 MB         1.88 s, +607 MB       0.89 s, +455 MB
+    =========  ======================  ====================  ==================
+
+    Forward only (no_grad, the reference pass): gather - logsumexp ~15% slower, the others equal.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+        step = _chunk_positions(logits.shape[-1])
+        picked = [
+            torch.log_softmax(lg.to(_maths_dtype(lg)), dim=-1).gather(-1, lb).squeeze(-1)
+            for lg, lb in zip(flat.split(step), flat_labels.split(step), strict=True)
+        ]
+        ctx.save_for_backward(logits, labels)
+        return torch.cat(picked).view(labels.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, labels = ctx.saved_tensors
+        vocab, step = logits.shape[-1], _chunk_positions(logits.shape[-1])
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        chunks = zip(
+            grad.view(-1, vocab).split(step),
+            logits.reshape(-1, vocab).split(step),
+            labels.reshape(-1, 1).split(step),
+            grad_out.reshape(-1, 1).split(step),
+            strict=True,
+        )
+        # d/dx log_softmax(x)[label] = onehot(label) - softmax(x), scaled by the incoming gradient
+        for grad_chunk, lg, lb, g in chunks:
+            g = g.to(_maths_dtype(lg))
+            part = torch.softmax(lg.to(g.dtype), dim=-1).mul_(-g)
+            grad_chunk.copy_(part.scatter_add_(-1, lb, g))
+        return grad, None
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-position ``log softmax(logits)[labels]`` (at least fp32); logits [..., V], labels [...]."""
+    return _SelectiveLogSoftmax.apply(logits, labels)
+
+
+def sequence_logps(model: Any, batch: dict[str, torch.Tensor], *, average: bool = False) -> torch.Tensor:
+    """Sum (or per-token mean) of the completion tokens' log-probs, one fp32 value per row.
+
+    Logits at position t score token t+1, so labels and mask are shifted by one. Logits are only
+    computed from the earliest completion token of the batch onwards (``logits_to_keep``): prompt
+    positions would otherwise cost a [rows, prompt, vocab] tensor for nothing.
+    """
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    has_completion = completion_mask.bool().any(dim=0).nonzero()
+    first = int(has_completion[0]) if len(has_completion) else input_ids.shape[1]
+    start = max(first - 1, 0)
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=batch["attention_mask"],
+        logits_to_keep=input_ids.shape[1] - start,
+        use_cache=False,
+    )
+    # Shift labels rather than slicing logits: a slice's backward would allocate a second
+    # full-size gradient. The last position predicts nothing; label it 0 and mask it out.
+    labels = input_ids[:, start + 1 :]
+    mask = completion_mask[:, start + 1 :].bool()
+    labels = torch.cat([labels, labels.new_zeros(labels.shape[0], 1)], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)
+    per_token = torch.where(mask, token_logps(outputs.logits, labels), 0.0)
+    sums = per_token.sum(dim=1)
+    if average:
+        return sums / mask.sum(dim=1).clamp(min=1)
+    return sums
+
+
+def concatenated_forward(
+    model: Any, batch: dict[str, torch.Tensor], *, average: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the 2B-row batch; returns (chosen_logps, rejected_logps), B values each."""
+    logps = sequence_logps(model, batch, average=average)
+    chosen, rejected = logps.chunk(2, dim=0)
+    return chosen, rejected
