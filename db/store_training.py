@@ -46,8 +46,9 @@ def unconsumed_labels(session: Session, *, limit: int, sources: str = "all",
     overrides judge); the judge's label stays stored for agreement statistics.
     """
     human = aliased(Label)
+    # A person's skip is no opinion: a judge's label on a skipped pair is still trained on.
     human_exists = select(human.id).where(human.pair_id == Label.pair_id, human.source == "human",
-                                          human.undone.is_(False)).exists()
+                                          human.undone.is_(False), human.choice != "skip").exists()
     sa, sb = aliased(Sample), aliased(Sample)
     stmt = (
         select(Label.id, Label.pair_id, Label.choice, Label.source, Prompt.text, sa.text, sb.text,

@@ -216,3 +216,13 @@ def test_retire_stale_pairs_keeps_claimed_ones(database):
     with database.sessions.begin() as s:
         assert store.retire_stale_pairs(s, current_version=2, max_staleness=1) == 1
         assert store.count_pairs(s, status="retired") == 1
+
+
+def test_judge_label_on_a_pair_a_person_skipped_is_trained(database):
+    make_pairs(database, 1)
+    [skip_id] = label_all(database, "ann", choice="skip")
+    with database.sessions.begin() as s:
+        pair_id = s.get(Label, skip_id).pair_id
+        judged = store.add_direct_label(s, pair_id=pair_id, labeler="judge:rule:shorter", choice="b",
+                                        source="judge:rule:shorter")
+        assert [r.label_id for r in store.unconsumed_labels(s, limit=5)] == [judged.id]
