@@ -1,0 +1,84 @@
+"""`odpo export adapter|merged|dataset`: take what odpo learned elsewhere.
+
+The functions behind these commands live in trainer/export.py (the admin tab calls them too).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from app.config import CommonConfig
+
+_VERSION = click.option("--version", "version", type=click.IntRange(1), default=None,
+                        help="Adapter version (default: the latest committed one).")
+_RUN = click.option("--run", default="default", show_default=True, help="Training run name.")
+_BASE = click.option("--base-model", default=None,
+                     help="Base model spec (default: the one the adapter was trained on).")
+_OUT = click.argument("out", type=click.Path(path_type=Path))
+
+
+@click.group()
+def export() -> None:
+    """Export an adapter, a merged model, or the preference dataset."""
+
+
+@export.command("adapter")
+@_VERSION
+@_RUN
+@_BASE
+@_OUT
+@click.pass_obj
+def export_adapter_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_model: Optional[str],
+                       out: Path) -> None:
+    """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors, README.md) for
+    PeftModel.from_pretrained or vLLM --lora-modules. OUT must not exist or be empty."""
+    from trainer.export import export_adapter
+
+    db = cfg.open_db()
+    try:
+        path = export_adapter(db, out=out, version=version, run=run, base_model=base_model, base_dir=cfg.data_dir)
+    finally:
+        db.close()
+    click.echo(f"adapter written to {path}")
+
+
+@export.command("merged")
+@_VERSION
+@_RUN
+@_BASE
+@_OUT
+@click.pass_obj
+def export_merged_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_model: Optional[str],
+                      out: Path) -> None:
+    """The base model with the adapter merged in (fp32), tokenizer and chat template included,
+    for AutoModelForCausalLM.from_pretrained. OUT must not exist or be empty."""
+    from trainer.export import export_merged
+
+    db = cfg.open_db()
+    try:
+        path = export_merged(db, out=out, version=version, run=run, base_model=base_model,
+                             cache_dir=cfg.model_cache_dir, base_dir=cfg.data_dir)
+    finally:
+        db.close()
+    click.echo(f"merged model written to {path}")
+
+
+@export.command("dataset")
+@_OUT
+@click.option("--source", "sources", type=click.Choice(["human", "judge", "all"]), default="all",
+              show_default=True, help="Which labels (a person's label wins over a judge's on one pair).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.pass_obj
+def export_dataset_cmd(cfg: CommonConfig, out: Path, sources: str, force: bool) -> None:
+    """Labeled pairs as OUT.jsonl or OUT.parquet in TRL's conversational preference format (prompt,
+    chosen, rejected) plus labeler, source, adapter version and timestamps."""
+    from trainer.export import export_dataset
+
+    db = cfg.open_db()
+    try:
+        rows = export_dataset(db, out=out, sources=sources, overwrite=force)
+    finally:
+        db.close()
+    click.echo(f"{rows} preference pairs written to {out}")

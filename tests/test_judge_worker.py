@@ -1,0 +1,212 @@
+"""The judge worker: queue claims shared with people, abstain hand-back, fraction, skipped/shadow
+modes, agreement statistics, failure clean-up and the `odpo judge` command."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from app.cli import cli
+from db import store, store_evals
+from db.models import Label, Pair
+from tests.db_helpers import sample
+from trainer.judge_worker import JudgeWorkerConfig, JudgeWorkerError, in_fraction, run_judge_worker
+from trainer.judges import JudgeUnreachableError, load_judge
+
+ONCE = dict(exit_when_idle=0.0, poll_seconds=0.0)
+SHORTER = "judge:rule:shorter"
+
+
+def add_text_pairs(db, rows: list[tuple[str, str, str]]) -> list[int]:
+    """(prompt, a, b) triples as queued pairs, in order."""
+    with db.sessions.begin() as s:
+        store.add_prompts(s, prompts=[store.NewPrompt(text=p) for p, _, _ in rows])
+    ids = []
+    with db.sessions.begin() as s:
+        by_text = {p.text: p.id for p in store.list_prompts(s, limit=10_000)}
+        for prompt, a, b in rows:
+            ids.append(store.add_pair(s, prompt_id=by_text[prompt], version=0, a=sample(a), b=sample(b)).id)
+    return ids
+
+
+def length_pairs(n: int, *, question_every: int = 0) -> list[tuple[str, str, str]]:
+    """Pair i: a is shorter when i is even, b when odd; every `question_every`-th prompt ends in '?'."""
+    rows = []
+    for i in range(n):
+        q = "?" if question_every and i % question_every == 0 else "."
+        short, long = f"short {i}", f"a much longer answer number {i}"
+        rows.append((f"prompt {i}{q}", short, long) if i % 2 == 0 else (f"prompt {i}{q}", long, short))
+    return rows
+
+
+def labels(db, **where) -> list[Label]:
+    with db.sessions() as s:
+        stmt = select(Label).order_by(Label.id)
+        for key, value in where.items():
+            stmt = stmt.where(getattr(Label, key) == value)
+        return list(s.scalars(stmt))
+
+
+def test_queue_mode_labels_every_pair_with_absolute_choices(database):
+    ids = add_text_pairs(database, length_pairs(6))
+    stats = run_judge_worker(database, load_judge("rule:shorter"), config=JudgeWorkerConfig(batch_size=4, **ONCE))
+    assert stats.labeled == 6 and stats.abstained == 0
+    got = labels(database)
+    assert [lb.pair_id for lb in got] == ids
+    assert [lb.choice for lb in got] == ["a", "b"] * 3  # regardless of the random left/right
+    assert {lb.labeler for lb in got} == {lb.source for lb in got} == {SHORTER}
+    assert all(lb.judge_confidence == 1.0 for lb in got)
+    with database.sessions() as s:
+        assert store.count_pairs(s, status="labeled") == 6
+        trainable = store.unconsumed_labels(s, limit=100, sources="judge")
+        assert len(trainable) == 6 and all(t.chosen.startswith("short") for t in trainable)
+        assert store.unconsumed_labels(s, limit=100, sources="human") == []
+
+
+def test_judge_never_takes_a_pair_a_person_holds(database):
+    ids = add_text_pairs(database, length_pairs(3))
+    with database.sessions.begin() as s:
+        held = store.claim_next_pair(s, labeler="alice")
+    run_judge_worker(database, load_judge("rule:shorter"), config=JudgeWorkerConfig(**ONCE))
+    assert sorted(lb.pair_id for lb in labels(database)) == [i for i in ids if i != held.pair_id]
+    with database.sessions.begin() as s:
+        store.record_label(s, assignment_id=held.assignment_id, labeler="alice", choice="b")
+    assert len(labels(database, labeler="alice")) == 1
+
+
+def test_abstained_pairs_go_back_to_people_and_are_not_reclaimed(database):
+    ids = add_text_pairs(database, length_pairs(6, question_every=3))  # pairs 0 and 3 are questions
+    judge = load_judge("py:tests.rules:boom_on_question")
+    stats = run_judge_worker(database, judge, config=JudgeWorkerConfig(**ONCE))
+    assert stats.labeled == 4 and stats.abstained == 2
+    with database.sessions() as s:
+        rows = {p.id: p for p in s.scalars(select(Pair))}
+    assert [rows[i].status for i in ids] == ["queued", "labeled", "labeled", "queued", "labeled", "labeled"]
+    assert rows[ids[0]].claims == 0
+    again = run_judge_worker(database, judge, config=JudgeWorkerConfig(**ONCE))
+    assert again.labeled == again.abstained == 0
+    with database.sessions.begin() as s:
+        assert store.claim_next_pair(s, labeler="bob").pair_id == ids[0]
+
+
+def test_fraction_leaves_a_stable_share_to_people(database):
+    ids = add_text_pairs(database, length_pairs(40))
+    stats = run_judge_worker(database, load_judge("rule:shorter"),
+                             config=JudgeWorkerConfig(fraction=0.5, batch_size=8, **ONCE))
+    mine = {i for i in ids if in_fraction(i, 0.5)}
+    assert 10 <= len(mine) <= 30
+    assert {lb.pair_id for lb in labels(database)} == mine
+    assert stats.labeled == len(mine) and stats.passed == 40 - len(mine)
+    with database.sessions() as s:
+        assert store.count_pairs(s, status="queued") == 40 - len(mine)
+
+
+def test_max_labels_and_stop_event(database):
+    add_text_pairs(database, length_pairs(10))
+    stats = run_judge_worker(database, load_judge("rule:shorter"),
+                             config=JudgeWorkerConfig(max_labels=3, batch_size=2, **ONCE))
+    assert stats.labeled == 3 and len(labels(database)) == 3
+    stop = threading.Event()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        stats=run_judge_worker(database, load_judge("rule:shorter"),
+                               config=JudgeWorkerConfig(poll_seconds=30.0), stop=stop)))
+    worker.start()
+    for _ in range(200):
+        if len(labels(database)) == 10:
+            break
+        worker.join(0.05)
+    stop.set()
+    worker.join(5)
+    assert not worker.is_alive() and result["stats"].labeled == 7
+
+
+def test_only_skipped_labels_what_people_skipped(database):
+    ids = add_text_pairs(database, length_pairs(4))
+    for choice in ("skip", "a", "skip"):
+        with database.sessions.begin() as s:
+            claimed = store.claim_next_pair(s, labeler="alice")
+            store.record_label(s, assignment_id=claimed.assignment_id, labeler="alice", choice=choice)
+    config = JudgeWorkerConfig(only_skipped=True, **ONCE)
+    stats = run_judge_worker(database, load_judge("rule:shorter"), config=config)
+    assert stats.labeled == 2
+    judged = labels(database, labeler=SHORTER)
+    assert [lb.pair_id for lb in judged] == [ids[0], ids[2]] and [lb.choice for lb in judged] == ["a", "a"]
+    assert run_judge_worker(database, load_judge("rule:shorter"), config=config).labeled == 0
+    with database.sessions() as s:
+        assert store.count_pairs(s, status="queued") == 1  # the queue itself is untouched
+
+
+def test_shadow_mode_and_agreement(database):
+    ids = add_text_pairs(database, length_pairs(4))
+    for choice in ("a", "a", "tie", "skip"):  # truth (shorter) is a, b, a, b
+        with database.sessions.begin() as s:
+            claimed = store.claim_next_pair(s, labeler="alice")
+            store.record_label(s, assignment_id=claimed.assignment_id, labeler="alice", choice=choice)
+    stats = run_judge_worker(database, load_judge("rule:shorter"), config=JudgeWorkerConfig(shadow=True, **ONCE))
+    assert stats.labeled == 3
+    assert [lb.pair_id for lb in labels(database, labeler=SHORTER)] == ids[:3]
+    with database.sessions() as s:
+        assert store_evals.judge_agreement(s) == [{"judge": SHORTER, "n": 3, "agree": 1, "rate": pytest.approx(1 / 3)}]
+        # people's labels win for training: the shadow labels are never trained on
+        assert {t.source for t in store.unconsumed_labels(s, limit=100)} == {"human"}
+
+
+def test_shadow_abstentions_are_recorded_as_skips(database):
+    add_text_pairs(database, length_pairs(3, question_every=1))
+    for _ in range(3):
+        with database.sessions.begin() as s:
+            claimed = store.claim_next_pair(s, labeler="alice")
+            store.record_label(s, assignment_id=claimed.assignment_id, labeler="alice", choice="a")
+    judge = load_judge("py:tests.rules:boom_on_question")
+    config = JudgeWorkerConfig(shadow=True, **ONCE)
+    assert run_judge_worker(database, judge, config=config).abstained == 3
+    assert [lb.choice for lb in labels(database, source="judge:py:tests.rules:boom_on_question")] == ["skip"] * 3
+    assert run_judge_worker(database, judge, config=config).abstained == 0  # not judged again
+    with database.sessions() as s:
+        assert store_evals.judge_agreement(s) == []
+
+
+class DownJudge:
+    spec, order_free = "openai:m@http://127.0.0.1:9/v1", True
+
+    def judge(self, prompts, a, b):
+        raise JudgeUnreachableError("judge endpoint http://127.0.0.1:9/v1 is unreachable")
+
+    def close(self):
+        pass
+
+
+def test_a_failing_judge_hands_its_claims_back(database):
+    add_text_pairs(database, length_pairs(5))
+    with pytest.raises(JudgeUnreachableError):
+        run_judge_worker(database, DownJudge(), config=JudgeWorkerConfig(batch_size=3, **ONCE))
+    with database.sessions() as s:
+        pairs = list(s.scalars(select(Pair)))
+    assert all(p.status == "queued" and p.claims == 0 for p in pairs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(shadow=True, only_skipped=True), "one of"), (dict(fraction=0.5, shadow=True), "queued pairs only"),
+    (dict(fraction=0.0), "fraction"), (dict(batch_size=0), "batch size")])
+def test_config_errors(kwargs, message):
+    with pytest.raises(JudgeWorkerError, match=message):
+        JudgeWorkerConfig(**kwargs)
+
+
+def test_cli_judge(common_config, database):
+    add_text_pairs(database, length_pairs(4))
+    base = ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "judge"]
+    result = CliRunner().invoke(cli, [*base, "--judge", "py:tests.rules:prefer_shorter", "--exit-when-idle", "0",
+                                      "--max-labels", "3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["labeled"] == 3 and summary["mode"] == "queue"
+    assert len(labels(database, source="judge:py:tests.rules:prefer_shorter")) == 3
+    bad = CliRunner().invoke(cli, [*base, "--judge", "gpt4", "--exit-when-idle", "0"])
+    assert bad.exit_code == 1 and "Error: unknown judge spec 'gpt4'" in bad.output and "Traceback" not in bad.output
+    both = CliRunner().invoke(cli, [*base, "--judge", "rule:shorter", "--shadow", "--only-skipped"])
+    assert both.exit_code == 1 and "choose one of --only-skipped and --shadow" in both.output

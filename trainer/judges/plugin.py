@@ -1,0 +1,121 @@
+"""`py:package.module:function` judges: bring your own preference function.
+
+The function is called as ``function(prompt, response_a, response_b)`` and returns one of
+  - a choice string: "a", "b", "tie", "both_bad" or "abstain" (case-insensitive);
+  - a number in [0, 1]: the probability that response a is better;
+  - a (choice, confidence) tuple, or a trainer.judges.Verdict.
+A plugin that raises or returns anything else on one pair costs only that pair (it becomes an
+abstention with the reason attached, logged once per kind); a plugin that fails on
+`max_consecutive_errors` pairs in a row is broken, and the judge stops with a PluginError.
+Set ``function.order_free = True`` when the function ignores which response comes first; then
+evaluation does not ask it twice.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from trainer.judges import JudgeError, JudgeOptions, Verdict, abstain, check_batch
+
+log = logging.getLogger(__name__)
+
+_ALIASES = {"a": "a", "b": "b", "tie": "tie", "both_bad": "both_bad", "both bad": "both_bad",
+            "both-bad": "both_bad", "abstain": "abstain"}
+
+
+class PluginError(JudgeError):
+    """A plugin that cannot be imported, is not callable, or keeps failing."""
+
+
+def import_function(path: str) -> Callable[..., Any]:
+    """'package.module:function' -> the callable, importing from the working directory too (where
+    a user keeps their rules file)."""
+    module_name, sep, attr = path.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise PluginError(f"plugin {path!r} must look like package.module:function")
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's, reported in one line
+        raise PluginError(f"cannot import plugin module {module_name!r}: {type(exc).__name__}: {exc}") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise PluginError(f"plugin module {module_name!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise PluginError(f"plugin {path!r} is not callable")
+    return fn
+
+
+def to_verdict(value: Any, *, tie_margin: float) -> Optional[Verdict]:
+    """A plugin's return value as a Verdict, or None when it is not one of the documented forms."""
+    if isinstance(value, Verdict):
+        return value
+    if isinstance(value, str):
+        choice = _ALIASES.get(value.strip().lower())
+        return None if choice is None else Verdict(choice, confidence=0.0 if choice == "abstain" else 1.0)
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and _is_prob(value[1]):
+        choice = _ALIASES.get(value[0].strip().lower())
+        return None if choice is None else Verdict(choice, confidence=float(value[1]))
+    if _is_prob(value):
+        p = float(value)
+        if abs(p - 0.5) < tie_margin:
+            return Verdict("tie", confidence=1.0 - 2.0 * abs(p - 0.5), p_a=p)
+        return Verdict("a" if p > 0.5 else "b", confidence=max(p, 1.0 - p), p_a=p)
+    return None
+
+
+def _is_prob(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0.0 <= value <= 1.0)
+
+
+class PluginJudge:
+    """Calls a user function per pair, containing its failures."""
+
+    def __init__(self, fn: Callable[..., Any], *, spec: str, options: Optional[JudgeOptions] = None) -> None:
+        self.fn = fn
+        self.spec = spec
+        self.options = options or JudgeOptions()
+        self.order_free = bool(getattr(fn, "order_free", False))
+        self.consecutive_errors = 0
+        self.last_error = ""
+
+    @classmethod
+    def from_path(cls, path: str, *, spec: str, options: JudgeOptions) -> "PluginJudge":
+        return cls(import_function(path), spec=spec, options=options)
+
+    def judge(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str]) -> list[Verdict]:
+        check_batch(prompts, responses_a, responses_b)
+        return [self._one(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b, strict=True)]
+
+    def _one(self, prompt: str, a: str, b: str) -> Verdict:
+        try:
+            value = self.fn(prompt, a, b)
+        except Exception as exc:  # noqa: BLE001 - a plugin bug must not take the worker down
+            return self._failed(f"plugin raised {type(exc).__name__}: {exc}")
+        verdict = to_verdict(value, tie_margin=self.options.tie_margin)
+        if verdict is None:
+            return self._failed(f"plugin returned {value!r:.80}; expected a/b/tie/both_bad/abstain "
+                                "or a probability in [0, 1]")
+        self.consecutive_errors = 0
+        return verdict
+
+    def _failed(self, reason: str) -> Verdict:
+        self.consecutive_errors += 1
+        if reason != self.last_error:
+            log.warning("judge %s: %s (the pair is abstained)", self.spec, reason)
+        self.last_error = reason
+        if self.consecutive_errors >= self.options.max_consecutive_errors:
+            raise PluginError(f"judge {self.spec} failed on {self.consecutive_errors} pairs in a row; "
+                              f"last: {reason}")
+        return abstain(reason)
+
+    def close(self) -> None:
+        """Nothing to release."""

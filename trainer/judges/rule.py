@@ -1,0 +1,96 @@
+"""Rule judges: instant, deterministic preferences for demos, tests and learning benchmarks.
+
+    rule:shorter          fewer characters wins          rule:longer         more characters wins
+    rule:contains:<word>  the response containing <word> (case-insensitive) wins
+    rule:avoid:<word>     the response without <word> wins
+    rule:regex:<pattern>  the response matching <pattern> (re.search) wins
+    rule:length:<n>       the word count closer to <n> wins (a target length to learn)
+    rule:random[:<seed>]  a reproducible coin flip (the noise floor of a benchmark)
+
+Every rule says both_bad when both responses are empty and tie when it cannot separate them.
+Rules only look at content, never at position, so they are order-free.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Callable, Sequence
+
+from trainer.judges import JudgeError, Verdict, check_batch
+
+# A rule maps (prompt, a, b) to a signed preference: > 0 a wins, < 0 b wins, 0 tie.
+Rule = Callable[[str, str, str], float]
+RULE_NAMES = ("shorter", "longer", "contains:<word>", "avoid:<word>", "regex:<pattern>", "length:<n>",
+              "random[:<seed>]")
+
+
+def _has(word: str) -> Rule:
+    needle = word.casefold()
+    return lambda _p, a, b: float(needle in a.casefold()) - float(needle in b.casefold())
+
+
+def _closer_to(target: int) -> Rule:
+    return lambda _p, a, b: float(abs(len(b.split()) - target) - abs(len(a.split()) - target))
+
+
+def _coin(seed: str) -> Rule:
+    def rule(prompt: str, a: str, b: str) -> float:
+        if a == b:
+            return 0.0
+        low, high = sorted((a, b))  # sorted, so swapping a and b flips the answer, not the coin
+        digest = hashlib.sha256("\x00".join((seed, prompt, low, high)).encode()).digest()
+        winner = low if digest[0] % 2 == 0 else high
+        return 1.0 if winner == a else -1.0
+
+    return rule
+
+
+def build_rule(name: str) -> Rule:
+    """The rule a name selects; a JudgeError listing the valid names otherwise."""
+    head, _, arg = name.partition(":")
+    if head == "shorter" and not arg:
+        return lambda _p, a, b: float(len(b.strip()) - len(a.strip()))
+    if head == "longer" and not arg:
+        return lambda _p, a, b: float(len(a.strip()) - len(b.strip()))
+    if head == "contains" and arg:
+        return _has(arg)
+    if head == "avoid" and arg:
+        has = _has(arg)
+        return lambda p, a, b: -has(p, a, b)
+    if head == "regex" and arg:
+        try:
+            pattern = re.compile(arg)
+        except re.error as exc:
+            raise JudgeError(f"rule:regex: invalid pattern {arg!r}: {exc}") from None
+        return lambda _p, a, b: float(bool(pattern.search(a))) - float(bool(pattern.search(b)))
+    if head == "length" and arg.isdigit():
+        return _closer_to(int(arg))
+    if head == "random":
+        return _coin(arg)
+    raise JudgeError(f"unknown rule {name!r}; rules: {', '.join(RULE_NAMES)}")
+
+
+class RuleJudge:
+    """A judge made of one rule."""
+
+    order_free = True
+
+    def __init__(self, name: str, *, spec: str | None = None) -> None:
+        self.rule = build_rule(name)
+        self.spec = spec or f"rule:{name}"
+
+    def judge(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str]) -> list[Verdict]:
+        check_batch(prompts, responses_a, responses_b)
+        return [self._one(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b, strict=True)]
+
+    def _one(self, prompt: str, a: str, b: str) -> Verdict:
+        if not a.strip() and not b.strip():
+            return Verdict("both_bad", p_a=0.5)
+        score = self.rule(prompt, a, b)
+        if score == 0:
+            return Verdict("tie", p_a=0.5)
+        return Verdict("a", p_a=1.0) if score > 0 else Verdict("b", p_a=0.0)
+
+    def close(self) -> None:
+        """Nothing to release."""
