@@ -1,0 +1,1 @@
+"""odpo tests (a package so fixture plugins import as tests.<module>)."""

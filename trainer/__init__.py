@@ -1,0 +1,1 @@
+"""Everything that touches the model: loading, sampling, judges, DPO, adapters."""
