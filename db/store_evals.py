@@ -13,10 +13,10 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, aliased
 
-from db.models import Adapter, Assignment, Eval, Label, Pair, Prompt, Sample
+from db.models import Adapter, Eval, Label, Pair, Prompt, Sample
 from db.store_pairs import StoreError
 from db.store_training import source_filter
 
@@ -53,17 +53,6 @@ class LabeledPair:
     consumed_version: Optional[int]
 
 
-def release_assignment(session: Session, *, assignment_id: int, labeler: str) -> bool:
-    """Hand an open claim back to the queue (a judge that abstained): the pair is queued again for
-    everyone else, while the assignment row (state "expired") keeps this labeler from re-claiming it."""
-    asg = session.get(Assignment, assignment_id)
-    if asg is None or asg.labeler != labeler or asg.state != "open":
-        return False
-    asg.state = "expired"
-    session.execute(update(Pair).where(Pair.id == asg.pair_id, Pair.status.in_(("queued", "shown")))
-                    .values(claims=Pair.claims - 1, status="queued"))
-    session.flush()
-    return True
 
 
 def _pair_texts_stmt():

@@ -91,13 +91,26 @@ def release_expired(session: Session, *, now: Optional[dt.datetime] = None) -> i
     session.flush()
     return len(expired)
 
+def release_assignment(session: Session, *, assignment_id: int, labeler: str) -> bool:
+    """Hand an open claim back to the queue now instead of waiting for it to expire (a judge that
+    abstained, a labeler who switched name): the pair is queued again for everyone else, while the
+    assignment row (state "expired") keeps this labeler from re-claiming it."""
+    asg = session.get(Assignment, assignment_id)
+    if asg is None or asg.labeler != labeler or asg.state != "open":
+        return False
+    asg.state = "expired"
+    session.execute(update(Pair).where(Pair.id == asg.pair_id, Pair.status.in_(("queued", "shown")))
+                    .values(claims=Pair.claims - 1, status="queued"))
+    session.flush()
+    return True
+
 
 def open_assignment(session: Session, *, labeler: str) -> Optional[ClaimedPair]:
     """The pair this labeler was shown and has not answered (a page reload shows it again)."""
     asg = session.scalar(select(Assignment).where(Assignment.labeler == labeler, Assignment.state == "open",
                                                   Assignment.expires_at >= utcnow())
                          .order_by(Assignment.id.desc()).limit(1))
-    return _claimed(session, asg) if asg else None
+    return claimed_view(session, asg) if asg else None
 
 
 def claim_next_pair(session: Session, *, labeler: str, timeout_s: float = 600.0,
@@ -130,11 +143,11 @@ def claim_next_pair(session: Session, *, labeler: str, timeout_s: float = 600.0,
                                  expires_at=now + dt.timedelta(seconds=timeout_s))
                 session.add(asg)
                 session.flush()
-                return _claimed(session, asg)
+                return claimed_view(session, asg)
     return None
 
 
-def _claimed(session: Session, asg: Assignment) -> ClaimedPair:
+def claimed_view(session: Session, asg: Assignment) -> ClaimedPair:
     pair = session.get(Pair, asg.pair_id)
     prompt = session.get(Prompt, pair.prompt_id)
     a, b = session.get(Sample, pair.sample_a_id), session.get(Sample, pair.sample_b_id)
@@ -202,7 +215,7 @@ def undo_label(session: Session, *, label_id: int, labeler: str,
     asg.state, asg.shown_at, asg.expires_at = "open", now, now + dt.timedelta(seconds=timeout_s)
     session.get(Pair, label.pair_id).status = "shown"
     session.flush()
-    return _claimed(session, asg)
+    return claimed_view(session, asg)
 
 
 def last_undoable_label(session: Session, *, labeler: str) -> Optional[Label]:

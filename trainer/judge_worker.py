@@ -151,7 +151,7 @@ def _claim(db: Database, *, config: JudgeWorkerConfig, stats: WorkerStats, label
         with db.sessions.begin() as s:
             claimed = store.claim_next_pair(s, labeler=labeler, timeout_s=config.claim_timeout_s)
             if claimed is not None and not in_fraction(claimed.pair_id, config.fraction):
-                store_evals.release_assignment(s, assignment_id=claimed.assignment_id, labeler=labeler)
+                store.release_assignment(s, assignment_id=claimed.assignment_id, labeler=labeler)
                 stats.passed += 1
                 handled += 1
                 continue
@@ -177,7 +177,7 @@ def _judge_queue(db: Database, judge: Judge, *, config: JudgeWorkerConfig, stats
     for claimed, verdict in zip(claims, verdicts, strict=True):
         with db.sessions.begin() as s:
             if verdict.choice == "abstain":
-                store_evals.release_assignment(s, assignment_id=claimed.assignment_id, labeler=labeler)
+                store.release_assignment(s, assignment_id=claimed.assignment_id, labeler=labeler)
                 stats.count(verdict)
                 continue
             try:
@@ -193,7 +193,7 @@ def _judge_queue(db: Database, judge: Judge, *, config: JudgeWorkerConfig, stats
 def _release_all(db: Database, claims: list[store.ClaimedPair], labeler: str) -> None:
     with db.sessions.begin() as s:
         for claimed in claims:
-            store_evals.release_assignment(s, assignment_id=claimed.assignment_id, labeler=labeler)
+            store.release_assignment(s, assignment_id=claimed.assignment_id, labeler=labeler)
 
 
 def _timed_judge(judge: Judge, stats: WorkerStats, prompts: list[str], a: list[str], b: list[str]) -> list[Verdict]:
