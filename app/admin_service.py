@@ -114,7 +114,7 @@ class AdminService:
         version = int(version)
         with self.db.sessions.begin() as s:
             released = store.rollback_to(s, version=version, run=self.config.run)
-            retired = store_ui.retire_pairs_newer_than(s, version=version) if retire_newer else 0
+            retired = store.retire_pairs_newer_than(s, version=version) if retire_newer else 0
         log.warning("rollback to v%d by %s: %d labels released, %d pairs retired", version,
                     username or "admin", released, retired)
         return {"version": version, "released_labels": released, "retired_pairs": retired}

@@ -17,6 +17,7 @@ from db.store_pairs import (  # noqa: F401
     record_label,
     release_assignment,
     release_expired,
+    retire_pairs_newer_than,
     retire_queue,
     retire_stale_pairs,
     undo_label,

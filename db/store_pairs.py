@@ -79,6 +79,16 @@ def retire_queue(session: Session) -> int:
     return session.execute(stmt).rowcount or 0
 
 
+def retire_pairs_newer_than(session: Session, *, version: int) -> int:
+    """After a rollback to `version`, retire unclaimed queued pairs sampled from the newer,
+    rolled-back versions: labeling them would train the restored policy on another policy's
+    samples. Typed pairs stay: a labeler asked for them explicitly."""
+    stmt = (update(Pair).where(Pair.status == "queued", Pair.claims == 0, Pair.purpose == "train",
+                               Pair.created_version > version)
+            .values(status="retired"))
+    return session.execute(stmt).rowcount or 0
+
+
 def release_expired(session: Session, *, now: Optional[dt.datetime] = None) -> int:
     """Give back pairs shown to a labeler who never answered (closed tab) once the claim expires."""
     now = now or utcnow()

@@ -77,11 +77,6 @@ def last_train_step(session: Session, *, run: str = "default") -> Optional[dict[
             "age_s": max(0.0, (utcnow() - row.created_at).total_seconds())}
 
 
-def retire_pairs_newer_than(session: Session, *, version: int) -> int:
-    """After a rollback to `version`: drop unclaimed queued pairs sampled by the discarded policies."""
-    stmt = (update(Pair).where(Pair.status == "queued", Pair.claims == 0, Pair.created_version > version)
-            .values(status="retired"))
-    return session.execute(stmt).rowcount or 0
 
 
 def typed_pair_waiting(session: Session, *, labeler: str) -> bool:

@@ -392,13 +392,10 @@ def test_default_model_reloads_from_cache_without_converting(default_model, defa
         raise AssertionError("the cached checkpoint should have been used")
 
     monkeypatch.setattr(models, "convert_gguf", no_conversion)
-    started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(default_model_config)
-    elapsed = time.perf_counter() - started
     cached = gguf_cache_path(Path(resolve_model_spec("smollm2-135m").location), default_model_config.cache_dir)
     assert (cached / "model.safetensors").is_file() and (cached / "chat_template.jinja").is_file()
     assert not [p for p in cached.parent.iterdir() if p.name.endswith(".tmp")]
-    assert elapsed < 15, f"loading from the cache took {elapsed:.1f}s"
     rendered = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
     assert _same_weights(model, default_model[0])

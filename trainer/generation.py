@@ -1,0 +1,208 @@
+"""Batched sampling from the policy: N prompts x k samples in ONE `generate` call.
+
+On the default model generation is overhead-bound (each decode step costs about the same for 1 row
+as for 8), so the sampler, eval and the judges all go through this one function, which puts every
+prompt and every sample of a prompt into a single left-padded batch with a KV cache.
+
+Prompts are rendered by `trainer.batching.encode_prompt`, the same ids the trainer scores, so a
+completion is trained in exactly the context it was sampled in.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from trainer.batching import encode_prompt
+from trainer.models import autocast_context
+
+FINISH_STOP = "stop"      # the model produced its end-of-turn/eos token
+FINISH_LENGTH = "length"  # max_new_tokens was reached first
+
+
+class GenerationInterrupted(RuntimeError):
+    """`should_stop` asked to abandon a running batch (e.g. a newer adapter arrived); the partial
+    outputs are dropped because they would mix unfinished and finished samples."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 0 means greedy decoding (tests, eval); pairs need > 0.
+
+    top_k is deliberately not a knob: on-policy DPO wants samples from the policy's own
+    distribution, so only the nucleus (top_p) truncates it, and transformers' default top_k=50 is
+    switched off.
+    """
+
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """What a stored sample records about how it was drawn."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One completion. `seconds` is the wall time of the whole batched call that produced it
+    (rows share it; divide by the batch's row count for an amortised cost)."""
+
+    text: str
+    tokens: int  # generated tokens, excluding the eos and padding
+    finish_reason: str  # FINISH_STOP | FINISH_LENGTH
+    seconds: float
+
+
+class _StopWhen(StoppingCriteria):
+    """Checked after every decode step: lets another thread cut a batch short cheaply."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+        self.fired = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self.fired = self.fired or bool(self.should_stop())
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    params: SamplingParams,
+    n_per_prompt: int = 1,
+    autocast_dtype: Optional[torch.dtype] = None,
+    cache_implementation: Optional[str] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> list[list[Generated]]:
+    """Sample `n_per_prompt` completions for every prompt in one batched call.
+
+    Returns one list per prompt, in prompt order. Samples of one prompt are separate rows of the
+    batch, hence independent random draws. `autocast_dtype` comes from
+    `trainer.models.pick_device_dtype` (the caller decides it once per process);
+    `cache_implementation` is passed to transformers ("static" or None for the dynamic cache).
+    Raises GenerationInterrupted when `should_stop()` turns true mid-batch.
+    """
+    if n_per_prompt < 1:
+        raise ValueError("n_per_prompt must be >= 1")
+    if not prompts:
+        return []
+    rows = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n_per_prompt)]
+    device = _model_device(model)
+    input_ids, attention_mask = left_pad(rows, pad_id=_pad_id(tokenizer), device=device)
+    eos_ids = _eos_ids(model, tokenizer)
+    config = _generation_config(params, eos_ids=eos_ids, pad_id=_pad_id(tokenizer),
+                                cache_implementation=cache_implementation)
+    stopper = _StopWhen(should_stop) if should_stop else None
+    started = time.perf_counter()
+    with torch.inference_mode(), autocast_context(device, autocast_dtype), _seeded(params.seed, device):
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                             stopping_criteria=StoppingCriteriaList([stopper] if stopper else []))
+    seconds = time.perf_counter() - started
+    if stopper is not None and stopper.fired:
+        raise GenerationInterrupted("generation interrupted")
+    new_tokens = out[:, input_ids.shape[1]:].tolist()
+    flat = [_decode(tokenizer, ids, eos_ids=eos_ids, max_new_tokens=params.max_new_tokens, seconds=seconds)
+            for ids in new_tokens]
+    return [flat[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompts))]
+
+
+def left_pad(rows: list[list[int]], *, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad on the left so every row's next token is appended at the same (last) position."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            attention_mask[i, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _generation_config(params: SamplingParams, *, eos_ids: list[int], pad_id: int,
+                       cache_implementation: Optional[str]) -> GenerationConfig:
+    """A complete config, so a model's shipped defaults (repetition penalty, top_k, its own
+    temperature) never silently change what the policy samples."""
+    kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "eos_token_id": eos_ids,
+                              "pad_token_id": pad_id, "use_cache": True, "do_sample": not params.greedy}
+    if not params.greedy:
+        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if cache_implementation:
+        kwargs["cache_implementation"] = cache_implementation
+    return GenerationConfig(**kwargs)
+
+
+def _decode(tokenizer: Any, ids: list[int], *, eos_ids: list[int], max_new_tokens: int,
+            seconds: float) -> Generated:
+    """Cut at the first eos: everything after it is padding the batch added for the longer rows."""
+    eos = set(eos_ids)
+    stop_at = next((i for i, t in enumerate(ids) if t in eos), None)
+    if stop_at is None:
+        kept, reason = ids, FINISH_LENGTH
+    else:
+        kept, reason = ids[:stop_at], FINISH_STOP
+    if stop_at is None and len(ids) < max_new_tokens:
+        reason = FINISH_STOP  # ended by a stop criterion of the model's own, not by the budget
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return Generated(text=text, tokens=len(kept), finish_reason=reason, seconds=seconds)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's eos (the chat template's end-of-turn) plus any the model config lists."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in configured if isinstance(configured, (list, tuple)) else [configured]:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model defines an eos token; cannot tell when to stop")
+    return ids
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token; cannot batch prompts")
+    return int(pad)
+
+
+def _model_device(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
+    """A fixed seed reproduces a batch without disturbing the process's own random stream."""
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

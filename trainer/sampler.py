@@ -1,0 +1,282 @@
+"""The on-policy sampler: keeps `queue_size` pairs from the serving policy ready for labelers.
+
+Runs as two daemon threads inside `odpo serve`. The sampler thread draws the least recently used
+training prompts (typed prompts first), samples two responses per prompt in one batched
+`generate` call and stores them as a queued pair stamped with the serving adapter version. It
+pauses while the queue is full and resumes as pairs are labeled. The watcher thread
+(`trainer.hotreload.ReloadWatcher`) swaps in newly committed adapters between batches and gives
+back pairs whose claims expired (closed browser tabs).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from db import store
+from db.engine import Database
+from db.models import Prompt
+from trainer.generation import Generated, GenerationInterrupted, SamplingParams, generate
+from trainer.hotreload import ReloadWatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """What `odpo serve` passes down (app.context.ServeConfig maps onto this; trainer can't import app)."""
+
+    run: str = "default"
+    queue_size: int = 8
+    prompts_per_batch: int = 8
+    max_staleness: int = 1
+    overlap: int = 1
+    params: SamplingParams = field(default_factory=SamplingParams)
+    poll_s: float = 0.5
+    release_every_s: float = 15.0
+    error_backoff_s: float = 5.0
+    # A running batch gives way to a hot reload (the 2 s budget), except after this many in a row:
+    # a trainer working through a backlog of labels can commit faster than a batch takes.
+    max_interrupts_in_a_row: int = 3
+    autocast_dtype: Optional[torch.dtype] = None
+    cache_implementation: Optional[str] = None
+    base_dir: Optional[Path] = None  # resolves relative adapter paths (the data directory)
+
+
+@dataclass(frozen=True)
+class _Job:
+    prompt_id: int
+    text: str
+    purpose: str = "train"
+    requested_by: Optional[str] = None
+
+
+class Sampler:
+    """Implements app.context.SamplerHandle (request_typed, state) for the UI.
+
+    `step()` and `watcher.poll_once()` do one unit of work synchronously (what the threads loop
+    over), so tests drive the sampler without timing races.
+    """
+
+    def __init__(self, *, db: Database, model: Any, tokenizer: Any, settings: SamplerSettings) -> None:
+        self.db, self.model, self.tokenizer, self.settings = db, model, tokenizer, settings
+        self.lock = threading.Lock()
+        self.watcher = ReloadWatcher(db=db, peft_model=model, lock=self.lock, run=settings.run,
+                                     max_staleness=settings.max_staleness, base_dir=settings.base_dir)
+        self._typed: collections.deque[tuple[int, str]] = collections.deque()
+        self._typed_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=10)
+        self._batch_index = 0
+        self._interrupted_streak = 0
+        self._warned_no_prompts = False
+        self.generating = False
+        self.queue = 0
+        self.pairs_made = 0
+        self.interrupted_batches = 0
+        self.last_batch_seconds: Optional[float] = None
+        self.last_error: Optional[str] = None
+
+    # --- SamplerHandle -----------------------------------------------------------------------
+
+    def request_typed(self, *, prompt_id: int, labeler: str) -> None:
+        """Sample this prompt in the next batch, as a pair only `labeler` is offered."""
+        with self._typed_lock:
+            self._typed.append((prompt_id, labeler))
+        self._wake.set()
+
+    def state(self) -> dict:
+        recent_pairs = sum(n for n, _ in self._recent)
+        recent_seconds = sum(s for _, s in self._recent)
+        last = self.watcher.last
+        return {
+            "serving_version": self.watcher.serving_version,
+            "queue": self.queue,
+            "queue_size": self.settings.queue_size,
+            "generating": self.generating,
+            "last_batch_seconds": self.last_batch_seconds,
+            "pairs_per_minute": 60.0 * recent_pairs / recent_seconds if recent_seconds else None,
+            "last_error": self.last_error or self.watcher.last_error,
+            "swap_ms": last.swap_ms if last else None,
+            "commit_to_serving_ms": last.commit_to_serving_ms if last else None,
+            "typed_pending": len(self._typed),
+            "pairs_made": self.pairs_made,
+            "interrupted_batches": self.interrupted_batches,
+        }
+
+    # --- one unit of work --------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Generate one batch if there is work (typed requests, or room in the queue); returns the
+        number of pairs stored (0 when idle, full, or the batch gave way to a reload)."""
+        jobs = self._next_jobs()
+        if not jobs:
+            return 0
+        params = self._batch_params()
+        try:
+            outputs, version, seconds = self._generate(jobs, params)
+        except GenerationInterrupted:
+            self._requeue_typed(jobs)
+            if not self._stop.is_set():
+                self.interrupted_batches += 1
+                self._interrupted_streak += 1
+                log.info("batch of %d prompts gave way to a hot reload", len(jobs))
+            return 0
+        except BaseException:
+            self._requeue_typed(jobs)
+            raise
+        self._interrupted_streak = 0
+        self._store(jobs, outputs, version=version, params=params)
+        self._recent.append((len(jobs), seconds))
+        self.last_batch_seconds, self.last_error = seconds, None
+        self.pairs_made += len(jobs)
+        return len(jobs)
+
+    def _next_jobs(self) -> list[_Job]:
+        """Typed prompts first, then least-recently-sampled training prompts to fill the queue."""
+        jobs = self._take_typed(self.settings.prompts_per_batch)
+        with self.db.sessions.begin() as s:
+            self.queue = store.count_pairs(s, status="queued", purpose="train")
+            room = min(self.settings.queue_size - self.queue, self.settings.prompts_per_batch - len(jobs))
+            if room > 0:
+                typed_ids = [j.prompt_id for j in jobs]
+                rows = store.pick_prompts_for_sampling(s, n=room, exclude_ids=typed_ids)
+                jobs += [_Job(prompt_id=p.id, text=p.text) for p in rows]
+                if not rows and not self._warned_no_prompts:
+                    log.warning("no training prompts to sample: import some (odpo prompts import FILE)")
+                self._warned_no_prompts = not rows
+        return jobs
+
+    def _take_typed(self, limit: int) -> list[_Job]:
+        with self._typed_lock:
+            taken = [self._typed.popleft() for _ in range(min(limit, len(self._typed)))]
+        if not taken:
+            return []
+        with self.db.sessions() as s:
+            texts = {pid: s.get(Prompt, pid) for pid, _ in taken}
+        jobs = []
+        for pid, labeler in taken:
+            if texts[pid] is None:
+                log.warning("typed prompt %d no longer exists; skipped", pid)
+                continue
+            jobs.append(_Job(prompt_id=pid, text=texts[pid].text, purpose="typed", requested_by=labeler))
+        return jobs
+
+    def _requeue_typed(self, jobs: list[_Job]) -> None:
+        with self._typed_lock:
+            for job in reversed([j for j in jobs if j.purpose == "typed"]):
+                self._typed.appendleft((job.prompt_id, job.requested_by or ""))
+
+    def _batch_params(self) -> SamplingParams:
+        """The configured params; a configured seed is offset per batch (reproducible, yet no two
+        batches draw the same random numbers)."""
+        params = self.settings.params
+        self._batch_index += 1
+        if params.seed is None:
+            return params
+        return SamplingParams(temperature=params.temperature, top_p=params.top_p,
+                              max_new_tokens=params.max_new_tokens, seed=params.seed + self._batch_index - 1)
+
+    def _generate(self, jobs: list[_Job], params: SamplingParams) -> tuple[list[list[Generated]], int, float]:
+        """One batched call under the model lock; the version is read under the same lock, so the
+        stamp on every sample is the version that produced it."""
+        # A batch gives way to a pending swap, unless several in a row already did (no starvation
+        # when versions arrive faster than a batch takes).
+        allow_reload = self._interrupted_streak < self.settings.max_interrupts_in_a_row
+
+        def should_stop() -> bool:
+            return self._stop.is_set() or (allow_reload and self.watcher.swap_wanted.is_set())
+
+        with self.lock:
+            version = self.watcher.serving_version
+            self.generating = True
+            started = time.perf_counter()
+            try:
+                outputs = generate(
+                    self.model, self.tokenizer, [j.text for j in jobs], params=params, n_per_prompt=2,
+                    autocast_dtype=self.settings.autocast_dtype,
+                    cache_implementation=self.settings.cache_implementation,
+                    should_stop=should_stop)
+            finally:
+                self.generating = False
+        return outputs, version, time.perf_counter() - started
+
+    def _store(self, jobs: list[_Job], outputs: list[list[Generated]], *, version: int,
+               params: SamplingParams) -> None:
+        """Store the pairs; if a swap landed between generating and storing, the staleness rule
+        applies to them at once, exactly as it did to the pairs already queued."""
+        base = {**params.as_dict(), "batch_rows": 2 * len(jobs)}
+        with self.db.sessions.begin() as s:
+            for job, (a, b) in zip(jobs, outputs, strict=True):
+                samples = [store.NewSample(text=g.text, tokens=g.tokens, finish_reason=g.finish_reason,
+                                           params=base, gen_seconds=g.seconds) for g in (a, b)]
+                store.add_pair(s, prompt_id=job.prompt_id, version=version, a=samples[0], b=samples[1],
+                               labels_wanted=1 if job.purpose == "typed" else self.settings.overlap,
+                               purpose=job.purpose, requested_by=job.requested_by)
+            serving = self.watcher.serving_version
+            if serving != version:
+                store.retire_stale_pairs(s, current_version=serving, max_staleness=self.settings.max_staleness)
+            self.queue = store.count_pairs(s, status="queued", purpose="train")
+        log.debug("stored %d pairs from v%d", len(jobs), version)
+
+    # --- threads -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Serve the committed version, then run the sampler and watcher threads (daemons)."""
+        self.watcher.load_initial()
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._sample_loop, name="odpo-sampler", daemon=True),
+                         threading.Thread(target=self._watch_loop, name="odpo-reload-watcher", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask both threads to finish; a running batch is cut short at its next decode step."""
+        self._stop.set()  # a running generate() returns at its next decode step
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def _sample_loop(self) -> None:
+        while not self._stop.is_set():
+            if self.watcher.swap_wanted.is_set():  # let the watcher take the lock first
+                self._stop.wait(0.01)
+                continue
+            try:
+                made = self.step()
+            except Exception as exc:  # noqa: BLE001 - a bad batch must not kill the sampler
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("sampling failed; retrying in %.0fs", self.settings.error_backoff_s)
+                self._stop.wait(self.settings.error_backoff_s)
+                continue
+            if not made:
+                self._wake.wait(self.settings.poll_s)
+                self._wake.clear()
+
+    def _watch_loop(self) -> None:
+        next_release = 0.0
+        while not self._stop.is_set():
+            try:
+                self.watcher.poll_once()
+                with self.db.sessions() as s:  # fresh for the UI even while a long batch runs
+                    self.queue = store.count_pairs(s, status="queued", purpose="train")
+                if time.monotonic() >= next_release:
+                    with self.db.sessions.begin() as s:
+                        released = store.release_expired(s)
+                    if released:
+                        log.info("gave back %d pairs whose claims expired", released)
+                    next_release = time.monotonic() + self.settings.release_every_s
+            except Exception as exc:  # noqa: BLE001 - keep serving the old version, try again
+                self.watcher.last_error = f"reload failed: {type(exc).__name__}: {exc}"
+                log.exception("hot reload failed; will retry")
+                self._stop.wait(self.settings.error_backoff_s)
+                continue
+            self._stop.wait(self.settings.poll_s)
