@@ -1,0 +1,354 @@
+"""The DPO trainer on a tiny model: steps, commits, resume, staleness, pause, rollback, CLI."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from db import store
+from db.models import Adapter, Label, TrainStep
+from db.store_train_extra import STALE_STEP, count_stale_skipped
+from tests.db_helpers import label_all, make_pairs
+from tests.model_fixtures import tiny_model_config
+from trainer import checkpoint as ckpt
+from trainer.batching import PairExample
+from trainer.lora import LoraSettings, attach_lora
+from trainer.models import load_model_and_tokenizer
+from trainer.train_config import TrainConfig, TrainConfigError
+from trainer.train_loop import DPOTrainer, TrainerBusyError
+from trainer.train_step import dpo_step, make_optimizer
+
+torch.set_num_threads(1)
+
+EXAMPLES = [
+    PairExample(prompt="Where is the cat?", chosen="The cat waits near the green hill.",
+                rejected="A small robot opens the open window and talks about a quiet morning."),
+    PairExample(prompt="Say something.", chosen="The river runs across the blue sky.",
+                rejected="Every student remembers the last page of the long question."),
+]
+
+
+def _config(tiny_model_dir, **overrides) -> TrainConfig:
+    base = dict(model=str(tiny_model_dir), device="cpu", dtype="fp32", batch_size=4, lr=1e-3,
+                poll_seconds=0.02, exit_when_idle=0.0, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def make_trainer(database, tmp_path, tiny_model_dir):
+    trainers = []
+
+    def build(**overrides) -> DPOTrainer:
+        trainer = DPOTrainer(_config(tiny_model_dir, **overrides), db=database,
+                             adapters_dir=tmp_path / "runs" / "default" / "adapters",
+                             model_cache_dir=tmp_path / "models")
+        trainer.start()
+        trainers.append(trainer)
+        return trainer
+
+    yield build
+    for trainer in trainers:
+        trainer.close()
+
+
+def _labels(database, n: int, *, version: int = 0, choice: str = "a") -> list[int]:
+    make_pairs(database, n, version=version)
+    return label_all(database, "alice", choice)
+
+
+def _lora(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _consumed(database) -> dict[int, tuple]:
+    with database.sessions() as s:
+        return {lb.id: (lb.consumed_version, lb.consumed_step) for lb in s.scalars(select(Label))}
+
+
+def _adapters(database) -> dict[int, Adapter]:
+    with database.sessions() as s:
+        return {a.version: a for a in s.scalars(select(Adapter))}
+
+
+# --- the step itself -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_peft(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    torch.manual_seed(0)
+    return attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)), tokenizer
+
+
+def test_one_step_changes_only_lora_weights(tiny_peft, tiny_model_dir):
+    model, tokenizer = tiny_peft
+    cfg = _config(tiny_model_dir)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    lora_before = _lora(model)
+    metrics = dpo_step(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, cfg),
+                       examples=EXAMPLES, cfg=cfg)
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_before[name]), f"base weight {name} changed"
+    changed = [n for n, p in _lora(model).items() if not torch.equal(p, lora_before[n])]
+    assert any("lora_B" in n for n in changed)
+    assert metrics["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2: policy == reference at v0
+    assert metrics["grad_norm"] > 0 and metrics["pairs"] == 2
+
+
+def test_loss_decreases_on_a_fixed_batch(tiny_peft, tiny_model_dir):
+    model, tokenizer = tiny_peft
+    cfg = _config(tiny_model_dir)
+    optimizer = make_optimizer(model, cfg)
+    history = [dpo_step(model=model, tokenizer=tokenizer, optimizer=optimizer, examples=EXAMPLES, cfg=cfg)
+               for _ in range(6)]
+    losses = [m["loss"] for m in history]
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
+    assert losses[-1] < losses[0] - 0.03, losses
+    assert history[-1]["reward_accuracy"] == 1.0 and history[-1]["reward_margin"] > 0
+
+
+def test_grad_accum_gives_the_same_update(tiny_model_dir, tmp_path):
+    results = []
+    for accum in (1, 2):
+        model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "m"))
+        torch.manual_seed(0)
+        model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        cfg = _config(tiny_model_dir, grad_accum=accum, batch_size=2)
+        optimizer = make_optimizer(model, cfg)
+        for _ in range(2):
+            dpo_step(model=model, tokenizer=tokenizer, optimizer=optimizer, examples=EXAMPLES, cfg=cfg)
+        results.append(_lora(model))
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-4, atol=1e-6)
+
+
+# --- versions, resume, crash semantics -----------------------------------------------------------
+
+
+def test_committed_version_loads_with_peft_and_matches_live_model(make_trainer, database, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+
+    _labels(database, 8)
+    trainer = make_trainer()
+    stats = trainer.run()
+    assert stats.steps == 2 and stats.versions == [1, 2] and stats.exit_reason == "idle"
+    rows = _adapters(database)
+    assert rows[2].parent == 1 and rows[1].parent == 0 and rows[2].step == 2
+    assert set(_consumed(database).values()) == {(1, 1), (2, 2)}
+    base, _ = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "m2"))
+    loaded = PeftModel.from_pretrained(base, rows[2].path)
+    ids = torch.tensor([[3, 17, 42, 99, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
+                                   rtol=0, atol=1e-6)
+    with database.sessions() as s:
+        steps = list(s.scalars(select(TrainStep).order_by(TrainStep.step)))
+    assert [st.committed for st in steps] == [True, True]
+    assert steps[0].metrics["ref_logps_chosen"] < 0 and "logps_rejected" in steps[0].metrics
+    assert steps[1].version_lag == 1.0  # pairs from v0 trained while holding v1
+
+
+def test_resume_restores_weights_and_optimizer_state(make_trainer, database):
+    _labels(database, 8)
+    first = make_trainer(max_steps=2)
+    first.run()
+    param = next(p for p in first.model.parameters() if p.requires_grad)
+    exp_avg = first.optimizer.state[param]["exp_avg"].clone()
+    weights = _lora(first.model)
+    first.close()
+
+    second = make_trainer()
+    assert (second.version, second.step) == (2, 2)
+    param2 = next(p for p in second.model.parameters() if p.requires_grad)
+    assert torch.equal(second.optimizer.state[param2]["exp_avg"], exp_avg)
+    assert float(second.optimizer.state[param2]["step"]) == 2.0
+    assert all(torch.equal(v, weights[k]) for k, v in _lora(second.model).items())
+    _labels(database, 4, version=2)
+    assert second.run().versions == [3]
+    assert _adapters(database)[3].parent == 2
+
+
+def test_two_trainers_on_one_run_are_refused(make_trainer):
+    make_trainer()
+    with pytest.raises(TrainerBusyError, match="already training"):
+        make_trainer()
+
+
+def test_save_every_commits_later_and_uncommitted_steps_replay(make_trainer, database):
+    ids = _labels(database, 12)
+    crashed = make_trainer(save_every=2)
+    assert crashed.train_available() is True
+    assert _adapters(database) == {} and all(v == (None, None) for v in _consumed(database).values())
+    crashed.close()  # "killed": its pending step is lost, its labels were never consumed
+
+    trainer = make_trainer(save_every=2)
+    stats = trainer.run()
+    assert stats.steps == 3 and stats.versions == [1, 2]  # step 3 flushed on the clean exit
+    consumed = _consumed(database)
+    assert all(consumed[i][0] in (1, 2) for i in ids)
+    with database.sessions() as s:
+        steps = list(s.scalars(select(TrainStep).order_by(TrainStep.id)))
+    committed = [st for st in steps if st.committed]
+    assert [st.committed for st in steps] == [False, True, True, True]
+    flat = [lid for st in committed for lid in st.label_ids]
+    assert sorted(flat) == sorted(ids) and len(flat) == len(set(flat))
+    assert steps[0].label_ids == committed[0].label_ids  # the lost step's labels were retrained first
+
+
+def test_leftover_dirs_are_cleaned_on_start(make_trainer, database, tmp_path):
+    adapters = tmp_path / "runs" / "default" / "adapters"
+    for name in ("v1.tmp", "v1", "v7"):
+        (adapters / name).mkdir(parents=True)
+        (adapters / name / "adapter_model.safetensors").write_text("half written")
+    trainer = make_trainer()
+    assert sorted(p.name for p in adapters.iterdir()) == []
+    _labels(database, 4)
+    assert trainer.run().versions == [1]
+    assert ckpt.is_complete_version_dir(adapters / "v1")
+
+
+def test_failed_db_commit_removes_the_directory(make_trainer, database, monkeypatch):
+    _labels(database, 4)
+    trainer = make_trainer()
+
+    def broken(*_a, **_k):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(store, "commit_adapter_version", broken)
+    with pytest.raises(RuntimeError, match="went away"):
+        trainer.train_available()
+    assert not (trainer.adapters_dir / "v1").exists()
+    assert all(v == (None, None) for v in _consumed(database).values())
+
+
+# --- which labels are trained --------------------------------------------------------------------
+
+
+def test_ties_both_bad_and_skips_are_not_trained(make_trainer, database):
+    pairs = make_pairs(database, 8)
+    choices = ["tie", "a", "both_bad", "b", "skip", "a", "tie", "b"]
+    with database.sessions.begin() as s:
+        ids = [store.add_direct_label(s, pair_id=p, labeler="alice", choice=c, source="human").id
+               for p, c in zip(pairs, choices, strict=True)]
+    trainer = make_trainer()
+    assert trainer.run().steps == 1
+    consumed = _consumed(database)
+    trained = {i for i, c in zip(ids, choices, strict=True) if c in ("a", "b")}
+    assert {i for i, v in consumed.items() if v[0] == 1} == trained
+    assert all(consumed[i] == (None, None) for i in set(ids) - trained)
+
+
+def test_stale_pairs_are_skipped_and_counted(make_trainer, database):
+    _labels(database, 8, version=5)  # from a "future" version: lag < 0, never stale
+    trainer = make_trainer(max_staleness_train=1, max_steps=2)
+    trainer.run()
+    assert trainer.version == 2
+    stale = _labels(database, 4, version=0)  # lag 2 > 1
+    fresh = _labels(database, 4, version=1)  # lag 1
+    trainer.cfg = dataclasses.replace(trainer.cfg, max_steps=None)
+    stats = trainer.run()
+    assert stats.stale_skipped == 4 and stats.versions == [1, 2, 3]
+    consumed = _consumed(database)
+    assert all(consumed[i] == (2, STALE_STEP) for i in stale)
+    assert all(consumed[i] == (3, 3) for i in fresh)
+    with database.sessions() as s:
+        assert count_stale_skipped(s) == 4
+
+
+def test_pause_switch_is_honoured(make_trainer, database):
+    _labels(database, 4)
+    trainer = make_trainer()
+    with database.sessions.begin() as s:
+        store.set_control(s, key="train.paused", value={"paused": True})
+    assert trainer.train_available() is False
+    stats = trainer.run()
+    assert stats.steps == 0 and stats.exit_reason == "idle"
+    with database.sessions.begin() as s:
+        store.set_control(s, key="train.paused", value={"paused": False})
+    assert trainer.train_available() is True
+
+
+def test_rollback_reloads_that_version_and_branches_from_it(make_trainer, database):
+    ids = _labels(database, 12)
+    trainer = make_trainer()
+    assert trainer.run().versions == [1, 2, 3]
+    v1_path = _adapters(database)[1].path
+    with database.sessions.begin() as s:
+        assert store.rollback_to(s, version=1) == 8
+    assert trainer.sync_with_db() is True
+    assert (trainer.version, trainer.step) == (1, 1)
+    fresh = make_optimizer(trainer.model, trainer.cfg)
+    ckpt.load_optimizer_state(fresh, v1_path)
+    param = next(p for p in trainer.model.parameters() if p.requires_grad)
+    assert torch.equal(trainer.optimizer.state[param]["exp_avg"], fresh.state[param]["exp_avg"])
+    from safetensors.torch import load_file
+
+    saved = load_file(f"{v1_path}/adapter_model.safetensors")
+    live = {n.replace(".default", ""): p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert saved.keys() == live.keys()
+    assert all(torch.equal(live[n], saved[n]) for n in saved)
+
+    assert trainer.run().versions == [1, 2, 3, 4, 5]
+    rows = _adapters(database)
+    assert (rows[4].parent, rows[4].step, rows[5].parent) == (1, 2, 4)
+    assert rows[2].rolled_back and rows[3].rolled_back and not rows[5].rolled_back
+    assert {_consumed(database)[i][0] for i in ids} == {1, 4, 5}
+
+
+def test_rollback_to_base_resets_the_adapter(make_trainer, database):
+    _labels(database, 4)
+    trainer = make_trainer()
+    trainer.run()
+    assert ckpt.adapter_weights_norm(trainer.model) > 0
+    with database.sessions.begin() as s:
+        store.rollback_to(s, version=0)
+    trainer.train_available()  # reloads v0, then retrains the released labels into v2
+    rows = _adapters(database)
+    assert rows[2].parent == 0 and rows[2].step == 1 and rows[1].rolled_back
+
+
+# --- config and CLI ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("batch_size", 0, "batch_size"), ("grad_accum", 9, "grad_accum"), ("lr", -1.0, "lr"),
+    ("loss_type", "kto", "loss_type"), ("label_smoothing", 0.5, "label_smoothing"),
+    ("sources", "robots", "sources"), ("run", "../x", "run"), ("max_staleness_train", -1, "max_staleness"),
+])
+def test_train_config_rejects_bad_values(field, value, message):
+    with pytest.raises(TrainConfigError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_cli_train_max_steps(common_config, tiny_model_dir):
+    from app.cli import cli
+
+    db = common_config.open_db()
+    try:
+        _labels(db, 6)
+    finally:
+        db.close()
+    args = ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "train",
+            "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--batch-size", "2",
+            "--max-steps", "2", "--poll-seconds", "0.05", "--lora-r", "4"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "trained 2 step(s); committed v1, v2" in result.output
+    assert ckpt.is_complete_version_dir(common_config.adapters_dir() / "v2")
+    assert ckpt.read_lora_settings(common_config.adapters_dir() / "v2").r == 4
+
+
+def test_cli_train_bad_option_is_one_line(common_config):
+    from app.cli import cli
+
+    args = ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "train",
+            "--batch-size", "2", "--grad-accum", "3"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0
+    assert "grad_accum must be an integer in 1..batch_size" in result.output
+    assert "Traceback" not in result.output

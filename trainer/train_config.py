@@ -1,0 +1,144 @@
+"""What `odpo train` trains with: one validated dataclass, so a bad flag fails before a model loads.
+
+The LoRA shape (rank, alpha, targets) given here only applies to a *fresh* adapter (version 0).
+Once a version exists, its own adapter_config.json is the truth and the trainer resumes with it,
+so the sampler, eval and trainer can never disagree about what an adapter looks like.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from db.errors import OdpoError
+from trainer.dpo import LOSS_TYPES
+from trainer.lora import LoraSettings
+from trainer.models import DEFAULT_SPEC, ModelConfig
+
+# AdamW learning rate for the LoRA weights. Chosen by a sweep on SmolLM2-135M at batch 8 (see the
+# trainer helper's report / README benchmarks): 5e-5 barely moves the implicit reward in 10 steps,
+# 5e-4 gets there fastest but its KL to the reference grows several times faster; 2e-4 reaches the
+# same reward accuracy a few steps later with a fraction of the drift, the usual LoRA range.
+DEFAULT_LR = 2e-4
+SOURCES = ("human", "judge", "all")
+
+
+class TrainConfigError(OdpoError, ValueError):
+    """A training option out of range; the message names the option and what it accepts."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters and loop limits of one `odpo train` process.
+
+    `batch_size` pairs make one optimizer step; `grad_accum` splits them into that many
+    micro-batches (same update, less activation memory). `save_every` steps make one version.
+    `max_steps` counts steps of this process; `until_version` exits once that version is committed.
+    """
+
+    model: str = DEFAULT_SPEC
+    run: str = "default"
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = DEFAULT_LR
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    max_staleness_train: Optional[int] = None
+    save_every: int = 1
+    max_prompt_tokens: int = 256
+    max_completion_tokens: int = 256
+    sources: str = "all"
+    poll_seconds: float = 2.0
+    max_steps: Optional[int] = None
+    until_version: Optional[int] = None
+    exit_when_idle: Optional[float] = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    load_in_4bit: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        for ok, message in self._checks():
+            if not ok:
+                raise TrainConfigError(message)
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
+            (bool(self.model.strip()), "model must be a non-empty spec"),
+            (_is_run_name(self.run), f"run must be letters, digits, '-', '_' or '.', got {self.run!r}"),
+            (_pos_int(self.batch_size), f"batch_size must be an integer >= 1, got {self.batch_size!r}"),
+            (_pos_int(self.grad_accum) and self.grad_accum <= self.batch_size,
+             f"grad_accum must be an integer in 1..batch_size ({self.batch_size}), got {self.grad_accum!r}"),
+            (_finite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
+            (_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.max_grad_norm is None or (_finite(self.max_grad_norm) and self.max_grad_norm > 0),
+             "max_grad_norm must be > 0 (or None for no clipping)"),
+            (_finite(self.beta) and self.beta > 0, f"beta must be > 0, got {self.beta!r}"),
+            (self.loss_type in LOSS_TYPES, f"loss_type must be one of {', '.join(LOSS_TYPES)}, "
+                                           f"got {self.loss_type!r}"),
+            (_finite(self.label_smoothing) and 0 <= self.label_smoothing < 0.5,
+             "label_smoothing must be in [0, 0.5)"),
+            (self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
+             "label_smoothing only applies to the sigmoid and robust losses"),
+            (self.max_staleness_train is None or _nonneg_int(self.max_staleness_train),
+             "max_staleness_train must be an integer >= 0 (or None for no limit)"),
+            (_pos_int(self.save_every), "save_every must be an integer >= 1"),
+            (_pos_int(self.max_prompt_tokens), "max_prompt_tokens must be an integer >= 1"),
+            (_pos_int(self.max_completion_tokens), "max_completion_tokens must be an integer >= 1"),
+            (self.sources in SOURCES, f"sources must be one of {', '.join(SOURCES)}, got {self.sources!r}"),
+            (_finite(self.poll_seconds) and self.poll_seconds > 0, "poll_seconds must be > 0"),
+            (self.max_steps is None or _pos_int(self.max_steps), "max_steps must be an integer >= 1"),
+            (self.until_version is None or _pos_int(self.until_version), "until_version must be an integer >= 1"),
+            (self.exit_when_idle is None or (_finite(self.exit_when_idle) and self.exit_when_idle >= 0),
+             "exit_when_idle must be >= 0 seconds"),
+            (isinstance(self.lora, LoraSettings), "lora must be a LoraSettings"),
+        ]
+
+    def model_config(self, cache_dir: Path) -> ModelConfig:
+        """The ModelConfig to load the policy with; ModelConfig's own errors become ours."""
+        try:
+            return ModelConfig(spec=self.model, cache_dir=cache_dir, device=self.device, dtype=self.dtype,
+                               load_in_4bit=self.load_in_4bit)
+        except ValueError as exc:
+            raise TrainConfigError(str(exc)) from None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The options that shape an update (not loop limits): saved with every version."""
+        keys = ("model", "batch_size", "grad_accum", "lr", "weight_decay", "max_grad_norm", "beta", "loss_type",
+                "label_smoothing", "max_staleness_train", "max_prompt_tokens", "max_completion_tokens",
+                "sources", "seed")
+        out = {k: getattr(self, k) for k in keys}
+        lora = asdict(self.lora)
+        lora["target_modules"] = (lora["target_modules"] if isinstance(lora["target_modules"], str)
+                                  else list(lora["target_modules"]))
+        out["lora"] = lora
+        return out
+
+    def hyperparameter_hash(self) -> str:
+        blob = json.dumps(self.hyperparameters(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _pos_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _nonneg_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_run_name(run: Any) -> bool:
+    """Run names become directory names under runs/: keep them to a safe alphabet."""
+    return (isinstance(run, str) and 0 < len(run) <= 100 and run not in (".", "..")
+            and all(c.isalnum() or c in "-_." for c in run))

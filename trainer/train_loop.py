@@ -1,0 +1,335 @@
+"""The background DPO trainer: poll labels, take steps, commit versions, follow rollbacks.
+
+Read top to bottom: `start` loads the model and resumes from the latest committed version;
+`run` loops `train_available` until a limit is reached; each step records its metrics at once and
+joins `pending`; every `save_every` steps `commit_pending` writes the version directory and, in ONE
+transaction, inserts the adapters row and marks the labels consumed. A kill at any moment
+therefore replays exactly the uncommitted steps' labels and never trains a label into two versions.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sqlalchemy import select
+
+from db import store
+from db.engine import Database
+from db.errors import OdpoError
+from db.models import Adapter
+from db.store_train_extra import skip_stale_labels
+from trainer import checkpoint as ckpt
+from trainer.batching import PairExample
+from trainer.train_config import TrainConfig
+from trainer.train_step import apply_hyperparameters, dpo_step, make_optimizer
+
+log = logging.getLogger(__name__)
+
+PAUSE_KEY = "train.paused"
+
+
+class TrainerBusyError(OdpoError):
+    """Another `odpo train` holds this run; two trainers would race for the same labels."""
+
+
+class VersionConflict(Exception):
+    """The latest committed version changed under the trainer (a rollback): do not commit on top."""
+
+
+@dataclass
+class PendingStep:
+    step: int
+    row_id: int
+    label_ids: list[int]
+    metrics: dict[str, float]
+
+
+@dataclass
+class TrainerStats:
+    """What this process did; `exit_reason` is max_steps, until_version, idle or stopped."""
+
+    steps: int = 0
+    versions: list[int] = field(default_factory=list)
+    stale_skipped: int = 0
+    reloads: int = 0
+    exit_reason: str = ""
+
+
+StepCallback = Callable[[int, int, dict[str, float]], None]
+
+
+class DPOTrainer:
+    """One trainer per run and process. Not thread-safe except `request_stop`."""
+
+    def __init__(self, cfg: TrainConfig, *, db: Database, adapters_dir: Path, model_cache_dir: Path,
+                 on_step: Optional[StepCallback] = None) -> None:
+        self.cfg, self.db = cfg, db
+        self.adapters_dir, self.model_cache_dir = Path(adapters_dir), Path(model_cache_dir)
+        self.on_step = on_step
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.optimizer: Any = None
+        self.version = 0  # the committed version the weights started from (the next one's parent)
+        self.step = 0  # optimizer steps in this version's lineage
+        self.pending: list[PendingStep] = []
+        self.pending_version: Optional[int] = None
+        self.stats = TrainerStats()
+        self._stop = threading.Event()
+        self._lock_file: Any = None
+        self._autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, *, model: Any = None, tokenizer: Any = None) -> None:
+        """Lock the run, load the base model (unless given), clean the adapters dir, resume.
+
+        `model` must be a plain (non-PEFT) causal LM; tests pass a tiny one to skip loading.
+        """
+        import torch
+
+        from trainer.models import autocast_context, load_model_and_tokenizer, pick_device_dtype
+
+        self._acquire_lock()
+        torch.manual_seed(self.cfg.seed)
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(self.cfg.model_config(self.model_cache_dir))
+        device, _, autocast_dtype = pick_device_dtype(self.cfg.device, self.cfg.dtype)
+        self._autocast = lambda: autocast_context(device, autocast_dtype)
+        self.tokenizer = tokenizer
+        with self.db.sessions() as s:
+            committed = list(s.scalars(select(Adapter.version).where(Adapter.run == self.cfg.run)))
+            latest = store.latest_adapter(s, run=self.cfg.run)
+        ckpt.clean_adapters_dir(self.adapters_dir, committed=committed)
+        self.model = self._attach(model, latest)
+        self._load_version(latest)
+        log.info("trainer ready on run %r at v%d (step %d); %s", self.cfg.run, self.version, self.step,
+                 "fresh adapter" if latest is None else f"resumed from {latest.path}")
+
+    def _attach(self, base: Any, latest: Optional[Adapter]) -> Any:
+        """Wrap the base in LoRA shaped like the latest version (its adapter_config.json is the
+        truth), or like the config for a fresh start."""
+        from trainer.lora import attach_lora
+
+        settings = self.cfg.lora
+        if latest is not None:
+            settings = ckpt.read_lora_settings(self._checked_path(latest))
+            want, got = self.cfg.lora, settings
+            if (want.r, want.alpha, want.dropout) != (got.r, got.alpha, got.dropout):
+                log.warning("resuming v%d with its own LoRA shape (r=%d alpha=%s dropout=%s), not the "
+                            "command line's", latest.version, got.r, got.alpha, got.dropout)
+        return attach_lora(base, settings)
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
+
+    def request_stop(self) -> None:
+        """Ask `run` to finish after the current step (signal handlers call this)."""
+        self._stop.set()
+
+    def _acquire_lock(self) -> None:
+        run_dir = self.adapters_dir.parent
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / "train.lock", "a+")
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: one trainer per run is then the user's promise
+            self._lock_file = handle
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise TrainerBusyError(f"another `odpo train` is already training run {self.cfg.run!r} "
+                                   f"(lock {run_dir / 'train.lock'}); stop it first") from None
+        self._lock_file = handle
+
+    # --- versions ----------------------------------------------------------------------------
+
+    def _checked_path(self, row: Adapter) -> Path:
+        problem = ckpt.committed_dir_problem(row.path)
+        if problem:
+            raise ckpt.AdapterLoadError(f"committed version v{row.version} is unusable: {problem}")
+        return Path(row.path)
+
+    def _load_version(self, row: Optional[Adapter]) -> None:
+        """Make the live adapter and optimizer exactly those of `row` (None = version 0)."""
+        self.pending, self.pending_version = [], None
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        if row is None:
+            ckpt.reset_adapter(self.model, seed=self.cfg.seed)
+            self.version, self.step = 0, 0
+            return
+        path = self._checked_path(row)
+        ckpt.load_adapter_into(self.model, path)
+        ckpt.load_optimizer_state(self.optimizer, path)
+        apply_hyperparameters(self.optimizer, self.cfg)
+        self.version, self.step = row.version, row.step
+
+    def sync_with_db(self) -> bool:
+        """Follow a rollback: if the latest committed version is not the one we hold, drop pending
+        steps (their labels were never consumed, they replay) and load that version. True if so."""
+        with self.db.sessions() as s:
+            latest = store.latest_adapter(s, run=self.cfg.run)
+        latest_version = latest.version if latest is not None else 0
+        if latest_version == self.version:
+            return False
+        log.warning("latest committed version is v%d but the trainer holds v%d (rollback?): reloading v%d",
+                    latest_version, self.version, latest_version)
+        self._load_version(latest)
+        self.stats.reloads += 1
+        return True
+
+    def commit_pending(self) -> Optional[int]:
+        """Write the pending steps as a new version and commit it; returns its number (or None)."""
+        if not self.pending:
+            return None
+        version, parent = self.pending_version, self.version
+        label_steps = {lid: p.step for p in self.pending for lid in p.label_ids}
+        state = {"run": self.cfg.run, "version": version, "parent": parent, "step": self.step,
+                 "steps": [p.step for p in self.pending], "label_ids": sorted(label_steps),
+                 "hyperparameters": self.cfg.hyperparameters(),
+                 "hyperparameter_hash": self.cfg.hyperparameter_hash(), "created_at": time.time()}
+        path = ckpt.write_version(model=self.model, optimizer=self.optimizer, adapters_dir=self.adapters_dir,
+                                  version=version, state=state)
+        ckpt.crash_hook_pause("ODPO_TEST_SLOW_COMMIT", f"v{version}/ renamed, before the DB commit")
+        try:
+            self._commit_row(version=version, parent=parent, path=path, label_steps=label_steps)
+        except VersionConflict as exc:
+            ckpt.remove_version_dir(path)
+            log.warning("not committing v%d: %s", version, exc)
+            self.sync_with_db()
+            return None
+        except BaseException:
+            ckpt.remove_version_dir(path)
+            raise
+        self.version, self.pending, self.pending_version = version, [], None
+        self.stats.versions.append(version)
+        log.info("committed v%d (parent v%d, step %d, %d labels) -> %s", version, parent, self.step,
+                 len(label_steps), path)
+        return version
+
+    def _commit_row(self, *, version: int, parent: int, path: Path, label_steps: dict[int, int]) -> None:
+        metrics = _mean_metrics([p.metrics for p in self.pending])
+        metrics.update(labels=len(label_steps), steps=len(self.pending))
+        with self.db.sessions.begin() as s:
+            latest = store.latest_adapter(s, run=self.cfg.run)
+            if (latest.version if latest is not None else 0) != parent:
+                raise VersionConflict(f"the latest version is now v{latest.version if latest else 0}, "
+                                      f"not v{parent}")
+            store.commit_adapter_version(s, run=self.cfg.run, version=version, path=str(path), parent=parent,
+                                         step=self.step, label_steps=label_steps, metrics=metrics,
+                                         step_ids=[p.row_id for p in self.pending])
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def paused(self) -> bool:
+        with self.db.sessions() as s:
+            value = store.get_control(s, key=PAUSE_KEY)
+        return bool(value and value.get("paused"))
+
+    def next_batch(self) -> Optional[list[store.TrainingLabel]]:
+        """The oldest `batch_size` trainable labels not already in a pending step, or None.
+
+        Labels of too-stale pairs are marked skipped (and counted) on the way, never trained.
+        """
+        need = self.cfg.batch_size
+        taken = {lid for p in self.pending for lid in p.label_ids}
+        while True:
+            with self.db.sessions() as s:
+                rows = store.unconsumed_labels(s, limit=need + len(taken), sources=self.cfg.sources)
+            fresh = [r for r in rows if r.label_id not in taken]
+            stale = [r.label_id for r in fresh if self._is_stale(r)]
+            if not stale:
+                return fresh[:need] if len(fresh) >= need else None
+            with self.db.sessions.begin() as s:
+                n = skip_stale_labels(s, label_ids=stale, version=self.version)
+            self.stats.stale_skipped += n
+            log.info("skipped %d label(s) of pairs more than %d versions older than v%d (%d so far)",
+                     n, self.cfg.max_staleness_train, self.version, self.stats.stale_skipped)
+
+    def _is_stale(self, label: store.TrainingLabel) -> bool:
+        limit = self.cfg.max_staleness_train
+        return limit is not None and self.version - label.pair_version > limit
+
+    def train_available(self) -> bool:
+        """One iteration: follow rollbacks, honour the pause switch, train one batch if there is
+        one, commit when `save_every` steps are pending. True when a step was taken."""
+        self.sync_with_db()
+        if self.paused():
+            return False
+        labels = self.next_batch()
+        if labels is None:
+            return False
+        if self.pending_version is None:
+            with self.db.sessions() as s:
+                self.pending_version = store.next_version_number(s, run=self.cfg.run)
+        examples = [PairExample(prompt=lb.prompt, chosen=lb.chosen, rejected=lb.rejected) for lb in labels]
+        metrics = dpo_step(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                           examples=examples, cfg=self.cfg, autocast=self._autocast)
+        metrics["version_lag"] = sum(self.version - lb.pair_version for lb in labels) / len(labels)
+        self.step += 1
+        ids = [lb.label_id for lb in labels]
+        with self.db.sessions.begin() as s:
+            row = store.record_train_step(s, run=self.cfg.run, step=self.step, version=self.pending_version,
+                                          label_ids=ids, metrics=metrics)
+        self.pending.append(PendingStep(step=self.step, row_id=row.id, label_ids=ids, metrics=metrics))
+        self.stats.steps += 1
+        log.info(format_step_line(self.step, self.pending_version, metrics))
+        if self.on_step is not None:
+            self.on_step(self.step, self.pending_version, metrics)
+        if len(self.pending) >= self.cfg.save_every:
+            self.commit_pending()
+        return True
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> TrainerStats:
+        """Train until max_steps / until_version / exit_when_idle / request_stop; pending steps are
+        committed on the way out, so a clean exit never throws work away."""
+        idle_since = time.monotonic()
+        while True:
+            reason = self._limit_reached()
+            if reason:
+                break
+            if self.train_available():
+                idle_since = time.monotonic()
+                continue
+            idle_limit = self.cfg.exit_when_idle
+            if idle_limit is not None and time.monotonic() - idle_since >= idle_limit:
+                reason = "idle"
+                break
+            self._stop.wait(self.cfg.poll_seconds)
+        self.commit_pending()
+        self.stats.exit_reason = reason
+        log.info("trainer exiting (%s) at v%d after %d step(s) in this process", reason, self.version,
+                 self.stats.steps)
+        return self.stats
+
+    def _limit_reached(self) -> str:
+        cfg = self.cfg
+        if self._stop.is_set():
+            return "stopped"
+        if cfg.max_steps is not None and self.stats.steps >= cfg.max_steps:
+            return "max_steps"
+        if cfg.until_version is not None and self.version >= cfg.until_version:
+            return "until_version"
+        return ""
+
+
+def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = set().union(*rows) if rows else set()
+    return {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in sorted(keys)}
+
+
+def format_step_line(step: int, version: int, m: dict[str, float]) -> str:
+    """The one-line per-step summary in the log."""
+    return (f"step {step} -> v{version} | loss {m['loss']:.4f} acc {m['reward_accuracy']:.2f} "
+            f"margin {m['reward_margin']:+.3f} kl {m['kl']:+.3f} | grad {m['grad_norm']:.3f} | "
+            f"{int(m['pairs'])} pairs {m['seconds']:.2f}s lag {m.get('version_lag', 0.0):.1f}")

@@ -1,0 +1,123 @@
+"""One DPO optimizer step on a list of preference pairs: the maths of the trainer, no database.
+
+Reference log-probs come from the *same* PeftModel under `disable_adapter()` and `no_grad` (one
+copy of the base weights); policy log-probs from the adapter in train mode (LoRA dropout on).
+Prompt tokens are masked out of both sums by `build_pair_batch`'s completion mask.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from trainer.batching import PairExample, build_pair_batch, concatenated_forward
+from trainer.checkpoint import crash_hook_pause
+from trainer.dpo import DPOLossOutput, dpo_loss, dpo_metrics, needs_length_normalisation
+from trainer.train_config import TrainConfig
+
+AutocastFactory = Callable[[], contextlib.AbstractContextManager]
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The LoRA weights, in module order: the same order every time, so optimizer state saved by
+    one process maps onto the parameters of the next."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters; attach a LoRA adapter first")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """A restored optimizer keeps its moments but takes this run's lr/weight decay: changing --lr
+    on restart must take effect."""
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr
+        group["weight_decay"] = cfg.weight_decay
+
+
+def _micro_batches(examples: Sequence[PairExample], parts: int) -> list[list[PairExample]]:
+    size = math.ceil(len(examples) / parts)
+    return [list(examples[i:i + size]) for i in range(0, len(examples), size)]
+
+
+def _reference_logps(model: Any, batch: dict[str, torch.Tensor], *, average: bool,
+                     autocast: AutocastFactory) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    with torch.no_grad(), model.disable_adapter(), autocast():
+        return concatenated_forward(model, batch, average=average)
+
+
+def _policy_logps(model: Any, batch: dict[str, torch.Tensor], *, average: bool,
+                  autocast: AutocastFactory) -> tuple[torch.Tensor, torch.Tensor]:
+    model.train()  # only for this forward: LoRA dropout; the base has no dropout of its own
+    try:
+        with autocast():
+            return concatenated_forward(model, batch, average=average)
+    finally:
+        model.eval()
+
+
+def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
+             examples: Sequence[PairExample], cfg: TrainConfig,
+             autocast: AutocastFactory = contextlib.nullcontext) -> dict[str, float]:
+    """Forward both models on the pairs, backprop the DPO loss, clip, step; return plain metrics.
+
+    The loss of each micro-batch is scaled by its share of the pairs, so grad_accum > 1 gives the
+    same gradient as one big batch. A non-finite gradient skips the update (reported as
+    `skipped_update`) rather than poisoning the adapter.
+    """
+    started = time.perf_counter()
+    average = needs_length_normalisation(cfg.loss_type)
+    device = trainable_parameters(model)[0].device
+    optimizer.zero_grad(set_to_none=True)
+    parts: dict[str, list[torch.Tensor]] = {"pc": [], "pr": [], "rc": [], "rr": []}
+    for chunk in _micro_batches(examples, cfg.grad_accum):
+        batch = build_pair_batch(tokenizer, chunk, max_prompt_tokens=cfg.max_prompt_tokens,
+                                 max_completion_tokens=cfg.max_completion_tokens)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ref_c, ref_r = _reference_logps(model, batch, average=average, autocast=autocast)
+        pol_c, pol_r = _policy_logps(model, batch, average=average, autocast=autocast)
+        out = _loss(pol_c, pol_r, ref_c, ref_r, cfg)
+        (out.losses.sum() / len(examples)).backward()
+        for key, value in zip(("pc", "pr", "rc", "rr"), (pol_c, pol_r, ref_c, ref_r), strict=True):
+            parts[key].append(value.detach().float())
+    grad_norm = _clip(model, cfg)
+    crash_hook_pause("ODPO_TEST_SLOW_STEP", "gradients computed, before optimizer.step")
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _metrics(parts, cfg, grad_norm=grad_norm, skipped=skipped, n_pairs=len(examples),
+                    seconds=time.perf_counter() - started)
+
+
+def _loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: torch.Tensor, ref_r: torch.Tensor,
+          cfg: TrainConfig) -> DPOLossOutput:
+    return dpo_loss(policy_chosen_logps=pol_c, policy_rejected_logps=pol_r, ref_chosen_logps=ref_c,
+                    ref_rejected_logps=ref_r, beta=cfg.beta, loss_type=cfg.loss_type,
+                    label_smoothing=cfg.label_smoothing)
+
+
+def _clip(model: Any, cfg: TrainConfig) -> float:
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_norm)
+    return float(norm)
+
+
+def _metrics(parts: dict[str, list[torch.Tensor]], cfg: TrainConfig, *, grad_norm: float, skipped: bool,
+             n_pairs: int, seconds: float) -> dict[str, float]:
+    pc, pr, rc, rr = (torch.cat(parts[k]) for k in ("pc", "pr", "rc", "rr"))
+    out = _loss(pc, pr, rc, rr, cfg)
+    metrics = dpo_metrics(out, policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc,
+                          ref_rejected_logps=rr)
+    metrics.update(grad_norm=grad_norm if math.isfinite(grad_norm) else -1.0, seconds=seconds,
+                   pairs=float(n_pairs), pairs_per_second=n_pairs / max(seconds, 1e-9), lr=cfg.lr,
+                   skipped_update=float(skipped))
+    return metrics
