@@ -80,6 +80,9 @@ def cli(ctx: click.Context, data_dir: str | None, db_url: str | None, verbose: i
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=min(level, logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    # bitsandbytes warns at import about optional CPU kernels QLoRA-on-CPU would use; odpo never does.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio polls itself; not news
     ctx.obj = CommonConfig.resolve(data_dir=data_dir, db_url=db_url)
 
 
