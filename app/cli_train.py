@@ -28,7 +28,7 @@ LOSS_CHOICES = ("sigmoid", "ipo", "hinge", "robust")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True,
               help="Split each batch into this many micro-batches (same update, less memory).")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
-              help="AdamW learning rate of the LoRA weights. [default: 2e-4]")
+              help="AdamW learning rate of the LoRA weights. [default: 1e-4]")
 @click.option("--beta", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
               help="DPO beta: strength of the pull towards the reference (base) model.")
 @click.option("--loss", "loss_type", type=click.Choice(LOSS_CHOICES), default="sigmoid", show_default=True)

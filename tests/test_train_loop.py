@@ -352,3 +352,15 @@ def test_cli_train_bad_option_is_one_line(common_config):
     assert result.exit_code != 0
     assert "grad_accum must be an integer in 1..batch_size" in result.output
     assert "Traceback" not in result.output
+
+
+def test_trainer_publishes_its_update_size_for_the_ui(make_trainer, database):
+    from app.context import ServeConfig
+    from app.label_service import LabelService
+
+    make_trainer(batch_size=3, save_every=2, sources="human")
+    with database.sessions() as s:
+        assert store.get_control(s, key="train.config") == {"batch_size": 3, "save_every": 2,
+                                                           "sources": "human", "run": "default"}
+    counters = LabelService(db=database, config=ServeConfig(), sampler=None).counters()
+    assert counters.per_update == 6 and counters.until_update == 6

@@ -107,8 +107,17 @@ class DPOTrainer:
         ckpt.clean_adapters_dir(self.adapters_dir, committed=committed)
         self.model = self._attach(model, latest)
         self._load_version(latest)
+        self._publish_config()
         log.info("trainer ready on run %r at v%d (step %d); %s", self.cfg.run, self.version, self.step,
                  "fresh adapter" if latest is None else f"resumed from {latest.path}")
+
+    def _publish_config(self) -> None:
+        """Tell the UI (another process) how many labels make the next version: its counter
+        "labels until the next update" reads this through the database, the only data channel."""
+        with self.db.sessions.begin() as s:
+            store.set_control(s, key="train.config", value={
+                "batch_size": self.cfg.batch_size, "save_every": self.cfg.save_every,
+                "sources": self.cfg.sources, "run": self.cfg.run})
 
     def _attach(self, base: Any, latest: Optional[Adapter]) -> Any:
         """Wrap the base in LoRA shaped like the latest version (its adapter_config.json is the
