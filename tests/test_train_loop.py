@@ -335,7 +335,7 @@ def test_cli_train_max_steps(common_config, tiny_model_dir):
         db.close()
     args = ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "train",
             "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--batch-size", "2",
-            "--max-steps", "2", "--poll-seconds", "0.05", "--lora-r", "4"]
+            "--max-steps", "2", "--poll-seconds", "0.05", "--lora-r", "4", "--threads", "1"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "trained 2 step(s); committed v1, v2" in result.output
