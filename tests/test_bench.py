@@ -1,0 +1,306 @@
+"""`odpo bench`: the harness's arithmetic (percentiles, ratios, targets, per-pair costs), its result
+JSON, counting in the benches, and tiny-model runs through the CLI. No timing thresholds: timings
+on a shared machine are noise, so tests check what was counted and how it was combined."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from app.bench import common, labelers, learn, memory, reload, sampling, train_step
+from app.bench.common import BenchContext, BenchResult, Target, percentile, ratio, summarize
+from app.bench.labeler_sim import (
+    ApiClient,
+    ApiError,
+    LabelerStats,
+    Monitor,
+    choose_side,
+    idle_votes_ms,
+    round_trips_ms,
+    run_labeler,
+)
+from app.cli import cli
+from db.models import Label
+from tests import ui_fixtures
+from tests.db_helpers import make_pairs
+from trainer.judges import load_judge
+
+live_app = ui_fixtures.live_app  # a fixture, requested by name
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_ctx(common_config, tiny_model_dir, tmp_path, **kw) -> BenchContext:
+    return BenchContext(common=common_config, quick=True, model=str(tiny_model_dir), device="cpu", dtype="fp32",
+                        out_dir=tmp_path / "results", **kw)
+
+
+# --- arithmetic ------------------------------------------------------------------------------
+
+
+def test_percentile_interpolates_linearly_between_ranks():
+    assert percentile([4, 1, 3, 2], 50) == 2.5
+    assert percentile([1, 2, 3, 4], 95) == pytest.approx(3.85)
+    assert percentile([1, 2, 3, 4], 0) == 1 and percentile([1, 2, 3, 4], 100) == 4
+    assert percentile([7.0], 95) == 7.0 and percentile([], 50) is None
+    assert percentile(list(range(101)), 95) == 95
+    with pytest.raises(ValueError):
+        percentile([1], 101)
+
+
+def test_ratio_summary_and_per_minute():
+    assert ratio(6, 2) == 3.0 and ratio(1, 0) is None and ratio(None, 2) is None and ratio(2, None) is None
+    s = summarize([3, 1, 2])
+    assert (s["n"], s["mean"], s["p50"], s["min"], s["max"]) == (3, 2.0, 2.0, 1.0, 3.0)
+    assert summarize([])["p50"] is None and summarize([])["n"] == 0
+    assert common.per_minute(10, 30) == 20.0 and common.per_minute(1, 0) is None
+
+
+def test_targets_check_both_directions_and_missing_values():
+    low = Target("wait", "wait_ms", "<=", 50.0)
+    high = Target("speedup", "speedup", ">=", 3.0)
+    assert low.check(50.0) and not low.check(50.1) and high.check(3.0) and not high.check(2.9)
+    assert low.check(None) is None and low.check(float("nan")) is None
+    assert high.evaluate({"speedup": 4.0}) == {"name": "speedup", "metric": "speedup", "op": ">=",
+                                               "threshold": 3.0, "value": 4.0, "met": True}
+    with pytest.raises(ValueError):
+        Target("x", "x", "<", 1.0)
+
+
+# --- result JSON -----------------------------------------------------------------------------
+
+
+def make_result(bench="sampling", quick=True, **metrics) -> BenchResult:
+    result = BenchResult(bench=bench, quick=quick, params={"n": 1}, metrics=metrics or {"speedup": 2.0},
+                         started_at=common.utc_now_iso(), seconds=1.5, machine=common.machine_description())
+    result.row("speedup", result.metrics.get("speedup"), "x")
+    result.check(sampling.TARGETS)
+    return result
+
+
+def test_result_json_schema_roundtrip_and_tables(tmp_path):
+    path = make_result().write(tmp_path)
+    assert path.name == "sampling-quick.json" and not list(tmp_path.glob("*.tmp"))
+    data = json.loads(path.read_text())
+    assert common.validate_result(data) == []
+    machine = data["machine"]
+    assert machine["cores"] == os.cpu_count() and machine["versions"]["torch"] == torch.__version__
+    assert machine["device"] == "cpu" and machine["cpu_model"]
+    assert data["targets"][0]["met"] is False and data["rows"] == [["speedup", "2 x"]]
+    table = common.result_table(data)
+    assert "| sampling: batched / one pair at a time | 2 | >= 3 | **no** |" in table
+    make_result(bench="reload", quick=False, swap_ms_p95=10.0).write(tmp_path)
+    (tmp_path / "junk.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "something else"}))
+    loaded = common.load_results(tmp_path)
+    assert [(d["bench"], d["quick"]) for d in loaded] == [("sampling", True), ("reload", False)]
+    readme = common.readme_table(loaded)
+    assert readme.splitlines()[0] == "| bench | metric | measured | target | met |"
+    assert "| sampling (quick) | sampling: batched / one pair at a time | 2 | >= 3 | **no** |" in readme
+    mem = BenchResult(bench="memory", quick=True, rows=[["peak RSS train", "3,943 MiB"]])
+    broken = BenchResult(bench="learn", quick=True, status="failed")
+    assert common.readme_table([mem.to_dict(), broken.to_dict()]).splitlines()[2:] == [
+        "| memory (quick) | peak RSS train | 3,943 MiB | - | - |", "| learn (quick) | failed | - | - | - |"]
+
+
+def test_validate_result_names_the_problems():
+    data = make_result().to_dict()
+    assert common.validate_result({**data, "status": "meh"}) == ["status 'meh' not in ('ok', 'unavailable', 'failed')"]
+    assert common.validate_result({**data, "bench": "nope"}) == ["unknown bench 'nope'"]
+    assert "missing key 'metrics'" in common.validate_result({k: v for k, v in data.items() if k != "metrics"})
+    assert common.validate_result({**data, "targets": [{"name": "x"}]})[0].startswith("malformed target")
+
+
+# --- per-bench arithmetic --------------------------------------------------------------------
+
+
+def test_sampling_mode_metrics_totals():
+    calls = [{"pairs": 4.0, "seconds": 2.0, "tokens": 40.0, "hit_limit": 2.0},
+             {"pairs": 4.0, "seconds": 6.0, "tokens": 120.0, "hit_limit": 0.0}]
+    m = sampling.mode_metrics(calls)
+    assert m["pairs_per_minute"] == 60.0 and m["tokens_per_second"] == 20.0
+    assert m["mean_tokens_per_sample"] == 10.0 and m["share_hit_max_new_tokens"] == 0.125
+    assert m["seconds_per_call"]["p50"] == 4.0
+
+
+def test_train_step_per_pair_costs_and_ratios():
+    odpo = [{"generate": 2.0, "judge": 0.0, "dpo_step": 1.0, "write_version": 0.5, "swap": 0.5,
+             "tokens_per_sample": 10.0}] * 2
+    trl = [{"step": 8.0, "generate": 5.0, "judge": 0.0, "update": 3.0, "tokens_per_sample": 12.0}] * 2
+    result = BenchResult(bench="train-step", quick=True)
+    train_step.fill(result, odpo_rounds=odpo, trl_steps=trl, batch=4)
+    m = result.metrics
+    assert m["odpo_seconds_per_pair"] == 1.0 and m["trl_seconds_per_pair"] == 2.0
+    assert m["odpo_over_trl_per_pair"] == 0.5 and m["odpo_over_trl_update"] == pytest.approx(0.25 / 0.75)
+    assert m["odpo_overhead_seconds_per_pair"] == 0.25 and m["odpo_pairs_per_second"] == 1.0
+    result.check(train_step.TARGETS)
+    assert result.targets[0]["met"] is True
+    empty = BenchResult(bench="train-step", quick=True)
+    train_step.fill(empty, odpo_rounds=odpo, trl_steps=[], batch=4)
+    assert empty.metrics["trl_seconds_per_pair"] is None and empty.metrics["odpo_over_trl_per_pair"] is None
+
+
+def test_trl_reward_function_matches_the_pairwise_judge():
+    reward = train_step.pair_reward(load_judge("rule:shorter"))
+    prompts = [[{"role": "user", "content": "p"}]] * 6
+    completions = [[{"role": "assistant", "content": t}] for t in ("aa", "a", "same", "long one", "x", "same")]
+    # pairs: (aa, long one) -> first shorter wins; (a, x) -> tie; (same, same) -> tie
+    assert reward(prompts=prompts, completions=completions) == [1.0, 0.5, 0.5, 0.0, 0.5, 0.5]
+    assert reward(prompts=["p", "p"], completions=["longer", "s"]) == [0.0, 1.0]
+
+
+def test_reload_fill_reports_percentiles_of_recorded_swaps():
+    rows = [{"version": v, "swap_ms": float(v), "commit_to_serving_ms": 100.0 * v} for v in range(1, 5)]
+    result = BenchResult(bench="reload", quick=True)
+    reload.fill(result, observed_ms=[90.0, float("nan"), 300.0, 400.0], write_ms=[5.0] * 4, reload_rows=rows,
+                extra={"missed_versions": 1})
+    m = result.metrics
+    assert m["swap_ms_p50"] == 2.5 and m["commit_to_serving_ms_p95"] == pytest.approx(385.0)
+    assert m["observed_commit_to_serving_ms"]["n"] == 3 and m["versions_committed"] == 4
+
+
+def test_labelers_fill_counts_waits_and_empty_share():
+    a = LabelerStats("bench-labeler-0", waits=[(0.01, False), (0.03, False), (2.0, True)], votes=4,
+                     empty_seconds=3.0, active_seconds=10.0, choices={"left": 3, "right": 1})
+    b = LabelerStats("bench-labeler-1", waits=[(0.02, False)], votes=1, errors=["vote: boom"], active_seconds=10.0,
+                     choices={"tie": 1})
+    monitor = Monitor("http://unused")
+    monitor.samples = [0, 3, 0, 5]
+    result = BenchResult(bench="labelers", quick=True, params={"think_s": 1.0, "offered_labels_per_hour": 7200.0})
+    facts = {"labels_by_labeler": {"bench-labeler-0": 4, "bench-labeler-1": 1, "someone": 9},
+             "version_lags": [0.0, 1.0, 2.0], "versions": [1, 2, 3]}
+    labelers.fill(result, stats=[a, b], monitor=monitor, elapsed=1800.0, db_facts=facts, labelers=2)
+    m = result.metrics
+    assert m["wait_ms_nonempty"]["n"] == 3 and m["wait_ms_p50"] == pytest.approx(20.0)
+    assert m["wait_ms_empty"]["n"] == 1 and m["queue_empty_share"] == 0.15
+    assert (m["votes"], m["labels_stored"], m["errors"]) == (5, 5, 1)
+    assert m["labels_per_hour"] == 10.0 and m["monitor_queue_zero_share"] == 0.5
+    assert m["version_lag"]["mean"] == 1.0 and m["choices"] == {"left": 3, "right": 1, "tie": 1}
+
+
+def test_learn_fill_difference_and_missing_eval():
+    arm = {"labels_used": 8, "steps": 1, "wall_seconds": 3.0, "choices": {"a": 5, "tie": 3}}
+    on = {**arm, "win_rate": 0.9, "eval": {"low": 0.7, "high": 0.97, "wins": 8, "losses": 0, "ties": 2}}
+    off = {**arm, "win_rate": None, "eval": None, "eval_note": "no DPO step was taken"}
+    result = BenchResult(bench="learn", quick=True)
+    learn.fill(result, {"online": on, "offline": off})
+    assert result.metrics["online_minus_offline"] is None and result.notes == ["offline: no DPO step was taken"]
+    result = BenchResult(bench="learn", quick=True)
+    learn.fill(result, {"online": on, "offline": {**on, "win_rate": 0.75}})
+    assert result.metrics["online_minus_offline"] == pytest.approx(0.15)
+    result.check(learn.TARGETS)
+    assert [t["met"] for t in result.targets] == [True, True]
+
+
+def test_memory_process_tree_helpers():
+    me = os.getpid()
+    status = memory.read_status_kib(me)
+    assert status["VmRSS"] > 0 and status["VmHWM"] >= status["VmRSS"]
+    assert memory.read_status_kib(2**31 - 1) == {}
+    assert me in memory.descendants(me)
+    assert memory.role_of(["python", "-c", "x", "--data-dir", "d", "serve", "--port", "1"]) == "serve"
+    assert memory.role_of(["python", "-c", "x", "--db", "sqlite://", "up", "--judge", "rule:x"]) == "up"
+    assert memory.role_of(["python"]) == "other"
+    tree = memory.TreeSampler(me)
+    tree.sample()
+    assert tree.samples == 1 and tree.peak_total_kib >= status["VmRSS"] // 2
+
+
+# --- runs on the tiny model ------------------------------------------------------------------
+
+
+def test_labeler_votes_through_http_are_counted_once(live_app):
+    make_pairs(live_app.db, 4)
+    judge = load_judge("rule:shorter")
+    stats = LabelerStats("bench-labeler-0")
+    stop = threading.Event()
+    deadline = time.perf_counter() + 4.0
+    run_labeler(url=live_app.url, stats=stats, decide=lambda pair: choose_side(judge, pair), deadline=deadline,
+                think_s=0.0, stop=stop)
+    with live_app.db.sessions() as s:
+        stored = s.scalar(select(func.count(Label.id)).where(Label.labeler == "bench-labeler-0"))
+    assert stats.votes == stored == 4 and not stats.errors
+    # three votes came back with the next pair; the last one found the queue empty until the deadline
+    assert [empty for _, empty in stats.waits] == [False, False, False]
+    assert stats.empty_seconds > 0 and stats.active_seconds > 0
+    assert sum(stats.choices.values()) == 4 and set(stats.choices) <= {"left", "right", "tie"}
+
+
+def test_plain_http_client_returns_outputs_and_one_line_errors(live_app):
+    make_pairs(live_app.db, 1)
+    client = ApiClient(live_app.url)
+    pair = client.predict("erin", api_name="/next_pair")["pair"]
+    assert pair["prompt"].startswith("prompt 0")
+    with pytest.raises(ApiError, match="unknown choice"):
+        client.predict(pair["assignment_id"], "sideways", "erin", "", api_name="/vote")
+    assert client.predict(api_name="/counters")["queue"] == 0
+    assert len(round_trips_ms(live_app.url, n=3)) == 3
+    client.close()
+
+
+def test_idle_vote_probe_skips_so_nothing_is_trained(live_app):
+    make_pairs(live_app.db, 3)
+    assert len(idle_votes_ms(live_app.url, n=5)) == 3  # stops when the queue runs dry
+    with live_app.db.sessions() as s:
+        choices = list(s.scalars(select(Label.choice).where(Label.labeler == "bench-probe")))
+    assert choices == ["skip"] * 3
+
+
+def test_sampling_bench_through_the_cli(common_config, tiny_model_dir, tmp_path):
+    out = tmp_path / "results"
+    args = ["--data-dir", str(common_config.data_dir), "bench", "sampling", "--quick", "--model", str(tiny_model_dir),
+            "--device", "cpu", "--dtype", "fp32", "--out", str(out), "--rounds", "2", "--prompts-per-batch", "2",
+            "--max-new-tokens", "4"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "sampling-quick.json").read_text())
+    assert common.validate_result(data) == [] and data["status"] == "ok"
+    m = data["metrics"]
+    assert (m["batched"]["calls"], m["batched"]["pairs"]) == (2, 4.0)
+    assert (m["one_pair_at_a_time"]["calls"], m["one_pair_at_a_time"]["pairs"]) == (4, 4.0)
+    assert m["speedup"] == pytest.approx(m["batched_pairs_per_minute"] / m["single_pairs_per_minute"])
+    assert "speedup (batched / one pair)" in res.output
+    report = CliRunner().invoke(cli, ["bench", "report", "--out", str(out)])
+    assert report.exit_code == 0 and "| sampling (quick) |" in report.output
+
+
+def test_failed_bench_writes_a_failed_result_and_exits_nonzero(common_config, tmp_path):
+    out = tmp_path / "results"
+    res = CliRunner().invoke(cli, ["--data-dir", str(common_config.data_dir), "bench", "sampling", "--quick",
+                                   "--model", str(tmp_path / "no-such-model"), "--out", str(out)])
+    assert res.exit_code == 1 and "bench sampling failed" in res.output and "Traceback" not in res.output
+    data = json.loads((out / "sampling-quick.json").read_text())
+    assert data["status"] == "failed" and "does not exist" in data["notes"][0]
+
+
+def test_reload_bench_counts_every_committed_version(common_config, tiny_model_dir, tmp_path):
+    result = reload.run(tiny_ctx(common_config, tiny_model_dir, tmp_path), versions=2, max_new_tokens=4, interval_s=0,
+                        prompts_per_batch=1)
+    m = result.metrics
+    assert m["versions_committed"] == m["swaps_recorded"] == 2 and m["missed_versions"] == 0
+    assert m["base_weights_reloaded"] is False and m["swap_ms"]["n"] == 2
+    assert [t["metric"] for t in result.targets] == ["swap_ms_p95", "commit_to_serving_ms_p95"]
+
+
+def test_learn_bench_spends_exactly_the_budget_in_both_arms(common_config, tiny_model_dir, tmp_path):
+    result = learn.run(tiny_ctx(common_config, tiny_model_dir, tmp_path), rule="rule:shorter", budget=10,
+                       batch_size=4, max_new_tokens=4, eval_n=4, lr=1e-2)
+    arms = result.metrics["arms"]
+    for mode in ("online", "offline"):
+        arm = arms[mode]
+        assert arm["labels_used"] == sum(arm["choices"].values()) == 10
+        trainable = arm["choices"].get("a", 0) + arm["choices"].get("b", 0)
+        assert arm["steps"] == trainable // 4 and arm["final_version"] == arm["steps"]
+    assert arms["offline"]["sampler_versions"] == [0]
