@@ -65,3 +65,14 @@ def common_config(tmp_path, db_url):
 @pytest.fixture
 def unique_name() -> str:
     return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny ops on a shared 2-core machine: one thread, or the threads spin against each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,12 +34,7 @@ from trainer.judges import load_judge
 live_app = ui_fixtures.live_app  # a fixture, requested by name
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_ctx(common_config, tiny_model_dir, tmp_path, **kw) -> BenchContext:

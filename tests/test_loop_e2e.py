@@ -27,12 +27,7 @@ PROMPTS = [f"Tell me something about {thing}." for thing in
             "a cup of tea", "the blue sky", "the open window", "the last page", "a quiet morning")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.timeout(180)

@@ -22,13 +22,7 @@ TRAIN_PROMPTS = [f"Question {i}: what does the cat think of the river?" for i in
 HELD_OUT = ["Held out: the old man writes to the train."]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: one thread, or the threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def add_prompts(db, texts=TRAIN_PROMPTS, held_out=HELD_OUT) -> None:

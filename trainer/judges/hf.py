@@ -14,8 +14,8 @@ import torch
 
 from trainer.batching import encode_prompt
 from trainer.generation import left_pad
-from trainer.judges import JudgeError, JudgeOptions, Verdict
-from trainer.judges.pairwise import fill_template, judge_both_orders, load_template
+from trainer.judges import JudgeError, JudgeOptions
+from trainer.judges.pairwise import BothOrdersJudge, fill_template, load_template
 from trainer.models import autocast_context
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def _device_of(model: Any) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
-class HFJudge:
+class HFJudge(BothOrdersJudge):
     """Pairwise judging with a local causal LM; order-free thanks to both-orders scoring."""
 
     order_free = True
@@ -66,12 +66,6 @@ class HFJudge:
             raise JudgeError(f"cannot load judge model {model_spec!r}: {exc}") from None
         _, _, autocast_dtype = pick_device_dtype(options.device, options.dtype)
         return cls(model, tokenizer, spec=spec, options=options, autocast_dtype=autocast_dtype)
-
-    def judge(self, prompts: Sequence[str], responses_a: Sequence[str],
-              responses_b: Sequence[str]) -> list[Verdict]:
-        return judge_both_orders(self.score_first, prompts, responses_a, responses_b,
-                                 abstain_threshold=self.options.abstain_threshold,
-                                 tie_margin=self.options.tie_margin)
 
     def score_first(self, prompts: Sequence[str], firsts: Sequence[str],
                     seconds: Sequence[str]) -> list[Optional[float]]:

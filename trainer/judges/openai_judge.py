@@ -22,8 +22,8 @@ from typing import Any, Optional, Sequence
 
 import httpx
 
-from trainer.judges import JudgeError, JudgeOptions, JudgeUnreachableError, Verdict
-from trainer.judges.pairwise import fill_template, judge_both_orders, load_template
+from trainer.judges import JudgeError, JudgeOptions, JudgeUnreachableError
+from trainer.judges.pairwise import BothOrdersJudge, fill_template, load_template
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def api_key_from_env() -> Optional[str]:
     return next((os.environ[e] for e in KEY_ENVS if os.environ.get(e)), None)
 
 
-class OpenAIJudge:
+class OpenAIJudge(BothOrdersJudge):
     """Pairwise judging through /chat/completions, both orders, concurrent requests."""
 
     order_free = True
@@ -107,12 +107,6 @@ class OpenAIJudge:
     def from_spec(cls, rest: str, *, spec: str, options: JudgeOptions) -> "OpenAIJudge":
         model, base_url = parse_openai_spec(rest)
         return cls(model=model, base_url=base_url, spec=spec, options=options, api_key=api_key_from_env())
-
-    def judge(self, prompts: Sequence[str], responses_a: Sequence[str],
-              responses_b: Sequence[str]) -> list[Verdict]:
-        return judge_both_orders(self.score_first, prompts, responses_a, responses_b,
-                                 abstain_threshold=self.options.abstain_threshold,
-                                 tie_margin=self.options.tie_margin)
 
     def score_first(self, prompts: Sequence[str], firsts: Sequence[str],
                     seconds: Sequence[str]) -> list[Optional[float]]:

@@ -86,3 +86,20 @@ def judge_both_orders(score_first: FirstScorer, prompts: Sequence[str], response
         raise RuntimeError(f"scorer returned {len(scores)} scores for {2 * n} rows")
     return [combine_orders(scores[i], scores[n + i], abstain_threshold=abstain_threshold,
                            tie_margin=tie_margin) for i in range(n)]
+
+
+class BothOrdersJudge:
+    """Shared `judge()` of the LM judges (hf:, openai:): each asks "is the first response better?"
+    through `score_first` and is asked in both orders, so a position bias cancels out."""
+
+    options: "object"
+
+    def score_first(self, prompts: Sequence[str], firsts: Sequence[str],
+                    seconds: Sequence[str]) -> list[Optional[float]]:
+        raise NotImplementedError
+
+    def judge(self, prompts: Sequence[str], responses_a: Sequence[str],
+              responses_b: Sequence[str]) -> list[Verdict]:
+        return judge_both_orders(self.score_first, prompts, responses_a, responses_b,
+                                 abstain_threshold=self.options.abstain_threshold,
+                                 tie_margin=self.options.tie_margin)
