@@ -147,10 +147,10 @@ def test_counters(database):
 
 def test_closed_tab_returns_its_pair_after_the_timeout(database):
     make_pairs(database, 1)
-    svc = service(database, claim_timeout_s=0.2)
+    svc = service(database, claim_timeout_s=1.0)
     gone = svc.current_pair(labeler="closed-tab")
     assert svc.current_pair(labeler="bob") is None
-    time.sleep(0.35)
+    time.sleep(1.3)
     got = svc.current_pair(labeler="bob")
     assert got is not None and got.pair_id == gone.pair_id
     with pytest.raises(store.StoreError, match="expired"):
