@@ -64,6 +64,11 @@ LOSS_CHOICES = ("sigmoid", "ipo", "hinge", "robust")
 @click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True)
 @click.option("--lora-targets", default="all-linear", show_default=True,
               help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj.")
+@click.option("--eval-every", type=click.IntRange(0), default=0, show_default=True, metavar="K",
+              help="Every K-th committed version, its win rate against the base on held-out prompts "
+                   "(needs --eval-judge; the dashboard plots it). 0 = off.")
+@click.option("--eval-judge", default=None, metavar="SPEC", help="Judge spec for --eval-every, e.g. hf:smollm2-135m.")
+@click.option("--eval-n", type=click.IntRange(1), default=32, show_default=True, help="Held-out prompts per auto-eval.")
 @click.pass_obj
 def train(cfg: CommonConfig, **options: Any) -> None:
     """Train the policy with DPO on new labels, committing adapter versions as it goes."""

@@ -364,3 +364,41 @@ def test_trainer_publishes_its_update_size_for_the_ui(make_trainer, database):
                                                            "sources": "human", "run": "default"}
     counters = LabelService(db=database, config=ServeConfig(), sampler=None).counters()
     assert counters.per_update == 6 and counters.until_update == 6
+
+
+def test_auto_eval_every_k_versions_scores_exactly_that_version(make_trainer, database):
+    from db.models import Eval
+    from trainer.evaluate import run_eval
+
+    with database.sessions.begin() as s:
+        store.add_prompts(s, prompts=[store.NewPrompt(text=t, held_out=True)
+                                      for t in ("Name a colour.", "Say hi.", "Count to three.")])
+    _labels(database, 8)
+    trainer = make_trainer(batch_size=2, eval_every=2, eval_judge="rule:shorter", eval_n=3)
+    assert trainer.run().versions == [1, 2, 3, 4]
+    with database.sessions() as s:
+        evals = {e.version_a: e for e in s.scalars(select(Eval))}
+    assert sorted(evals) == [2, 4] and {e.version_b for e in evals.values()} == {0}
+    assert {e.judge for e in evals.values()} == {"rule:shorter"} and evals[4].n == 3
+    # the same eval, re-run from the v4 files on disk, gives the same verdicts: the auto-eval saw v4
+    again = run_eval(database, policy=trainer.model, tokenizer=trainer.tokenizer, version_a=4, version_b=0,
+                     judge="rule:shorter", n=3, record=False)
+    assert again.details["examples"] == evals[4].details["examples"]  # same texts, same verdicts
+
+
+def test_auto_eval_needs_a_judge_and_a_valid_spec(make_trainer):
+    from trainer.judges import JudgeError
+
+    with pytest.raises(TrainConfigError, match="eval_every needs eval_judge"):
+        TrainConfig(eval_every=2)
+    with pytest.raises(JudgeError, match="nonsense"):
+        make_trainer(eval_every=1, eval_judge="nonsense:x")
+
+
+def test_cli_train_eval_every_without_a_judge_is_one_line(common_config):
+    from app.cli import cli
+
+    args = ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "train", "--eval-every", "2"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0 and "eval_every needs eval_judge" in result.output
+    assert "Traceback" not in result.output

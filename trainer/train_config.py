@@ -68,6 +68,9 @@ class TrainConfig:
     dtype: str = "auto"
     load_in_4bit: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
+    eval_every: int = 0  # evaluate every K-th committed version against the base (0 = never)
+    eval_judge: Optional[str] = None
+    eval_n: int = 32
 
     def __post_init__(self) -> None:
         for ok, message in self._checks():
@@ -104,6 +107,10 @@ class TrainConfig:
             (self.exit_when_idle is None or (_finite(self.exit_when_idle) and self.exit_when_idle >= 0),
              "exit_when_idle must be >= 0 seconds"),
             (isinstance(self.lora, LoraSettings), "lora must be a LoraSettings"),
+            (_nonneg_int(self.eval_every), "eval_every must be an integer >= 0 (0 = no automatic evals)"),
+            (self.eval_every == 0 or bool(self.eval_judge and self.eval_judge.strip()),
+             "eval_every needs eval_judge: the judge spec that decides the win rate"),
+            (_pos_int(self.eval_n), "eval_n must be an integer >= 1"),
         ]
 
     def model_config(self, cache_dir: Path) -> ModelConfig:

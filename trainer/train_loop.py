@@ -82,6 +82,8 @@ class DPOTrainer:
         self._stop = threading.Event()
         self._lock_file: Any = None
         self._autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self._autocast_dtype: Any = None
+        self._eval_judge: Any = None  # built once in start() when cfg.eval_every asks for evals
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -96,10 +98,15 @@ class DPOTrainer:
 
         self._acquire_lock()
         torch.manual_seed(self.cfg.seed)
+        if self.cfg.eval_every:  # before the model: a bad judge spec fails in seconds, not after loading
+            from trainer.judges import load_judge
+
+            self._eval_judge = load_judge(self.cfg.eval_judge)
         if model is None:
             model, tokenizer = load_model_and_tokenizer(self.cfg.model_config(self.model_cache_dir))
         device, _, autocast_dtype = pick_device_dtype(self.cfg.device, self.cfg.dtype)
         self._autocast = lambda: autocast_context(device, autocast_dtype)
+        self._autocast_dtype = autocast_dtype
         self.tokenizer = tokenizer
         with self.db.sessions() as s:
             committed = list(s.scalars(select(Adapter.version).where(Adapter.run == self.cfg.run)))
@@ -294,8 +301,20 @@ class DPOTrainer:
         if self.on_step is not None:
             self.on_step(self.step, self.pending_version, metrics)
         if len(self.pending) >= self.cfg.save_every:
-            self.commit_pending()
+            self.auto_eval(self.commit_pending())
         return True
+
+    def auto_eval(self, version: Optional[int]) -> None:
+        """Every `eval_every` versions, the win rate of the version just committed against the base,
+        on held-out prompts, into `evals` (the dashboard plots it). The weights hold exactly that
+        version now, so nothing is loaded; an eval problem is logged and training goes on."""
+        if version is None or self._eval_judge is None:
+            return
+        from trainer.evaluate import maybe_auto_eval
+
+        maybe_auto_eval(self.db, policy=self.model, tokenizer=self.tokenizer, version=version,
+                        every=self.cfg.eval_every, judge=self._eval_judge, n=self.cfg.eval_n, run=self.cfg.run,
+                        autocast_dtype=self._autocast_dtype)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -315,7 +334,9 @@ class DPOTrainer:
                 reason = "idle"
                 break
             self._stop.wait(self.cfg.poll_seconds)
-        self.commit_pending()
+        committed = self.commit_pending()
+        if reason != "stopped":  # a stop request wants out now, not after an eval
+            self.auto_eval(committed)
         self.stats.exit_reason = reason
         log.info("trainer exiting (%s) at v%d after %d step(s) in this process", reason, self.version,
                  self.stats.steps)
