@@ -181,8 +181,7 @@ def _training_md(admin: AdminService) -> str:
 
 def _versions_update(admin: AdminService):
     rows = admin.versions()
-    choices = [("v0 (base model)", 0)] + [
-        (f"v{r['version']} (step {r['step']}{', rolled back' if r['rolled_back'] else ''})", r["version"])
-        for r in rows]
+    choices = [("v0 (base model)", 0)] + [  # rolled-back versions gave their labels away: not a target
+        (f"v{r['version']} (step {r['step']})", r["version"]) for r in rows if not r["rolled_back"]]
     current = max([0] + [r["version"] for r in rows if not r["rolled_back"]])
     return gr.update(choices=choices, value=current)

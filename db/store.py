@@ -36,6 +36,7 @@ from db.store_prompts import (  # noqa: F401
 )
 from db.store_status import get_control, record_reload, set_control, status_counts  # noqa: F401
 from db.store_training import (  # noqa: F401
+    LabelsRetracted,
     TrainingLabel,
     commit_adapter_version,
     count_unconsumed,

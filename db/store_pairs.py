@@ -216,7 +216,12 @@ def undo_label(session: Session, *, label_id: int, labeler: str,
         raise StoreError("nothing to undo")
     if label.consumed_version is not None:
         raise StoreError(f"too late to undo: this vote is already trained into v{label.consumed_version}")
-    label.undone = True
+    taken_back = session.execute(  # re-checked in the UPDATE itself: a commit may have consumed it meanwhile
+        update(Label).where(Label.id == label_id, Label.undone.is_(False), Label.consumed_version.is_(None))
+        .values(undone=True).execution_options(synchronize_session=False)).rowcount
+    if taken_back != 1:
+        raise StoreError("too late to undo: this vote was just trained into a new version")
+    session.refresh(label)
     asg = session.scalar(select(Assignment).where(Assignment.pair_id == label.pair_id,
                                                   Assignment.labeler == labeler))
     if asg is None:

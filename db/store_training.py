@@ -16,6 +16,10 @@ from db.models import TRAINABLE_CHOICES, Adapter, Label, Pair, Prompt, Sample, T
 from db.store_pairs import StoreError
 
 
+class LabelsRetracted(StoreError):
+    """A vote in the batch was undone after the trainer read it: the version must not be committed."""
+
+
 @dataclass(frozen=True)
 class TrainingLabel:
     label_id: int
@@ -112,7 +116,9 @@ def commit_adapter_version(session: Session, *, run: str, version: int, path: st
     """Insert the adapter row and mark its labels consumed, in the caller's single transaction.
 
     `label_steps` maps label id -> the step that trained it. Fails (and the caller's transaction
-    rolls back) if any label was consumed meanwhile: a label is never trained into two versions.
+    rolls back) if any label was consumed meanwhile: a label is never trained into two versions;
+    and with LabelsRetracted if one was undone meanwhile: a taken-back vote is never committed.
+    Both checks are the WHERE clause of one UPDATE, so they hold against concurrent writers.
     """
     adapter = Adapter(run=run, version=version, path=path, parent=parent, step=step, metrics=dict(metrics))
     session.add(adapter)
@@ -121,9 +127,13 @@ def commit_adapter_version(session: Session, *, run: str, version: int, path: st
     for label_id, st in label_steps.items():
         by_step.setdefault(st, []).append(label_id)
     for st, ids in by_step.items():
-        n = session.execute(update(Label).where(Label.id.in_(ids), Label.consumed_version.is_(None))
+        n = session.execute(update(Label).where(Label.id.in_(ids), Label.consumed_version.is_(None),
+                                                Label.undone.is_(False))
                             .values(consumed_version=version, consumed_step=st)).rowcount
         if n != len(ids):
+            undone = session.scalar(select(func.count(Label.id)).where(Label.id.in_(ids), Label.undone.is_(True)))
+            if undone:
+                raise LabelsRetracted(f"{undone} vote(s) of this version were undone while it trained")
             raise StoreError(f"{len(ids) - n} label(s) were already consumed; refusing a double commit")
     if step_ids:
         session.execute(update(TrainStep).where(TrainStep.id.in_(list(step_ids))).values(committed=True))
@@ -134,13 +144,22 @@ def commit_adapter_version(session: Session, *, run: str, version: int, path: st
 def rollback_to(session: Session, *, version: int, run: str = "default") -> int:
     """Serve and train from `version` again: newer versions are marked rolled back and their labels
     become unconsumed, so the next version (a new number, parent=`version`) retrains them.
-    Returns the number of labels released. Version 0 means the base model."""
-    if version != 0 and get_adapter(session, version=version, run=run) is None:
-        raise StoreError(f"no adapter version v{version} to roll back to")
-    session.execute(update(Adapter).where(Adapter.run == run, Adapter.version > version)
+    Returns the number of labels released. Version 0 means the base model.
+
+    Only a version on the live line can be the target. A version rolled back earlier gave its labels
+    back, and they have been (or will be) trained into another version since: reviving it would
+    train them twice, so it is refused, and rolled-back versions stay rolled back for good.
+    """
+    if version != 0:
+        row = get_adapter(session, version=version, run=run)
+        if row is None:
+            raise StoreError(f"no adapter version v{version} to roll back to")
+        if row.rolled_back:
+            raise StoreError(f"v{version} was itself rolled back earlier and its labels went back to training; "
+                             "pick the base or a version that is not marked rolled back")
+    session.execute(update(Adapter).where(Adapter.run == run, Adapter.version > version,
+                                          Adapter.rolled_back.is_(False))
                     .values(rolled_back=True))
-    session.execute(update(Adapter).where(Adapter.run == run, Adapter.version <= version)
-                    .values(rolled_back=False))
     released = session.execute(update(Label).where(Label.consumed_version > version)
                                .values(consumed_version=None, consumed_step=None)).rowcount or 0
     session.flush()

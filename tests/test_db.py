@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from db import store
 from db.engine import Database, DatabaseError
 from db.migrations import migrate, schema_tables
-from db.models import Label, Pair
+from db.models import Adapter, Label, Pair
 from tests.db_helpers import label_all, make_pairs
 
 
@@ -207,6 +207,32 @@ def test_rollback_releases_labels_and_never_reuses_numbers(database):
         assert [r.label_id for r in store.unconsumed_labels(s, limit=5)] == [ids[1]]
     with database.sessions.begin() as s, pytest.raises(store.StoreError, match="no adapter version"):
         store.rollback_to(s, version=7)
+
+
+def test_a_rolled_back_version_cannot_come_back(database):
+    """v1, v2; back to v1; v3 retrains v2's label. Reviving v2 would train that label twice."""
+    make_pairs(database, 2)
+    ids = label_all(database, "ann")
+    commit = dict(run="default", metrics={})
+    with database.sessions.begin() as s:
+        store.commit_adapter_version(s, version=1, path="/v1", parent=None, step=1, label_steps={ids[0]: 1}, **commit)
+        store.commit_adapter_version(s, version=2, path="/v2", parent=1, step=2, label_steps={ids[1]: 2}, **commit)
+    with database.sessions.begin() as s:
+        store.rollback_to(s, version=1)
+        store.commit_adapter_version(s, version=3, path="/v3", parent=1, step=2, label_steps={ids[1]: 2}, **commit)
+    with database.sessions.begin() as s, pytest.raises(store.StoreError, match="v2 was itself rolled back"):
+        store.rollback_to(s, version=2)
+    with database.sessions.begin() as s:
+        assert store.rollback_to(s, version=3) == 0  # the live version: nothing newer to release
+    with database.sessions() as s:
+        assert store.latest_adapter(s).version == 3 and s.get(Label, ids[1]).consumed_version == 3
+        rolled = dict(s.execute(select(Adapter.version, Adapter.rolled_back)).all())
+    assert rolled == {1: False, 2: True, 3: False}
+    with database.sessions.begin() as s:
+        assert store.rollback_to(s, version=0) == 2  # both labels back to training, every version retired
+    with database.sessions() as s:
+        assert store.latest_adapter(s) is None
+        assert dict(s.execute(select(Adapter.version, Adapter.rolled_back)).all()) == {1: True, 2: True, 3: True}
 
 
 def test_retire_stale_pairs_keeps_claimed_ones(database):

@@ -200,6 +200,28 @@ def test_save_every_commits_later_and_uncommitted_steps_replay(make_trainer, dat
     assert steps[0].label_ids == committed[0].label_ids  # the lost step's labels were retrained first
 
 
+def test_a_vote_undone_inside_a_pending_step_is_never_committed(make_trainer, database):
+    """save_every=2: step 1 trains a vote, its labeler takes it back, step 2 ends the version. The
+    version would hold a retracted vote, so both steps are dropped and replayed without it."""
+    ids = _labels(database, 12)
+    trainer = make_trainer(save_every=2)
+    before = _lora(trainer.model)
+    assert trainer.train_available() is True
+    in_step = trainer.pending[0].label_ids
+    with database.sessions.begin() as s:
+        store.undo_label(s, label_id=in_step[0], labeler="alice")
+    assert trainer.train_available() is True  # the second step, then a refused commit
+    assert _adapters(database) == {} and trainer.version == 0 and trainer.pending == []
+    assert all(torch.equal(before[n], p) for n, p in _lora(trainer.model).items())  # back to v0's weights
+    stats = trainer.run()
+    assert stats.versions == [1]
+    consumed = _consumed(database)
+    assert consumed[in_step[0]] == (None, None)
+    assert sorted(i for i in ids if consumed[i][0] == 1) == sorted(i for i in ids if i != in_step[0])[:8]
+    with database.sessions.begin() as s, pytest.raises(store.StoreError, match="too late to undo"):
+        store.undo_label(s, label_id=next(i for i in ids if consumed[i][0] == 1), labeler="alice")
+
+
 def test_leftover_dirs_are_cleaned_on_start(make_trainer, database, tmp_path):
     adapters = tmp_path / "runs" / "default" / "adapters"
     for name in ("v1.tmp", "v1", "v7"):

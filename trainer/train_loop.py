@@ -202,6 +202,13 @@ class DPOTrainer:
         self.stats.reloads += 1
         return True
 
+    def _reload_latest(self) -> None:
+        """Drop the pending steps and hold the latest committed version again; their labels replay."""
+        with self.db.sessions() as s:
+            latest = store.latest_adapter(s, run=self.cfg.run)
+        self._load_version(latest)
+        self.stats.reloads += 1
+
     def commit_pending(self) -> Optional[int]:
         """Write the pending steps as a new version and commit it; returns its number (or None)."""
         if not self.pending:
@@ -221,6 +228,12 @@ class DPOTrainer:
             ckpt.remove_version_dir(path)
             log.warning("not committing v%d: %s", version, exc)
             self.sync_with_db()
+            return None
+        except store.LabelsRetracted as exc:  # the weights hold a taken-back vote: throw the steps away
+            ckpt.remove_version_dir(path)
+            log.warning("not committing v%d: %s; replaying its %d step(s) without them from v%d", version, exc,
+                        len(self.pending), parent)
+            self._reload_latest()
             return None
         except BaseException:
             ckpt.remove_version_dir(path)
