@@ -159,6 +159,13 @@ def test_model_config_coerces_cache_dir(tmp_path):
     assert ModelConfig(cache_dir=str(tmp_path)).cache_dir == tmp_path
 
 
+def test_model_config_for_spec_fills_an_omitted_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ODPO_DATA_DIR", str(tmp_path / "data"))
+    assert ModelConfig.for_spec("x", cache_dir=None).cache_dir == tmp_path / "data" / "models"
+    given = ModelConfig.for_spec("x", cache_dir=str(tmp_path / "c"), device="cpu")
+    assert (given.cache_dir, given.device, given.spec) == (tmp_path / "c", "cpu", "x")
+
+
 def test_qlora_on_a_cpu_only_machine_says_it_needs_a_gpu(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = ModelConfig(spec=str(tiny_model_dir), cache_dir=tmp_path, load_in_4bit=True)

@@ -245,11 +245,9 @@ def load_eval_policy(*, model_spec: str, adapter_dir: Path, cache_dir: Optional[
 
     from trainer.models import ModelConfig, load_model_and_tokenizer, pick_device_dtype
 
-    kwargs: dict[str, Any] = {"spec": model_spec, "device": device, "dtype": dtype}
-    if cache_dir is not None:
-        kwargs["cache_dir"] = cache_dir
     try:
-        base, tokenizer = load_model_and_tokenizer(ModelConfig(**kwargs))
+        base, tokenizer = load_model_and_tokenizer(ModelConfig.for_spec(model_spec, cache_dir=cache_dir,
+                                                                        device=device, dtype=dtype))
     except (OSError, ValueError) as exc:
         raise EvalError(f"cannot load the base model {model_spec!r}: {exc}") from None
     policy = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)

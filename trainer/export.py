@@ -162,11 +162,9 @@ def export_merged(db: Database, *, out: Path, version: Optional[int] = None, run
     spec = base_model_spec(src, base_model)
     if Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise ExportError(f"{out} already exists and is not an empty directory; choose a new path")
-    kwargs: dict[str, Any] = {"spec": spec, "device": "cpu", "dtype": "fp32"}
-    if cache_dir is not None:
-        kwargs["cache_dir"] = cache_dir
     try:
-        base, tokenizer = load_model_and_tokenizer(ModelConfig(**kwargs))
+        base, tokenizer = load_model_and_tokenizer(ModelConfig.for_spec(spec, cache_dir=cache_dir, device="cpu",
+                                                                        dtype="fp32"))
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load the base model {spec!r}: {exc}; pass --base-model") from None
     merged = PeftModel.from_pretrained(base, str(src)).merge_and_unload()

@@ -98,6 +98,14 @@ class ModelConfig:
         if self.load_in_4bit and self.device in ("cpu", "mps"):
             raise ValueError(_QLORA_NEEDS_GPU.format(self.device))
 
+    @classmethod
+    def for_spec(cls, spec: str, *, cache_dir: Optional[os.PathLike] = None, **options: Any) -> "ModelConfig":
+        """For callers whose cache dir is optional (judges, eval, export): None = the data dir's cache.
+        The field itself stays a required path so a None never slips through by accident."""
+        if cache_dir is None:
+            return cls(spec=spec, **options)
+        return cls(spec=spec, cache_dir=Path(cache_dir), **options)
+
 
 # --- device and dtype --------------------------------------------------------------------------
 

@@ -57,11 +57,9 @@ class HFJudge(BothOrdersJudge):
     def from_spec(cls, model_spec: str, *, spec: str, options: JudgeOptions) -> "HFJudge":
         from trainer.models import ModelConfig, load_model_and_tokenizer, pick_device_dtype
 
-        kwargs: dict[str, Any] = {"spec": model_spec, "device": options.device, "dtype": options.dtype}
-        if options.cache_dir is not None:
-            kwargs["cache_dir"] = options.cache_dir
         try:
-            model, tokenizer = load_model_and_tokenizer(ModelConfig(**kwargs))
+            model, tokenizer = load_model_and_tokenizer(ModelConfig.for_spec(
+                model_spec, cache_dir=options.cache_dir, device=options.device, dtype=options.dtype))
         except (OSError, ValueError) as exc:  # ModelNotFoundError is an OSError
             raise JudgeError(f"cannot load judge model {model_spec!r}: {exc}") from None
         _, _, autocast_dtype = pick_device_dtype(options.device, options.dtype)
