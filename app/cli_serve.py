@@ -51,6 +51,8 @@ _SERVE = [
     click.option("--kv-cache", type=click.Choice(("dynamic", "static")), default="dynamic", show_default=True,
                  help="KV cache used while sampling."),
     click.option("--sample-autocast", is_flag=True, help="bf16 autocast while sampling (see README benchmarks)."),
+    click.option("--sampler-nice", type=click.IntRange(0, 19), default=10, show_default=True,
+                 help="Nice increment of the sampler thread, so votes are answered first on a busy CPU. 0 = off."),
 ]
 
 
@@ -101,6 +103,8 @@ def serve(cfg: CommonConfig, admins: tuple[str, ...], **options: Any) -> None:
 @click.option("--judge-args", default="", metavar="ARGS", help="Extra `odpo judge` options.")
 @click.option("--grace", type=click.FloatRange(0), default=15.0, show_default=True,
               help="Seconds a child gets to stop before it is killed.")
+@click.option("--background-nice", type=click.IntRange(0, 19), default=10, show_default=True,
+              help="Nice increment of the trainer and judge processes (background work yields to the web app).")
 @click.pass_context
 def up(ctx: click.Context, **options: Any) -> None:
     """Start everything on this machine: serve, train (and a judge), with one log. Ctrl-C stops all."""
@@ -141,12 +145,13 @@ def up_children(options: dict[str, Any], *, serve_params: list[click.Parameter])
         train_args = _as_args([p for p in train_cmd.params if p.name in train_names], options)
         finishes = options["max_steps"] is not None or options["until_version"] is not None
         children.append(ChildSpec("train", ("train", *train_args, *shlex.split(options["train_args"])),
-                                  finishes=finishes))
+                                  finishes=finishes, nice=options["background_nice"]))
     if options["judge_spec"]:
         mode = () if options["auto_label"] else ("--shadow",)
         model_judge = options["judge_spec"].split(":", 1)[0] in ("hf", "rm")  # rule/py/openai: no torch work
         children.append(ChildSpec("judge", ("judge", "--judge", options["judge_spec"], *mode,
-                                            *shlex.split(options["judge_args"])), uses_torch=model_judge))
+                                            *shlex.split(options["judge_args"])), uses_torch=model_judge,
+                                  nice=options["background_nice"]))
     return children
 
 

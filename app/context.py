@@ -51,6 +51,7 @@ class ServeConfig:
     reload_poll_s: float = 0.5  # a committed version must be serving within 2 s
     sample_autocast: bool = False  # bf16 autocast for generation (measured slower on CPU; see README)
     kv_cache: str = "dynamic"  # or "static" (transformers' StaticCache)
+    sampler_nice: int = 10  # the sampler thread yields the CPU to web requests (trainer/priority.py)
 
     def __post_init__(self) -> None:
         checks = [(1 <= self.port <= 65535, "port must be 1..65535"),
@@ -63,7 +64,8 @@ class ServeConfig:
                   (self.overlap >= 1, "overlap must be >= 1"),
                   (self.claim_timeout_s > 0, "claim_timeout_s must be > 0"),
                   (0 < self.reload_poll_s <= 2, "reload_poll_s must be in (0, 2]"),
-                  (self.kv_cache in ("dynamic", "static"), "kv_cache must be dynamic or static")]
+                  (self.kv_cache in ("dynamic", "static"), "kv_cache must be dynamic or static"),
+                  (0 <= self.sampler_nice <= 19, "sampler_nice must be 0..19")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -55,7 +55,7 @@ def build_sampler(common: CommonConfig, cfg: ServeConfig, db: Database, *, model
                               seed=cfg.seed),
         autocast_dtype=autocast_dtype if cfg.sample_autocast else None,
         cache_implementation=None if cfg.kv_cache == "dynamic" else cfg.kv_cache,
-        base_dir=common.data_dir)
+        base_dir=common.data_dir, nice=cfg.sampler_nice)
     return Sampler(db=db, model=model, tokenizer=tokenizer, settings=settings)
 
 

@@ -35,6 +35,7 @@ class ChildSpec:
     args: tuple[str, ...]
     finishes: bool = False  # True when its exit 0 means "done" (train with --max-steps), not a failure
     uses_torch: bool = True  # gets a share of the CPU threads (see threads_per_child)
+    nice: int = 0  # background children (train, judge) yield the CPU to serve (trainer/priority.py)
 
 
 @dataclass
@@ -78,14 +79,15 @@ class Supervisor:
     def _start_all(self) -> None:
         # Spawn every child before any reader thread exists: forking a multi-threaded process is
         # where subprocess' pre-exec work can deadlock.
-        preexec = _die_with_parent_hook()
         threads = threads_per_child(self.children)
         for spec in self.children:
             proc = subprocess.Popen(self.command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env=_child_env(threads if spec.uses_torch else None),
-                                    process_group=0, preexec_fn=preexec, text=True, errors="replace", bufsize=1)
+                                    process_group=0, preexec_fn=_preexec(spec.nice), text=True, errors="replace",
+                                    bufsize=1)
             self._running.append(_Child(spec=spec, proc=proc))
             note = f", {threads} CPU thread(s)" if threads and spec.uses_torch else ""
+            note += f", nice +{spec.nice}" if spec.nice else ""
             self._emit(f"[up] started {spec.name} (pid {proc.pid}{note}): odpo {shlex.join(spec.args)}")
         for child in self._running:
             child.reader = threading.Thread(target=self._pump, args=(child,), name=f"odpo-up-{child.spec.name}",
@@ -198,6 +200,22 @@ def _child_env(threads: Optional[int] = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+def _preexec(nice: int) -> Optional[Callable[[], None]]:
+    """What a child runs between fork and exec: die with the supervisor, lower its priority."""
+    from trainer.priority import lower_process_priority
+
+    die_with_parent = _die_with_parent_hook()
+    if not nice:
+        return die_with_parent
+
+    def hook() -> None:
+        if die_with_parent is not None:
+            die_with_parent()
+        lower_process_priority(nice)
+
+    return hook
 
 
 def _die_with_parent_hook() -> Optional[Callable[[], None]]:

@@ -2,6 +2,9 @@
 real SQLite database: queue filling, typed prompts, staleness, in-place adapter swaps, rollback."""
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -278,7 +281,7 @@ def test_a_failing_batch_is_reported_and_the_sampler_carries_on(database, tiny_m
     import trainer.sampler as sampler_module
 
     add_prompts(database)
-    sampler = make_sampler(database, *tiny_model_and_tokenizer, error_backoff_s=0.05)
+    sampler = make_sampler(database, *tiny_model_and_tokenizer, error_backoff_s=0.05, nice=2)
     real, calls = sampler_module.generate, []
 
     def flaky(*args, **kwargs):
@@ -293,6 +296,11 @@ def test_a_failing_batch_is_reported_and_the_sampler_carries_on(database, tiny_m
         _wait(lambda: sampler.state()["last_error"] == "RuntimeError: out of memory", 5)
         _wait(lambda: sampler.state()["queue"] == 4, 20)
         assert sampler.state()["last_error"] is None
+        if sys.platform.startswith("linux"):  # the sampling thread, and only it, yields the CPU
+            sampling, watching = sampler._threads
+            mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            assert os.getpriority(os.PRIO_PROCESS, sampling.native_id) == min(19, mine + 2)
+            assert os.getpriority(os.PRIO_PROCESS, watching.native_id) == mine
     finally:
         sampler.stop()
 

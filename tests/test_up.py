@@ -137,6 +137,25 @@ def test_a_dying_child_stops_the_others_and_up_fails_with_its_code(tmp_path):
     assert all(c.proc.poll() is not None for c in sup._running)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice values as Linux reports them")
+def test_background_children_run_at_a_lower_priority(tmp_path):
+    from app.up import ChildSpec, Supervisor
+
+    class Scripted(Supervisor):
+        def command(self, spec):
+            return [sys.executable, "-c", "import os; print('nice', os.nice(0), flush=True)"]
+
+    out = tmp_path / "log.txt"
+    with out.open("w") as fh:
+        sup = Scripted([ChildSpec("serve", (), finishes=True), ChildSpec("train", (), finishes=True, nice=5)],
+                       grace_s=5, out=fh)
+        assert sup.run() == 0
+    mine = os.nice(0)
+    text = out.read_text()
+    assert f"[serve] nice {mine}" in text and f"[train] nice {min(19, mine + 5)}" in text
+    assert "nice +5" in text  # the start line says so
+
+
 def test_up_passes_options_to_its_children():
     from app.cli_serve import serve, up_children
 
@@ -145,8 +164,8 @@ def test_up_passes_options_to_its_children():
                    port=7860, headless=True, queue_size=8, prompts_per_batch=8, temperature=0.7, top_p=0.95,
                    max_new_tokens=96, max_staleness=1, overlap=1, claim_timeout_s=600.0, guidelines=None,
                    auth_file=None, show_judge_after_vote=False, admins=("ann",), kv_cache="dynamic",
-                   sample_autocast=False, judge_spec="rule:shorter", auto_label=False, no_train=False,
-                   train_args="--beta 0.2", judge_args="", max_steps=5)
+                   sample_autocast=False, sampler_nice=10, judge_spec="rule:shorter", auto_label=False,
+                   no_train=False, train_args="--beta 0.2", judge_args="", max_steps=5, background_nice=7)
     serve_child, train_child, judge_child = up_children(options, serve_params=serve.params)
     assert serve_child.args == ("serve", "--model", "m", "--device", "cpu", "--host", "0.0.0.0", "--headless",
                                 "--temperature", "0.7", "--admin", "ann")
@@ -156,6 +175,7 @@ def test_up_passes_options_to_its_children():
     assert train_child.finishes
     assert judge_child.args == ("judge", "--judge", "rule:shorter", "--shadow")  # no --auto-label: agreement only
     assert not judge_child.uses_torch
+    assert (serve_child.nice, train_child.nice, judge_child.nice) == (0, 7, 7)  # background work yields to serve
 
 
 def _pairs(args: tuple[str, ...]) -> set[tuple[str, str]]:

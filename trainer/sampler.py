@@ -47,6 +47,7 @@ class SamplerSettings:
     autocast_dtype: Optional[torch.dtype] = None
     cache_implementation: Optional[str] = None
     base_dir: Optional[Path] = None  # resolves relative adapter paths (the data directory)
+    nice: int = 0  # added to the sampler thread's nice value: labelers' requests go first (trainer/priority.py)
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,10 @@ class Sampler:
             t.join(timeout)
 
     def _sample_loop(self) -> None:
+        if self.settings.nice:
+            from trainer.priority import lower_thread_priority
+
+            lower_thread_priority(self.settings.nice)
         while not self._stop.is_set():
             if self.watcher.swap_wanted.is_set():  # let the watcher take the lock first
                 self._stop.wait(0.01)
