@@ -69,6 +69,8 @@ LOSS_CHOICES = ("sigmoid", "ipo", "hinge", "robust")
                    "(needs --eval-judge; the dashboard plots it). 0 = off.")
 @click.option("--eval-judge", default=None, metavar="SPEC", help="Judge spec for --eval-every, e.g. hf:smollm2-135m.")
 @click.option("--eval-n", type=click.IntRange(1), default=32, show_default=True, help="Held-out prompts per auto-eval.")
+@click.option("--eval-max-new-tokens", type=click.IntRange(1), default=128, show_default=True,
+              help="Answer length in auto-evals (as `odpo eval --max-new-tokens`).")
 @click.pass_obj
 def train(cfg: CommonConfig, **options: Any) -> None:
     """Train the policy with DPO on new labels, committing adapter versions as it goes."""

@@ -390,13 +390,13 @@ def test_trainer_publishes_its_update_size_for_the_ui(make_trainer, database):
 
 def test_auto_eval_every_k_versions_scores_exactly_that_version(make_trainer, database):
     from db.models import Eval
-    from trainer.evaluate import run_eval
+    from trainer.evaluate import DEFAULT_PARAMS, run_eval
 
     with database.sessions.begin() as s:
         store.add_prompts(s, prompts=[store.NewPrompt(text=t, held_out=True)
                                       for t in ("Name a colour.", "Say hi.", "Count to three.")])
     _labels(database, 8)
-    trainer = make_trainer(batch_size=2, eval_every=2, eval_judge="rule:shorter", eval_n=3)
+    trainer = make_trainer(batch_size=2, eval_every=2, eval_judge="rule:shorter", eval_n=3, eval_max_new_tokens=12)
     assert trainer.run().versions == [1, 2, 3, 4]
     with database.sessions() as s:
         evals = {e.version_a: e for e in s.scalars(select(Eval))}
@@ -404,7 +404,9 @@ def test_auto_eval_every_k_versions_scores_exactly_that_version(make_trainer, da
     assert {e.judge for e in evals.values()} == {"rule:shorter"} and evals[4].n == 3
     # the same eval, re-run from the v4 files on disk, gives the same verdicts: the auto-eval saw v4
     again = run_eval(database, policy=trainer.model, tokenizer=trainer.tokenizer, version_a=4, version_b=0,
-                     judge="rule:shorter", n=3, record=False)
+                     judge="rule:shorter", n=3, record=False,
+                     params=dataclasses.replace(DEFAULT_PARAMS, max_new_tokens=12))
+    assert evals[4].details["params"]["max_new_tokens"] == 12
     assert again.details["examples"] == evals[4].details["examples"]  # same texts, same verdicts
 
 

@@ -71,6 +71,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate every K-th committed version against the base (0 = never)
     eval_judge: Optional[str] = None
     eval_n: int = 32
+    eval_max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
         for ok, message in self._checks():
@@ -111,6 +112,7 @@ class TrainConfig:
             (self.eval_every == 0 or bool(self.eval_judge and self.eval_judge.strip()),
              "eval_every needs eval_judge: the judge spec that decides the win rate"),
             (_pos_int(self.eval_n), "eval_n must be an integer >= 1"),
+            (_pos_int(self.eval_max_new_tokens), "eval_max_new_tokens must be an integer >= 1"),
         ]
 
     def model_config(self, cache_dir: Path) -> ModelConfig:

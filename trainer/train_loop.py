@@ -323,11 +323,14 @@ class DPOTrainer:
         version now, so nothing is loaded; an eval problem is logged and training goes on."""
         if version is None or self._eval_judge is None:
             return
-        from trainer.evaluate import maybe_auto_eval
+        from dataclasses import replace
 
+        from trainer.evaluate import DEFAULT_PARAMS, maybe_auto_eval
+
+        params = replace(DEFAULT_PARAMS, max_new_tokens=self.cfg.eval_max_new_tokens)
         maybe_auto_eval(self.db, policy=self.model, tokenizer=self.tokenizer, version=version,
                         every=self.cfg.eval_every, judge=self._eval_judge, n=self.cfg.eval_n, run=self.cfg.run,
-                        autocast_dtype=self._autocast_dtype)
+                        params=params, autocast_dtype=self._autocast_dtype)
 
     # --- the loop ----------------------------------------------------------------------------
 
