@@ -173,6 +173,35 @@ def test_resume_restores_weights_and_optimizer_state(make_trainer, database):
     assert _adapters(database)[3].parent == 2
 
 
+def test_a_resumed_trainer_continues_exactly_like_one_that_never_stopped(make_trainer, database, tmp_path,
+                                                                       tiny_model_dir):
+    """LoRA dropout draws from torch's generator: saved with each version, a resume gives the same
+    masks and so the same weights, bit for bit, as an uninterrupted run (on a twin database)."""
+    from db.engine import Database
+
+    dropout = LoraSettings(r=4, alpha=8, dropout=0.3)
+    twin = Database(f"sqlite:///{tmp_path / 'twin.sqlite3'}")
+    try:
+        _labels(twin, 8)
+        straight = DPOTrainer(_config(tiny_model_dir, lora=dropout), db=twin, adapters_dir=tmp_path / "twin",
+                              model_cache_dir=tmp_path / "models")
+        straight.start()
+        assert straight.run().versions == [1, 2]
+        expected = _lora(straight.model)
+        straight.close()
+    finally:
+        twin.close()
+    _labels(database, 8)
+    first = make_trainer(lora=dropout, max_steps=1)
+    assert first.run().versions == [1]
+    torch.manual_seed(1234)  # whatever else this process draws in between must not matter
+    torch.rand(100)
+    first.close()
+    second = make_trainer(lora=dropout)
+    assert second.run().versions == [2]
+    assert all(torch.equal(expected[name], w) for name, w in _lora(second.model).items())
+
+
 def test_two_trainers_on_one_run_are_refused(make_trainer):
     make_trainer()
     with pytest.raises(TrainerBusyError, match="already training"):

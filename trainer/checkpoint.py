@@ -30,6 +30,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.pt"
 TRAINER_STATE = "trainer_state.json"
+RNG_STATE = "rng_state.pt"  # torch's generators: LoRA dropout masks continue exactly on resume
 VERSION_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_STATE, TRAINER_STATE)
 _VERSION_DIR_RE = re.compile(r"^v(\d+)(\.tmp)?$")
 
@@ -65,6 +66,7 @@ def write_version(*, model: Any, optimizer: torch.optim.Optimizer, adapters_dir:
     tmp.mkdir()
     model.save_pretrained(str(tmp))
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
+    torch.save(_rng_snapshot(), tmp / RNG_STATE)
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
     fsync_tree(tmp)
     crash_hook_pause("ODPO_TEST_SLOW_SAVE", f"v{version}.tmp written, before the rename")
@@ -171,6 +173,25 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
     device = _first_param_device(optimizer)
     state = torch.load(Path(path) / OPTIMIZER_STATE, map_location=device, weights_only=True)
     optimizer.load_state_dict(state)
+
+
+def _rng_snapshot() -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def load_rng_state(path: Path) -> bool:
+    """Continue the random stream a version was saved with, so a resumed trainer draws the same
+    dropout masks as one that never stopped. False when the version has none (older versions)."""
+    file = Path(path) / RNG_STATE
+    if not file.exists():
+        return False
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return True
 
 
 def _first_param_device(optimizer: torch.optim.Optimizer) -> torch.device:

@@ -179,12 +179,16 @@ class DPOTrainer:
         self.pending, self.pending_version = [], None
         self.optimizer = make_optimizer(self.model, self.cfg)
         if row is None:
+            import torch
+
             ckpt.reset_adapter(self.model, seed=self.cfg.seed)
+            torch.manual_seed(self.cfg.seed)  # a fresh start draws what the first start drew
             self.version, self.step = 0, 0
             return
         path = self._checked_path(row)
         ckpt.load_adapter_into(self.model, path)
         ckpt.load_optimizer_state(self.optimizer, path)
+        ckpt.load_rng_state(path)
         apply_hyperparameters(self.optimizer, self.cfg)
         self.version, self.step = row.version, row.step
 
