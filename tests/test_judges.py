@@ -345,7 +345,8 @@ def test_openai_judge_unreachable_timeout_and_auth_errors(tiny_lm, monkeypatch):
         with pytest.raises(JudgeError, match="HTTP 401.*OPENAI_API_KEY"):
             load_judge(f"openai:m@{server.url}", fast).judge(PROMPTS[:1], LONG[:1], SHORT[:1])
         monkeypatch.setenv("OPENAI_API_KEY", "right-key")
-        assert len(load_judge(f"openai:m@{server.url}/", fast).judge(PROMPTS[:1], LONG[:1], SHORT[:1])) == 1
+        patient = JudgeOptions(retries=1, backoff_s=0.01, timeout_s=60, concurrency=1)  # runs the model: no race
+        assert len(load_judge(f"openai:m@{server.url}/", patient).judge(PROMPTS[:1], LONG[:1], SHORT[:1])) == 1
 
 
 def test_openai_spec_and_reply_parsing(monkeypatch):

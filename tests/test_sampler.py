@@ -249,7 +249,8 @@ def test_threads_swap_a_new_version_mid_batch(database, tiny_model_and_tokenizer
     add_prompts(database)
     model, tok = tiny_model_and_tokenizer
     # Long, slowed-down batches: a commit lands while one is running and must not wait for it.
-    sampler = make_sampler(database, model, tok, params=SamplingParams(temperature=1.0, max_new_tokens=300, seed=0))
+    sampler = make_sampler(database, model, tok, params=SamplingParams(temperature=1.0, max_new_tokens=300, seed=0),
+                           release_every_s=0.1)  # the watcher's first pass may come before the claim expires
     model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
     with database.sessions.begin() as s:  # a labeler who closed the tab: claim already expired
         store.add_pair(s, prompt_id=1, version=0, a=_sample("x"), b=_sample("y"))
