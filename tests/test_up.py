@@ -49,7 +49,8 @@ class UpProcess:
         return {m.group(1): int(m.group(2)) for m in map(STARTED.match, self.lines) if m}
 
     def output(self) -> str:
-        return "\n".join(self.lines[-60:])
+        """Everything the run printed (a busy judge can log hundreds of lines before serve's last)."""
+        return "\n".join(self.lines)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
