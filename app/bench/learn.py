@@ -14,11 +14,17 @@ each arm reports its steps. Both final policies are evaluated against the base w
 trainer.evaluate.run_eval on the held-out starter prompts (same prompts and seed for both arms),
 judged by the same rule: win rate with ties as half, Wilson 95% interval.
 
-The default rule (app/bench/rules.py: say_the_early) prefers the response that says "the" earlier,
-so the best policy opens with "The": visible in the first tokens whatever max_new_tokens is (a
-length rule is invisible once both samples hit the limit), and graded, so most pairs are decided.
-A plain first-word rule (rule:regex:^The\b) left ~80% of SmolLM2-135M's pairs tied in a trial
-run: a label budget mostly spent on ties.
+Which rule shows what on-policy labels add? Two were measured on SmolLM2-135M (2 CPU cores):
+- say_the_early ("the response that says 'the' earlier wins") is visible in the first tokens and
+  decides most pairs, but 42% of the base model's samples already satisfy it early: pairs from the
+  base carry the same signal, and at 200 labels online and offline tie (0.86 vs 0.87 vs base).
+- finished_and_short (the default: an answer that ends its sentence beats one cut off, then the
+  shorter wins) rewards what the base rarely does within the limit (~1 in 5 of its 48-token
+  samples end). The online policy's own pairs contrast finished answers ever more often as it
+  learns, offline pairs from the base seldom do: quick run (96 labels, 64 tokens) online 1.00 vs
+  offline 0.86.
+A pure length rule is invisible once both samples hit max_new_tokens, hence the finished-first
+tier. A plain first-word rule (rule:regex:^The\b) left ~80% of pairs tied: a budget spent on ties.
 """
 from __future__ import annotations
 
@@ -35,8 +41,8 @@ log = logging.getLogger(__name__)
 TARGETS = (Target("learn: online win rate vs base", "online_win_rate", ">=", 0.80),
            Target("learn: online minus offline win rate", "online_minus_offline", ">=", 0.10))
 # label budget, max_new_tokens, eval prompts, learning rate (both arms use the same)
-SIZES = {"full": (200, 96, 64, 5e-4), "quick": (96, 24, 32, 1e-3)}
-DEFAULT_RULE = "py:app.bench.rules:say_the_early"
+SIZES = {"full": (200, 96, 64, 5e-4), "quick": (96, 64, 32, 1e-3)}
+DEFAULT_RULE = "py:app.bench.rules:finished_and_short"
 ARMS = ("online", "offline")
 
 
