@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import click
 
+from app.bench.learn import DEFAULT_RULE as LEARN_RULE
 from app.config import CommonConfig
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def labelers(common: CommonConfig, **opts: Any) -> None:
 
 @bench.command()
 @_shared
-@click.option("--rule", default="py:app.bench.rules:finished_and_short", show_default=True,
+@click.option("--rule", default=LEARN_RULE, show_default=True,
               help="The labeler: a rule: or py: judge.")
 @click.option("--budget", type=click.IntRange(1), default=None, help="Labels per arm.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import click
 
 from app.config import CommonConfig
+from trainer.priority import BACKGROUND_NICE
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ _SERVE = [
     click.option("--kv-cache", type=click.Choice(("dynamic", "static")), default="dynamic", show_default=True,
                  help="KV cache used while sampling."),
     click.option("--sample-autocast", is_flag=True, help="bf16 autocast while sampling (see README benchmarks)."),
-    click.option("--sampler-nice", type=click.IntRange(0, 19), default=10, show_default=True,
+    click.option("--sampler-nice", type=click.IntRange(0, 19), default=BACKGROUND_NICE, show_default=True,
                  help="Nice increment of the sampler thread, so votes are answered first on a busy CPU. 0 = off."),
 ]
 
@@ -103,7 +104,7 @@ def serve(cfg: CommonConfig, admins: tuple[str, ...], **options: Any) -> None:
 @click.option("--judge-args", default="", metavar="ARGS", help="Extra `odpo judge` options.")
 @click.option("--grace", type=click.FloatRange(0), default=15.0, show_default=True,
               help="Seconds a child gets to stop before it is killed.")
-@click.option("--background-nice", type=click.IntRange(0, 19), default=10, show_default=True,
+@click.option("--background-nice", type=click.IntRange(0, 19), default=BACKGROUND_NICE, show_default=True,
               help="Nice increment of the trainer and judge processes (background work yields to the web app).")
 @click.pass_context
 def up(ctx: click.Context, **options: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Optional, Protocol
 
 from app.config import CommonConfig
 from db.engine import Database
+from trainer.priority import BACKGROUND_NICE
 
 
 class SamplerHandle(Protocol):
@@ -51,7 +52,7 @@ class ServeConfig:
     reload_poll_s: float = 0.5  # a committed version must be serving within 2 s
     sample_autocast: bool = False  # bf16 autocast for generation (measured slower on CPU; see README)
     kv_cache: str = "dynamic"  # or "static" (transformers' StaticCache)
-    sampler_nice: int = 10  # the sampler thread yields the CPU to web requests (trainer/priority.py)
+    sampler_nice: int = BACKGROUND_NICE  # the sampler thread yields the CPU to web requests (trainer/priority.py)
 
     def __post_init__(self) -> None:
         checks = [(1 <= self.port <= 65535, "port must be 1..65535"),

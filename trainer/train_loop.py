@@ -192,26 +192,21 @@ class DPOTrainer:
         apply_hyperparameters(self.optimizer, self.cfg)
         self.version, self.step = row.version, row.step
 
-    def sync_with_db(self) -> bool:
-        """Follow a rollback: if the latest committed version is not the one we hold, drop pending
-        steps (their labels were never consumed, they replay) and load that version. True if so."""
+    def sync_with_db(self, *, force: bool = False) -> bool:
+        """Follow a rollback: if the latest committed version is not the one we hold (or `force`:
+        our pending steps must go anyway), drop pending steps (their labels were never consumed,
+        they replay) and load that version. True if it reloaded."""
         with self.db.sessions() as s:
             latest = store.latest_adapter(s, run=self.cfg.run)
         latest_version = latest.version if latest is not None else 0
-        if latest_version == self.version:
+        if latest_version == self.version and not force:
             return False
-        log.warning("latest committed version is v%d but the trainer holds v%d (rollback?): reloading v%d",
-                    latest_version, self.version, latest_version)
+        if latest_version != self.version:
+            log.warning("latest committed version is v%d but the trainer holds v%d (rollback?): reloading v%d",
+                        latest_version, self.version, latest_version)
         self._load_version(latest)
         self.stats.reloads += 1
         return True
-
-    def _reload_latest(self) -> None:
-        """Drop the pending steps and hold the latest committed version again; their labels replay."""
-        with self.db.sessions() as s:
-            latest = store.latest_adapter(s, run=self.cfg.run)
-        self._load_version(latest)
-        self.stats.reloads += 1
 
     def commit_pending(self) -> Optional[int]:
         """Write the pending steps as a new version and commit it; returns its number (or None)."""
@@ -237,7 +232,7 @@ class DPOTrainer:
             ckpt.remove_version_dir(path)
             log.warning("not committing v%d: %s; replaying its %d step(s) without them from v%d", version, exc,
                         len(self.pending), parent)
-            self._reload_latest()
+            self.sync_with_db(force=True)
             return None
         except BaseException:
             ckpt.remove_version_dir(path)
