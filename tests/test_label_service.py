@@ -20,6 +20,7 @@ from app.label_service import (
 )
 from db import store
 from db.models import Label, Pair, Prompt
+from tests.concurrency import run_in_threads
 from tests.db_helpers import make_pairs
 from tests.ui_fixtures import FakeSampler
 
@@ -210,26 +211,17 @@ def test_two_labelers_in_parallel_never_label_the_same_pair(database):
     """Each labeler votes 50 times at once; scheduling may interleave them any way but never share a pair."""
     make_pairs(database, 110)
     svc = service(database)
-    errors: list[BaseException] = []
     done: dict[str, list[int]] = {"ann": [], "bob": []}
     both_ready = threading.Barrier(2, timeout=30)
 
     def work(name: str) -> None:
-        try:
-            view = svc.current_pair(labeler=name)
-            both_ready.wait()
-            for _ in range(50):
-                done[name].append(view.pair_id)
-                view = svc.vote(labeler=name, assignment_id=view.assignment_id, side="left").next
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        view = svc.current_pair(labeler=name)
+        both_ready.wait()
+        for _ in range(50):
+            done[name].append(view.pair_id)
+            view = svc.vote(labeler=name, assignment_id=view.assignment_id, side="left").next
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in done]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert not errors
+    assert run_in_threads(work, done, timeout=60) == []
     voted = done["ann"] + done["bob"]
     assert len(voted) == 100 and len(set(voted)) == 100
     with database.sessions() as s:

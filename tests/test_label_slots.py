@@ -13,6 +13,7 @@ from app.label_service import LabelError, LabelService
 from app.label_slots import LabelSlots, SlotBook, SlotState
 from db import store
 from db.models import Assignment, Label
+from tests.concurrency import run_in_threads
 from tests.db_helpers import make_pairs
 from tests.ui_fixtures import FakeSampler
 
@@ -158,25 +159,17 @@ def test_two_pages_label_100_pairs_in_parallel(database):
     """Each page votes 50 times at once; the scheduler decides the interleaving, never the outcome."""
     make_pairs(database, 110)
     slots = slots_for(database)
-    book, errors = SlotBook(), []
+    book = SlotBook()
     both_open = threading.Barrier(2, timeout=30)
 
     def page(name: str) -> None:
         st = book.get(name)
-        try:
-            slots.open(st, labeler=name)
-            both_open.wait()
-            for _ in range(50):
-                slots.vote(st, labeler=name, side="right", reason=None)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
+        slots.open(st, labeler=name)
+        both_open.wait()
+        for _ in range(50):
+            slots.vote(st, labeler=name, side="right", reason=None)
 
-    threads = [threading.Thread(target=page, args=(n,)) for n in ("ann", "bob")]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(60)
-    assert not errors
+    assert run_in_threads(page, ("ann", "bob"), timeout=60) == []
     with database.sessions() as s:
         rows = s.execute(select(Label.pair_id, Label.labeler)).all()
     per_labeler = {n: sum(1 for _, who in rows if who == n) for n in ("ann", "bob")}

@@ -20,6 +20,7 @@ from app.serve import build_sampler, load_policy
 from app.services import import_prompt_records
 from db import store
 from db.models import Label, Pair, Reload
+from tests.concurrency import wait_until
 from tests.test_sampler import base_weight
 
 PROMPTS = [f"Tell me something about {thing}." for thing in
@@ -60,13 +61,13 @@ def test_prompts_to_v2_served_without_reloading_the_base(common_config, tiny_mod
                                     kwargs={"config": JudgeWorkerConfig(poll_seconds=0.1), "stop": judge_stop})
     sampler.start()
     try:
-        _wait(lambda: sampler.state()["queue"] == 6, 30)  # the queue fills before anyone labels
+        wait_until(lambda: sampler.state()["queue"] == 6, 30)  # the queue fills before anyone labels
         judge_thread.start()
         trainer.start()
         stats = trainer.run()
         assert stats.exit_reason == "until_version" and trainer.version == 2
-        _wait(lambda: sampler.state()["serving_version"] == 2, 5)
-        _wait(lambda: _pairs_from(db, 2), 30)  # the sampler keeps sampling, now from v2
+        wait_until(lambda: sampler.state()["serving_version"] == 2, 5)
+        wait_until(lambda: _pairs_from(db, 2), 30)  # the sampler keeps sampling, now from v2
     finally:
         judge_stop.set()
         sampler.stop()
@@ -92,10 +93,3 @@ def _pairs_from(db, version: int) -> list[Pair]:
     with db.sessions() as s:
         return list(s.scalars(select(Pair).where(Pair.created_version == version)))
 
-
-def _wait(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.05)

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from db import store
 from db.models import Pair, Reload, Sample
+from tests.concurrency import wait_until
 from tests.model_fixtures import tiny_model_config
 from trainer.generation import SamplingParams
 from trainer.lora import LoraSettings, attach_lora
@@ -257,12 +258,12 @@ def test_threads_swap_a_new_version_mid_batch(database, tiny_model_and_tokenizer
         store.claim_next_pair(s, labeler="gone", timeout_s=0.01)
     sampler.start()
     try:
-        _wait(lambda: sampler.state()["generating"], 10)
+        wait_until(lambda: sampler.state()["generating"], 10)
         commit(database, write_adapter(tiny_model_dir, tmp_path / "v1", seed=1), 1)
-        _wait(lambda: sampler.state()["serving_version"] == 1, 30)
-        _wait(lambda: sampler.state()["commit_to_serving_ms"] is not None, 5)  # recorded just after the swap
-        _wait(lambda: sampler.interrupted_batches >= 1, 1)  # the slow batch was dropped, not waited for
-        _wait(lambda: pairs(database, status="queued", prompt_id=1), 5)  # the expired claim came back
+        wait_until(lambda: sampler.state()["serving_version"] == 1, 30)
+        wait_until(lambda: sampler.state()["commit_to_serving_ms"] is not None, 5)  # recorded just after the swap
+        wait_until(lambda: sampler.interrupted_batches >= 1, 1)  # the slow batch was dropped, not waited for
+        wait_until(lambda: pairs(database, status="queued", prompt_id=1), 5)  # the expired claim came back
     finally:
         sampler.stop()
     assert not any(t.is_alive() for t in sampler._threads)
@@ -294,8 +295,8 @@ def test_a_failing_batch_is_reported_and_the_sampler_carries_on(database, tiny_m
     monkeypatch.setattr(sampler_module, "generate", flaky)
     sampler.start()
     try:
-        _wait(lambda: sampler.state()["last_error"] == "RuntimeError: out of memory", 5)
-        _wait(lambda: sampler.state()["queue"] == 4, 20)
+        wait_until(lambda: sampler.state()["last_error"] == "RuntimeError: out of memory", 5)
+        wait_until(lambda: sampler.state()["queue"] == 4, 20)
         assert sampler.state()["last_error"] is None
         if sys.platform.startswith("linux"):  # the sampling thread, and only it, yields the CPU
             sampling, watching = sampler._threads
@@ -309,10 +310,3 @@ def test_a_failing_batch_is_reported_and_the_sampler_carries_on(database, tiny_m
 def _sample(text: str) -> store.NewSample:
     return store.NewSample(text=text, tokens=1, finish_reason="stop", params={}, gen_seconds=0.0)
 
-
-def _wait(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.01)

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from app.ui_common import INTERNAL_ERROR
 from db.models import Label, Prompt
 from tests import ui_fixtures
+from tests.concurrency import run_in_threads
 from tests.db_helpers import make_pairs
 
 live_app = ui_fixtures.live_app  # fixtures, requested by name
@@ -87,25 +88,17 @@ def test_two_labelers_in_parallel_over_http(live_app):
     """Each client votes 50 times at once over the HTTP API; no pair is ever labeled twice."""
     make_pairs(live_app.db, 110)
     votes: dict[str, list[int]] = {"fay": [], "gus": []}
-    errors: list[BaseException] = []
     both_ready = threading.Barrier(2, timeout=60)
 
     def work(name: str) -> None:
-        try:
-            c = client(live_app)
-            pair = c.predict(name, api_name="/next_pair")["pair"]
-            both_ready.wait()
-            for _ in range(50):
-                votes[name].append(pair["pair_id"])
-                pair = c.predict(pair["assignment_id"], "left", name, "", api_name="/vote")["pair"]
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            errors.append(exc)
+        c = client(live_app)
+        pair = c.predict(name, api_name="/next_pair")["pair"]
+        both_ready.wait()
+        for _ in range(50):
+            votes[name].append(pair["pair_id"])
+            pair = c.predict(pair["assignment_id"], "left", name, "", api_name="/vote")["pair"]
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in votes]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(150)
+    errors = run_in_threads(work, votes, timeout=150)
     assert not errors, errors
     voted = votes["fay"] + votes["gus"]
     assert len(voted) == 100 and len(set(voted)) == 100
