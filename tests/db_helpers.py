@@ -34,3 +34,14 @@ def label_all(db: Database, labeler: str, choice: str = "a") -> list[int]:
                 return ids
             ids.append(store.record_label(s, assignment_id=claimed.assignment_id, labeler=labeler,
                                           choice=choice).id)
+
+
+def rows(db: Database, model: type, **where: object) -> list:
+    """All rows of `model` matching column == value for each keyword, oldest (lowest id) first."""
+    from sqlalchemy import select
+
+    with db.sessions() as s:
+        stmt = select(model).order_by(model.id)
+        for key, value in where.items():
+            stmt = stmt.where(getattr(model, key) == value)
+        return list(s.scalars(stmt))

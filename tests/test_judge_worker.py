@@ -12,7 +12,7 @@ from sqlalchemy import select
 from app.cli import cli
 from db import store, store_evals
 from db.models import Label, Pair
-from tests.db_helpers import sample
+from tests.db_helpers import rows, sample
 from trainer.judge_worker import JudgeWorkerConfig, JudgeWorkerError, in_fraction, run_judge_worker
 from trainer.judges import JudgeUnreachableError, load_judge
 
@@ -43,11 +43,7 @@ def length_pairs(n: int, *, question_every: int = 0) -> list[tuple[str, str, str
 
 
 def labels(db, **where) -> list[Label]:
-    with db.sessions() as s:
-        stmt = select(Label).order_by(Label.id)
-        for key, value in where.items():
-            stmt = stmt.where(getattr(Label, key) == value)
-        return list(s.scalars(stmt))
+    return rows(db, Label, **where)
 
 
 def test_queue_mode_labels_every_pair_with_absolute_choices(database):

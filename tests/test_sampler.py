@@ -16,6 +16,7 @@ from sqlalchemy import select
 from db import store
 from db.models import Pair, Reload, Sample
 from tests.concurrency import wait_until
+from tests.db_helpers import rows
 from tests.model_fixtures import tiny_model_config
 from trainer.generation import SamplingParams
 from trainer.lora import LoraSettings, attach_lora
@@ -74,11 +75,7 @@ def commit(db, path: Path, version: int, run: str = "default") -> None:
 
 
 def pairs(db, **where) -> list[Pair]:
-    with db.sessions() as s:
-        stmt = select(Pair).order_by(Pair.id)
-        for key, value in where.items():
-            stmt = stmt.where(getattr(Pair, key) == value)
-        return list(s.scalars(stmt))
+    return rows(db, Pair, **where)
 
 
 def label(db, labeler: str, n: int) -> None:
