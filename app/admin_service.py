@@ -12,13 +12,13 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
-from app.auth import AuthConfig
-from app.context import ServeConfig
-from app.label_service import LabelService
-from db import store, store_evals, store_ui
-from db.engine import Database
-from db.errors import OdpoError
-from db.models import utcnow
+from odpo.app.auth import AuthConfig
+from odpo.app.context import ServeConfig
+from odpo.app.label_service import LabelService
+from odpo.db import store, store_evals, store_ui
+from odpo.db.engine import Database
+from odpo.db.errors import OdpoError
+from odpo.db.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class AdminService:
     def import_prompts(self, *, username: Optional[str], data: bytes, filename: str,
                        held_out_fraction: float = 0.0) -> store.ImportResult:
         """Parse an uploaded prompt file and store it in one transaction (all or nothing)."""
-        from app.prompt_files import PromptFileError, parse_prompt_bytes
-        from app.services import import_prompt_records
+        from odpo.app.prompt_files import PromptFileError, parse_prompt_bytes
+        from odpo.app.services import import_prompt_records
 
         self.require_admin(username)
         if not 0.0 <= held_out_fraction < 1.0:
@@ -126,14 +126,14 @@ class AdminService:
 
     # -- exports --------------------------------------------------------------------------------
     def export_available(self) -> bool:
-        return importlib.util.find_spec("trainer.export") is not None
+        return importlib.util.find_spec("odpo.trainer.export") is not None
 
     def export(self, *, username: Optional[str], fmt: str, out_dir: Path) -> Path:
         """Write an export file via trainer/export.py (when that feature is installed)."""
         self.require_admin(username)
         if not self.export_available():
             raise AdminError("exports are not available in this version of odpo (trainer/export.py missing)")
-        module = importlib.import_module("trainer.export")
+        module = importlib.import_module("odpo.trainer.export")
         fn = getattr(module, "export_for_ui", None)
         if fn is None:
             raise AdminError("this odpo's trainer/export.py has no export_for_ui(); use `odpo export`")

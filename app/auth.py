@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from db.errors import OdpoError
+from odpo.db.errors import OdpoError
 
 try:  # Python 3.11+
     import tomllib

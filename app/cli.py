@@ -9,21 +9,21 @@ from typing import Any
 
 import click
 
-from app.config import CommonConfig
-from app.errors import user_error_message
+from odpo.app.config import CommonConfig
+from odpo.app.errors import user_error_message
 
 # name -> "module:attribute"; a module is imported only when its command runs (or --help lists it)
 COMMANDS: dict[str, str] = {
-    "init": "app.cli_base:init",
-    "prompts": "app.cli_base:prompts",
-    "status": "app.cli_base:status",
-    "serve": "app.cli_serve:serve",
-    "up": "app.cli_serve:up",
-    "train": "app.cli_train:train",
-    "judge": "app.cli_judge:judge",
-    "eval": "app.cli_eval:eval_cmd",
-    "export": "app.cli_export:export",
-    "bench": "app.cli_bench:bench",
+    "init": "odpo.app.cli_base:init",
+    "prompts": "odpo.app.cli_base:prompts",
+    "status": "odpo.app.cli_base:status",
+    "serve": "odpo.app.cli_serve:serve",
+    "up": "odpo.app.cli_serve:up",
+    "train": "odpo.app.cli_train:train",
+    "judge": "odpo.app.cli_judge:judge",
+    "eval": "odpo.app.cli_eval:eval_cmd",
+    "export": "odpo.app.cli_export:export",
+    "bench": "odpo.app.cli_bench:bench",
 }
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from app.config import CommonConfig
-from app.services import ensure_initialised, import_prompt_records
-from db import store
+from odpo.app.config import CommonConfig
+from odpo.app.services import ensure_initialised, import_prompt_records
+from odpo.db import store
 
 
 @click.command()
@@ -38,7 +38,7 @@ def prompts_import(cfg: CommonConfig, files: tuple[Path, ...], held_out: float, 
     """Import prompts from JSONL/JSON (`prompt` or chat `messages`), CSV/TSV (`prompt` column),
     Parquet, or plain text (one per line). All files are one transaction: nothing is written
     unless every file is valid."""
-    from app.prompt_files import read_prompt_file
+    from odpo.app.prompt_files import read_prompt_file
 
     records = [rec for f in files for rec in read_prompt_file(f, max_chars=max_chars)]
     db = cfg.open_db()

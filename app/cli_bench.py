@@ -18,13 +18,13 @@ from typing import Any, Callable
 
 import click
 
-from app.bench.learn import DEFAULT_RULE as LEARN_RULE
-from app.config import CommonConfig
+from odpo.app.bench.learn import DEFAULT_RULE as LEARN_RULE
+from odpo.app.config import CommonConfig
 
 log = logging.getLogger(__name__)
 
-RUNNERS = {"sampling": "app.bench.sampling", "train-step": "app.bench.train_step", "reload": "app.bench.reload",
-           "labelers": "app.bench.labelers", "learn": "app.bench.learn", "memory": "app.bench.memory"}
+RUNNERS = {"sampling": "odpo.app.bench.sampling", "train-step": "odpo.app.bench.train_step", "reload": "odpo.app.bench.reload",
+           "labelers": "odpo.app.bench.labelers", "learn": "odpo.app.bench.learn", "memory": "odpo.app.bench.memory"}
 
 
 def _shared(fn: Callable) -> Callable:
@@ -47,7 +47,7 @@ def _shared(fn: Callable) -> Callable:
 
 def bench_context(common: CommonConfig, opts: dict[str, Any]) -> Any:
     """Pop the shared options into a BenchContext; what is left are the bench's own options."""
-    from app.bench.common import BenchContext
+    from odpo.app.bench.common import BenchContext
 
     keys = ("quick", "out_dir", "model", "device", "dtype", "threads", "seed", "keep_scratch")
     return BenchContext(common=common, **{k: opts.pop(k) for k in keys})
@@ -65,7 +65,7 @@ def apply_threads(threads: int | None) -> None:
 
 def execute(name: str, ctx: Any, options: dict[str, Any]) -> Any:
     """Run one bench; a crash becomes a "failed" result (with the reason) rather than no file."""
-    from app.bench.common import BenchResult, machine_description, result_table, utc_now_iso
+    from odpo.app.bench.common import BenchResult, machine_description, result_table, utc_now_iso
 
     apply_threads(ctx.threads)
     for noisy in ("httpx", "gradio_client", "urllib3"):  # one line per HTTP request otherwise
@@ -181,7 +181,7 @@ def memory(common: CommonConfig, **opts: Any) -> None:
 @click.pass_obj
 def all_benches(common: CommonConfig, **opts: Any) -> None:
     """Every bench in sequence with its default (or --quick) sizes, then the summary table."""
-    from app.bench.common import readme_table
+    from odpo.app.bench.common import readme_table
 
     ctx = bench_context(common, opts)
     results = [execute(name, ctx, {}) for name in RUNNERS]
@@ -196,7 +196,7 @@ def all_benches(common: CommonConfig, **opts: Any) -> None:
               show_default=True)
 def report(out_dir: Path) -> None:
     """The Markdown table of every result file in --out (for the README)."""
-    from app.bench.common import load_results, readme_table
+    from odpo.app.bench.common import load_results, readme_table
 
     results = load_results(out_dir)
     if not results:

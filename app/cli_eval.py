@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 import click
 
-from app.cli_judge import SPEC_HELP, build_judge_options, judge_options
-from app.config import CommonConfig
-from db.errors import OdpoError
+from odpo.app.cli_judge import SPEC_HELP, build_judge_options, judge_options
+from odpo.app.config import CommonConfig
+from odpo.db.errors import OdpoError
 
 _VERSION_RE = re.compile(r"^v?(\d+)$")
 
@@ -61,11 +61,11 @@ def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: str, n: in
              dtype: str, as_json: bool, **judge_kwargs: Any) -> None:
     """Sample both policies on the held-out prompts, judge every pair in both orders, and store the
     win rate of A over B with a 95% interval (ties count half) in the evals table."""
-    from db import store
-    from trainer.evaluate import adapter_path, load_eval_policy, run_eval
-    from trainer.export import base_model_spec
-    from trainer.generation import SamplingParams
-    from trainer.judges import load_judge
+    from odpo.db import store
+    from odpo.trainer.evaluate import adapter_path, load_eval_policy, run_eval
+    from odpo.trainer.export import base_model_spec
+    from odpo.trainer.generation import SamplingParams
+    from odpo.trainer.judges import load_judge
 
     db = cfg.open_db()
     try:

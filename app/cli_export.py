@@ -9,7 +9,7 @@ from typing import Optional
 
 import click
 
-from app.config import CommonConfig
+from odpo.app.config import CommonConfig
 
 _VERSION = click.option("--version", "version", type=click.IntRange(1), default=None,
                         help="Adapter version (default: the latest committed one).")
@@ -34,7 +34,7 @@ def export_adapter_cmd(cfg: CommonConfig, version: Optional[int], run: str, base
                        out: Path) -> None:
     """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors, README.md) for
     PeftModel.from_pretrained or vLLM --lora-modules. OUT must not exist or be empty."""
-    from trainer.export import export_adapter
+    from odpo.trainer.export import export_adapter
 
     db = cfg.open_db()
     try:
@@ -54,7 +54,7 @@ def export_merged_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_
                       out: Path) -> None:
     """The base model with the adapter merged in (fp32), tokenizer and chat template included,
     for AutoModelForCausalLM.from_pretrained. OUT must not exist or be empty."""
-    from trainer.export import export_merged
+    from odpo.trainer.export import export_merged
 
     db = cfg.open_db()
     try:
@@ -74,7 +74,7 @@ def export_merged_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_
 def export_dataset_cmd(cfg: CommonConfig, out: Path, sources: str, force: bool) -> None:
     """Labeled pairs as OUT.jsonl or OUT.parquet in TRL's conversational preference format (prompt,
     chosen, rejected) plus labeler, source, adapter version and timestamps."""
-    from trainer.export import export_dataset
+    from odpo.trainer.export import export_dataset
 
     db = cfg.open_db()
     try:

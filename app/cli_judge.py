@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 import click
 
-from app.config import CommonConfig
+from odpo.app.config import CommonConfig
 
 SPEC_HELP = ("Judge spec: rule:<name> (shorter, longer, contains:<word>, avoid:<word>, regex:<pattern>, "
              "length:<n>, random), py:module:function, hf:<model>, openai:<model>@<base_url>, rm:<model>.")
@@ -39,7 +39,7 @@ def judge_options(fn: Callable) -> Callable:
 def build_judge_options(cfg: CommonConfig, *, template: Optional[Path], judge_device: str,
                         abstain_threshold: float, tie_margin: float, judge_timeout: float,
                         judge_retries: int, batch_size: int = 8) -> Any:
-    from trainer.judges import JudgeOptions
+    from odpo.trainer.judges import JudgeOptions
 
     return JudgeOptions(template=template, cache_dir=cfg.model_cache_dir, device=judge_device,
                         abstain_threshold=abstain_threshold, tie_margin=tie_margin, timeout_s=judge_timeout,
@@ -70,8 +70,8 @@ def judge(cfg: CommonConfig, spec: str, fraction: float, only_skipped: bool, sha
     An abstaining judge hands the pair back to people at once; pairs are claimed through the same
     queue people use, so nobody labels a pair twice.
     """
-    from trainer.judge_worker import JudgeWorkerConfig, run_judge_worker
-    from trainer.judges import load_judge
+    from odpo.trainer.judge_worker import JudgeWorkerConfig, run_judge_worker
+    from odpo.trainer.judges import load_judge
 
     config = JudgeWorkerConfig(fraction=fraction, only_skipped=only_skipped, shadow=shadow,
                                batch_size=batch_size, poll_seconds=poll_seconds, max_labels=max_labels,

@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import click
 
-from app.config import CommonConfig
-from trainer.priority import BACKGROUND_NICE
+from odpo.app.config import CommonConfig
+from odpo.trainer.priority import BACKGROUND_NICE
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _apply(options: list) -> Callable:
 
 def serve_config(options: dict[str, Any]) -> Any:
     """Click values -> ServeConfig; its checks become one-line usage errors."""
-    from app.context import ServeConfig
+    from odpo.app.context import ServeConfig
 
     fields = set(ServeConfig.__dataclass_fields__)
     try:
@@ -82,7 +82,7 @@ def serve_config(options: dict[str, Any]) -> Any:
 @click.pass_obj
 def serve(cfg: CommonConfig, admins: tuple[str, ...], **options: Any) -> None:
     """The labeling web app plus the on-policy sampler and hot reload of new adapter versions."""
-    from app.serve import run_serve
+    from odpo.app.serve import run_serve
 
     run_serve(cfg, serve_config(options), admins=set(admins))
 
@@ -109,8 +109,8 @@ def serve(cfg: CommonConfig, admins: tuple[str, ...], **options: Any) -> None:
 @click.pass_context
 def up(ctx: click.Context, **options: Any) -> None:
     """Start everything on this machine: serve, train (and a judge), with one log. Ctrl-C stops all."""
-    from app.services import ensure_initialised
-    from app.up import Supervisor
+    from odpo.app.services import ensure_initialised
+    from odpo.app.up import Supervisor
 
     cfg: CommonConfig = ctx.obj
     if options["auto_label"] and not options["judge_spec"]:
@@ -134,14 +134,14 @@ def global_args(ctx: click.Context) -> list[str]:
 
 def up_children(options: dict[str, Any], *, serve_params: list[click.Parameter]) -> list[Any]:
     """The child commands `odpo up` runs, from its options."""
-    from app.up import ChildSpec
+    from odpo.app.up import ChildSpec
 
     shared = {p.name for p in _options_of(_SHARED)}
     serve_args = _as_args(serve_params, options)
     children = [ChildSpec("serve", ("serve", *serve_args))]
     if not options["no_train"]:
         train_names = shared | {"batch_size", "save_every", "max_steps", "until_version"}
-        from app.cli_train import train as train_cmd
+        from odpo.app.cli_train import train as train_cmd
 
         train_args = _as_args([p for p in train_cmd.params if p.name in train_names], options)
         finishes = options["max_steps"] is not None or options["until_version"] is not None

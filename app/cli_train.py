@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import click
 
-from app.config import CommonConfig
+from odpo.app.config import CommonConfig
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ LOSS_CHOICES = ("sigmoid", "ipo", "hinge", "robust")
 @click.pass_obj
 def train(cfg: CommonConfig, **options: Any) -> None:
     """Train the policy with DPO on new labels, committing adapter versions as it goes."""
-    from trainer.train_loop import DPOTrainer
+    from odpo.trainer.train_loop import DPOTrainer
 
     threads = options.pop("threads")
     train_cfg = build_train_config(options)
@@ -100,8 +100,8 @@ def train(cfg: CommonConfig, **options: Any) -> None:
 
 def build_train_config(options: dict[str, Any]) -> Any:
     """Click options -> a validated TrainConfig (TrainConfigError names a bad value)."""
-    from trainer.lora import LoraSettings
-    from trainer.train_config import DEFAULT_LR, TrainConfig, TrainConfigError
+    from odpo.trainer.lora import LoraSettings
+    from odpo.trainer.train_config import DEFAULT_LR, TrainConfig, TrainConfigError
 
     opts = dict(options)
     targets = opts.pop("lora_targets").strip()

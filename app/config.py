@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from db.engine import Database
-from db.settings import resolve_data_dir, resolve_db_url
+from odpo.db.engine import Database
+from odpo.db.settings import resolve_data_dir, resolve_db_url
 
 
 @dataclass(frozen=True)

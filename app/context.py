@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol
 
-from app.config import CommonConfig
-from db.engine import Database
-from trainer.priority import BACKGROUND_NICE
+from odpo.app.config import CommonConfig
+from odpo.db.engine import Database
+from odpo.trainer.priority import BACKGROUND_NICE
 
 
 class SamplerHandle(Protocol):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from db.errors import OdpoError
+from odpo.db.errors import OdpoError
 
 
 def user_error_message(exc: BaseException) -> Optional[str]:

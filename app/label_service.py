@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from app.context import SamplerHandle, ServeConfig
-from db import store, store_ui
-from db.engine import Database
-from db.errors import OdpoError
-from db.models import Assignment, Pair
+from odpo.app.context import SamplerHandle, ServeConfig
+from odpo.db import store, store_ui
+from odpo.db.engine import Database
+from odpo.db.errors import OdpoError
+from odpo.db.models import Assignment, Pair
 
 log = logging.getLogger(__name__)
 

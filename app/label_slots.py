@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
-from app.label_service import Counters, LabelError, LabelService, PairView, check_vote
-from db import store_ui
+from odpo.app.label_service import Counters, LabelError, LabelService, PairView, check_vote
+from odpo.db import store_ui
 
 MAX_SESSIONS = 5000
 

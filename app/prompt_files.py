@@ -18,14 +18,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from db.errors import OdpoError
-from db.store_prompts import normalise_prompt, prompt_hash
+from odpo.db.errors import OdpoError
+from odpo.db.store_prompts import normalise_prompt, prompt_hash
 
 logger = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
-STARTER_PACKAGE = "app"
+STARTER_PACKAGE = "odpo.app"
 STARTER_PATH = "data/starter_prompts.jsonl"
 
 # One prompt location: (kind, number), e.g. ("line", 3) or ("row", 2); None for the whole file.

@@ -12,10 +12,10 @@ import signal
 import threading
 from typing import Any, Optional
 
-from app.config import CommonConfig
-from app.context import AppContext, ServeConfig
-from db import store
-from db.engine import Database
+from odpo.app.config import CommonConfig
+from odpo.app.context import AppContext, ServeConfig
+from odpo.db import store
+from odpo.db.engine import Database
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 def load_policy(common: CommonConfig, cfg: ServeConfig, db: Database) -> tuple[Any, Any]:
     """The base model with a LoRA adapter shaped like the latest committed version (its
     adapter_config.json), or like a fresh trainer adapter when none is committed yet."""
-    from trainer.checkpoint import read_lora_settings
-    from trainer.hotreload import resolve_adapter_path
-    from trainer.lora import LoraSettings, attach_lora
-    from trainer.models import ModelConfig, load_model_and_tokenizer
+    from odpo.trainer.checkpoint import read_lora_settings
+    from odpo.trainer.hotreload import resolve_adapter_path
+    from odpo.trainer.lora import LoraSettings, attach_lora
+    from odpo.trainer.models import ModelConfig, load_model_and_tokenizer
 
     model_cfg = ModelConfig(spec=cfg.model, cache_dir=common.model_cache_dir, device=cfg.device, dtype=cfg.dtype,
                             load_in_4bit=cfg.load_in_4bit)
@@ -43,9 +43,9 @@ def load_policy(common: CommonConfig, cfg: ServeConfig, db: Database) -> tuple[A
 
 def build_sampler(common: CommonConfig, cfg: ServeConfig, db: Database, *, model: Any, tokenizer: Any) -> Any:
     """A Sampler for `model` (a PeftModel) configured from ServeConfig; not started."""
-    from trainer.generation import SamplingParams
-    from trainer.models import pick_device_dtype
-    from trainer.sampler import Sampler, SamplerSettings
+    from odpo.trainer.generation import SamplingParams
+    from odpo.trainer.models import pick_device_dtype
+    from odpo.trainer.sampler import Sampler, SamplerSettings
 
     _, _, autocast_dtype = pick_device_dtype(cfg.device, cfg.dtype)
     settings = SamplerSettings(
@@ -87,12 +87,12 @@ def run_serve(common: CommonConfig, cfg: ServeConfig, *, admins: Optional[set[st
 
 
 def ui_available() -> bool:
-    return importlib.util.find_spec("app.ui") is not None
+    return importlib.util.find_spec("odpo.app.ui") is not None
 
 
 def _launch_ui(ctx: AppContext) -> None:
     """Blocks in gradio's own loop; it turns Ctrl-C (and our SIGTERM) into a clean server close."""
-    from app.ui import build_app, launch_kwargs
+    from odpo.app.ui import build_app, launch_kwargs
 
     cfg = ctx.config
     demo = build_app(ctx)

@@ -4,16 +4,16 @@ from __future__ import annotations
 import logging
 from typing import Iterable
 
-from app.config import CommonConfig
-from db import store
-from db.engine import Database
+from odpo.app.config import CommonConfig
+from odpo.db import store
+from odpo.db.engine import Database
 
 log = logging.getLogger(__name__)
 
 
 def import_prompt_records(db: Database, records: Iterable, *, held_out_fraction: float) -> store.ImportResult:
     """Store PromptRecords in ONE transaction; held-out membership is a stable hash of the text."""
-    from app.prompt_files import held_out_split
+    from odpo.app.prompt_files import held_out_split
 
     new = [store.NewPrompt(text=r.text, source=r.source, tags=tuple(r.tags),
                            held_out=held_out_split(r.text, held_out_fraction) if held_out_fraction else False)
@@ -25,7 +25,7 @@ def import_prompt_records(db: Database, records: Iterable, *, held_out_fraction:
 def ensure_initialised(cfg: CommonConfig, *, starter: bool = True, held_out_fraction: float = 0.1) -> int:
     """Create the database; on an empty one import the bundled starter prompts. Returns how many
     were added (0 when prompts already exist), so re-running is harmless."""
-    from app.prompt_files import read_starter_prompts
+    from odpo.app.prompt_files import read_starter_prompts
 
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     db = cfg.open_db()

@@ -20,15 +20,15 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from app.admin_service import AdminService
-from app.auth import AuthConfig, load_auth
-from app.context import AppContext
-from app.label_service import LabelService, load_guidelines
-from app.ui_admin import build_admin_tab, wire_admin_load
-from app.ui_common import INTERNAL_ERROR, STATIC_DIR, Identity, header_html
-from app.ui_dashboard import build_dashboard_tab
-from app.ui_label import build_label_tab, wire_page_load
-from db.errors import OdpoError
+from odpo.app.admin_service import AdminService
+from odpo.app.auth import AuthConfig, load_auth
+from odpo.app.context import AppContext
+from odpo.app.label_service import LabelService, load_guidelines
+from odpo.app.ui_admin import build_admin_tab, wire_admin_load
+from odpo.app.ui_common import INTERNAL_ERROR, STATIC_DIR, Identity, header_html
+from odpo.app.ui_dashboard import build_dashboard_tab
+from odpo.app.ui_label import build_label_tab, wire_page_load
+from odpo.db.errors import OdpoError
 
 log = logging.getLogger(__name__)
 

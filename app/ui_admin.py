@@ -14,8 +14,8 @@ from typing import Optional
 
 import gradio as gr
 
-from app.admin_service import AdminError, AdminService
-from app.ui_common import Identity, guarded
+from odpo.app.admin_service import AdminError, AdminService
+from odpo.app.ui_common import Identity, guarded
 
 log = logging.getLogger(__name__)
 

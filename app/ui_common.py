@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from app.label_service import Counters, PairView, normalise_labeler, safe_markdown
-from db.errors import OdpoError
+from odpo.app.label_service import Counters, PairView, normalise_labeler, safe_markdown
+from odpo.db.errors import OdpoError
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any, Optional
 import gradio as gr
 import pandas as pd
 
-from app.admin_service import AdminService
-from app.ui_common import guarded
+from odpo.app.admin_service import AdminService
+from odpo.app.ui_common import guarded
 
 log = logging.getLogger(__name__)
 

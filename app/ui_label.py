@@ -15,10 +15,10 @@ from typing import Optional
 
 import gradio as gr
 
-from app.label_service import LabelService, guest_name, normalise_labeler
-from app.label_slots import LabelSlots, SlotBook, SlotState, SlotUpdate
-from app.ui_common import Identity, counters_html, guarded, pair_outputs, skips
-from db.errors import OdpoError
+from odpo.app.label_service import LabelService, guest_name, normalise_labeler
+from odpo.app.label_slots import LabelSlots, SlotBook, SlotState, SlotUpdate
+from odpo.app.ui_common import Identity, counters_html, guarded, pair_outputs, skips
+from odpo.db.errors import OdpoError
 
 log = logging.getLogger(__name__)
 

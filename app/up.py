@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # `python -c` rather than `-m app.cli`: app/cli.py has no __main__ block, and this works whether
 # or not the `odpo` script is on PATH.
-_ENTRY = "from app.cli import main; main()"
+_ENTRY = "from odpo.app.cli import main; main()"
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def _child_env(threads: Optional[int] = None) -> dict[str, str]:
 
 def _preexec(nice: int) -> Optional[Callable[[], None]]:
     """What a child runs between fork and exec: die with the supervisor, lower its priority."""
-    from trainer.priority import lower_process_priority
+    from odpo.trainer.priority import lower_process_priority
 
     die_with_parent = _die_with_parent_hook()
     if not nice:

@@ -9,7 +9,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.errors import OdpoError
+from odpo.db.errors import OdpoError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Database:
     """An engine plus its session factory, migrated on open: what every process holds one of."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
-        from db.migrations import migrate  # local: keeps engine.py importable on its own
+        from odpo.db.migrations import migrate  # local: keeps engine.py importable on its own
 
         self.url = url
         self.engine = make_engine(url, echo=echo)

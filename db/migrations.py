@@ -12,7 +12,7 @@ from typing import Callable
 from sqlalchemy import Column, Connection, DateTime, Engine, MetaData, String, Table, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import Base, utcnow
+from odpo.db.models import Base, utcnow
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""One import for callers: `from db import store` then `store.claim_next_pair(...)`.
+"""One import for callers: `from odpo.db import store` then `store.claim_next_pair(...)`.
 
 The functions live in small modules by concern; each takes a Session first and keyword-only
 arguments after it, and leaves the transaction to the caller (`with factory.begin() as s:`).
 """
-from db.store_pairs import (  # noqa: F401
+from odpo.db.store_pairs import (  # noqa: F401
     ClaimedPair,
     NewSample,
     StoreError,
@@ -22,7 +22,7 @@ from db.store_pairs import (  # noqa: F401
     retire_stale_pairs,
     undo_label,
 )
-from db.store_prompts import (  # noqa: F401
+from odpo.db.store_prompts import (  # noqa: F401
     ImportResult,
     NewPrompt,
     add_prompts,
@@ -34,8 +34,8 @@ from db.store_prompts import (  # noqa: F401
     pick_prompts_for_sampling,
     prompt_hash,
 )
-from db.store_status import get_control, record_reload, set_control, status_counts  # noqa: F401
-from db.store_training import (  # noqa: F401
+from odpo.db.store_status import get_control, record_reload, set_control, status_counts  # noqa: F401
+from odpo.db.store_training import (  # noqa: F401
     LabelsRetracted,
     TrainingLabel,
     commit_adapter_version,

@@ -16,9 +16,9 @@ from typing import Any, Optional
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, aliased
 
-from db.models import Adapter, Eval, Label, Pair, Prompt, Sample
-from db.store_pairs import StoreError
-from db.store_training import source_filter
+from odpo.db.models import Adapter, Eval, Label, Pair, Prompt, Sample
+from odpo.db.store_pairs import StoreError
+from odpo.db.store_training import source_filter
 
 DECISIONS = ("a", "b", "tie", "both_bad")  # a label that states an opinion (skip does not)
 

@@ -14,8 +14,8 @@ from typing import Any, Optional
 from sqlalchemy import and_, case, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from db.errors import OdpoError
-from db.models import CHOICES, Assignment, Label, Pair, Prompt, Sample, utcnow
+from odpo.db.errors import OdpoError
+from odpo.db.models import CHOICES, Assignment, Label, Pair, Prompt, Sample, utcnow
 
 
 class StoreError(OdpoError, ValueError):

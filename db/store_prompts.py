@@ -9,7 +9,7 @@ from typing import Iterable, Optional, Sequence
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Prompt, utcnow
+from odpo.db.models import Prompt, utcnow
 
 
 def normalise_prompt(text: str) -> str:

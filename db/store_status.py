@@ -6,8 +6,8 @@ from typing import Any, Optional
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Adapter, Control, Eval, Label, Pair, Reload, TrainStep, utcnow
-from db.store_prompts import count_prompts
+from odpo.db.models import Adapter, Control, Eval, Label, Pair, Reload, TrainStep, utcnow
+from odpo.db.store_prompts import count_prompts
 
 
 def status_counts(session: Session, *, run: str = "default") -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Sequence
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Label
+from odpo.db.models import Label
 
 STALE_STEP = -1
 

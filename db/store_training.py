@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, aliased
 
-from db.models import TRAINABLE_CHOICES, Adapter, Label, Pair, Prompt, Sample, TrainStep
-from db.store_pairs import StoreError
+from odpo.db.models import TRAINABLE_CHOICES, Adapter, Label, Pair, Prompt, Sample, TrainStep
+from odpo.db.store_pairs import StoreError
 
 
 class LabelsRetracted(StoreError):

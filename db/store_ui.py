@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Adapter, Assignment, Eval, Label, Pair, TrainStep, utcnow
-from db.store_pairs import ClaimedPair, claimed_view
+from odpo.db.models import Adapter, Assignment, Eval, Label, Pair, TrainStep, utcnow
+from odpo.db.store_pairs import ClaimedPair, claimed_view
 
 
 def train_series(session: Session, *, run: str = "default", limit: int = 5000) -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ def _drop_all(url: str) -> None:
 
 @pytest.fixture
 def database(db_url):
-    from db.engine import Database
+    from odpo.db.engine import Database
 
     db = Database(db_url)
     yield db
@@ -57,7 +57,7 @@ def database(db_url):
 
 @pytest.fixture
 def common_config(tmp_path, db_url):
-    from app.config import CommonConfig
+    from odpo.app.config import CommonConfig
 
     return CommonConfig.resolve(data_dir=str(tmp_path / "data"), db_url=db_url)
 

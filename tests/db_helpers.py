@@ -1,8 +1,8 @@
 """Small builders for DB tests: a queue of pairs without any model."""
 from __future__ import annotations
 
-from db import store
-from db.engine import Database
+from odpo.db import store
+from odpo.db.engine import Database
 
 
 def sample(text: str) -> store.NewSample:

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from trainer.models import ModelConfig, load_model_and_tokenizer
+from odpo.trainer.models import ModelConfig, load_model_and_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_CACHE_ENV = "ODPO_TEST_MODEL_CACHE"

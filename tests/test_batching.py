@@ -8,8 +8,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from trainer import batching
-from trainer.batching import (
+from odpo.trainer import batching
+from odpo.trainer.batching import (
     PairExample,
     build_pair_batch,
     concatenated_forward,

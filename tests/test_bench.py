@@ -13,9 +13,9 @@ import torch
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from app.bench import common, labelers, learn, memory, reload, sampling, train_step
-from app.bench.common import BenchContext, BenchResult, Target, percentile, ratio, summarize
-from app.bench.labeler_sim import (
+from odpo.app.bench import common, labelers, learn, memory, reload, sampling, train_step
+from odpo.app.bench.common import BenchContext, BenchResult, Target, percentile, ratio, summarize
+from odpo.app.bench.labeler_sim import (
     ApiClient,
     ApiError,
     LabelerStats,
@@ -25,11 +25,11 @@ from app.bench.labeler_sim import (
     round_trips_ms,
     run_labeler,
 )
-from app.cli import cli
-from db.models import Label
+from odpo.app.cli import cli
+from odpo.db.models import Label
 from tests import ui_fixtures
 from tests.db_helpers import make_pairs
-from trainer.judges import load_judge
+from odpo.trainer.judges import load_judge
 
 live_app = ui_fixtures.live_app  # a fixture, requested by name
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from app.cli import cli
+from odpo.app.cli import cli
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db.models import Adapter, Label, TrainStep
+from odpo.db.models import Adapter, Label, TrainStep
 from tests.db_helpers import label_all, make_pairs
-from trainer import checkpoint as ckpt
+from odpo.trainer import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 180  # generous: a process start imports torch+transformers+peft, slow on a busy 2-core box
@@ -37,7 +37,7 @@ class TrainerProcess:
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.lines: list[str] = []
         self._queue: "queue.Queue[str | None]" = queue.Queue()
-        self.proc = subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()", *args],
+        self.proc = subprocess.Popen([sys.executable, "-c", "from odpo.app.cli import main; main()", *args],
                                      cwd=REPO, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._pump, daemon=True).start()

@@ -8,10 +8,10 @@ from collections import Counter
 import pytest
 from sqlalchemy import func, select
 
-from db import store
-from db.engine import Database, DatabaseError
-from db.migrations import migrate, schema_tables
-from db.models import Adapter, Label, Pair
+from odpo.db import store
+from odpo.db.engine import Database, DatabaseError
+from odpo.db.migrations import migrate, schema_tables
+from odpo.db.models import Adapter, Label, Pair
 from tests.db_helpers import label_all, make_pairs
 
 
@@ -141,7 +141,7 @@ def test_expired_claim_returns_to_queue(database):
 
 
 def store_now() -> dt.datetime:
-    from db.models import utcnow
+    from odpo.db.models import utcnow
 
     return utcnow()
 

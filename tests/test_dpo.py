@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.dpo import LOSS_TYPES, dpo_loss, dpo_metrics, needs_length_normalisation
+from odpo.trainer.dpo import LOSS_TYPES, dpo_loss, dpo_metrics, needs_length_normalisation
 
 LOG2 = math.log(2.0)
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from app.cli import cli
-from db import store, store_evals
+from odpo.app.cli import cli
+from odpo.db import store, store_evals
 from tests.test_export import commit_version, perturb
-from trainer.evaluate import EvalError, maybe_auto_eval, pair_scores, run_eval, tally, wilson_interval
-from trainer.generation import SamplingParams, generate
-from trainer.judges import load_judge
+from odpo.trainer.evaluate import EvalError, maybe_auto_eval, pair_scores, run_eval, tally, wilson_interval
+from odpo.trainer.generation import SamplingParams, generate
+from odpo.trainer.judges import load_judge
 
 torch.set_num_threads(1)
 
@@ -70,8 +70,8 @@ def test_pair_scores_asks_position_dependent_judges_in_both_orders():
 def two_versions(database, tiny_model_dir, tmp_path):
     """v1 and v2 with identical weights, v3 different; the policy holds v3 at the end."""
     from tests.model_fixtures import tiny_model_config
-    from trainer.lora import LoraSettings, attach_lora
-    from trainer.models import load_model_and_tokenizer
+    from odpo.trainer.lora import LoraSettings, attach_lora
+    from odpo.trainer.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "models"))
     torch.manual_seed(0)
@@ -179,8 +179,8 @@ def test_cli_eval_on_the_tiny_model(common_config, database, two_versions):
 @pytest.fixture
 def policy(tiny_model_dir, tmp_path):
     from tests.model_fixtures import tiny_model_config
-    from trainer.lora import LoraSettings, attach_lora
-    from trainer.models import load_model_and_tokenizer
+    from odpo.trainer.lora import LoraSettings, attach_lora
+    from odpo.trainer.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "models"))
     return attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)), tokenizer
@@ -189,8 +189,8 @@ def policy(tiny_model_dir, tmp_path):
 @pytest.mark.default_model
 def test_odpo_eval_on_the_default_model(common_config, database, default_model_cache_dir, tmp_path):
     """`odpo eval` end to end on SmolLM2-135M: a trained-looking v1 against the base, rule judge."""
-    from trainer.lora import LoraSettings, attach_lora
-    from trainer.models import ModelConfig, load_model_and_tokenizer
+    from odpo.trainer.lora import LoraSettings, attach_lora
+    from odpo.trainer.models import ModelConfig, load_model_and_tokenizer
 
     common_config.data_dir.mkdir(parents=True, exist_ok=True)
     (common_config.data_dir / "models").symlink_to(default_model_cache_dir, target_is_directory=True)

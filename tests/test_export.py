@@ -10,14 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from app.cli import cli
-from db import store
+from odpo.app.cli import cli
+from odpo.db import store
 from tests.db_helpers import label_all, make_pairs
 from tests.model_fixtures import tiny_model_config
-from trainer import checkpoint as ckpt
-from trainer.export import ExportError, export_adapter, export_dataset, export_merged
-from trainer.lora import LoraSettings, attach_lora
-from trainer.models import load_model_and_tokenizer
+from odpo.trainer import checkpoint as ckpt
+from odpo.trainer.export import ExportError, export_adapter, export_dataset, export_merged
+from odpo.trainer.lora import LoraSettings, attach_lora
+from odpo.trainer.models import load_model_and_tokenizer
 
 torch.set_num_threads(1)
 
@@ -132,7 +132,7 @@ def test_export_refuses_and_writes_nothing(database, versioned, tmp_path, monkey
 def _label(db, labeler, choice, *, source="human"):
     """Claim the next pair as `labeler` and answer it; returns (pair_id, label_id, truth) where
     truth is the (prompt, chosen, rejected) an a/b choice means, read straight from the rows."""
-    from db.models import Pair, Prompt, Sample
+    from odpo.db.models import Pair, Prompt, Sample
 
     with db.sessions.begin() as s:
         claimed = store.claim_next_pair(s, labeler=labeler)
@@ -205,7 +205,7 @@ def test_cli_export(common_config, database, versioned, tmp_path):
 def test_export_for_the_admin_tab(database, versioned, tmp_path):
     import zipfile
 
-    from trainer.export import export_for_ui
+    from odpo.trainer.export import export_for_ui
 
     jsonl = export_for_ui(db=database, fmt="jsonl", out_dir=tmp_path / "ui")
     assert jsonl.name == "odpo-preferences.jsonl" and len(jsonl.read_text().splitlines()) == 4

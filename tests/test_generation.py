@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.batching import encode_prompt, render_prompt
-from trainer.generation import (
+from odpo.trainer.batching import encode_prompt, render_prompt
+from odpo.trainer.generation import (
     FINISH_LENGTH,
     FINISH_STOP,
     GenerationInterrupted,
@@ -121,7 +121,7 @@ def test_static_cache_gives_the_same_greedy_output(tiny_model_and_tokenizer):
 
 
 def test_fresh_lora_generates_like_the_base(tiny_model_and_tokenizer):
-    from trainer.lora import attach_lora
+    from odpo.trainer.lora import attach_lora
 
     model, tok = tiny_model_and_tokenizer
     base = generate(model, tok, PROMPTS, params=GREEDY)

@@ -9,12 +9,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from app.cli import cli
-from db import store, store_evals
-from db.models import Label, Pair
+from odpo.app.cli import cli
+from odpo.db import store, store_evals
+from odpo.db.models import Label, Pair
 from tests.db_helpers import rows, sample
-from trainer.judge_worker import JudgeWorkerConfig, JudgeWorkerError, in_fraction, run_judge_worker
-from trainer.judges import JudgeUnreachableError, load_judge
+from odpo.trainer.judge_worker import JudgeWorkerConfig, JudgeWorkerError, in_fraction, run_judge_worker
+from odpo.trainer.judges import JudgeUnreachableError, load_judge
 
 ONCE = dict(exit_when_idle=0.0, poll_seconds=0.0)
 SHORTER = "judge:rule:shorter"

@@ -8,8 +8,8 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
-from app.context import ServeConfig
-from app.label_service import (
+from odpo.app.context import ServeConfig
+from odpo.app.label_service import (
     DEFAULT_GUIDELINES,
     LabelError,
     LabelService,
@@ -18,8 +18,8 @@ from app.label_service import (
     normalise_labeler,
     safe_markdown,
 )
-from db import store
-from db.models import Label, Pair, Prompt
+from odpo.db import store
+from odpo.db.models import Label, Pair, Prompt
 from tests.concurrency import run_in_threads
 from tests.db_helpers import make_pairs
 from tests.ui_fixtures import FakeSampler

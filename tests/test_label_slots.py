@@ -8,11 +8,11 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from app.context import ServeConfig
-from app.label_service import LabelError, LabelService
-from app.label_slots import LabelSlots, SlotBook, SlotState
-from db import store
-from db.models import Assignment, Label
+from odpo.app.context import ServeConfig
+from odpo.app.label_service import LabelError, LabelService
+from odpo.app.label_slots import LabelSlots, SlotBook, SlotState
+from odpo.db import store
+from odpo.db.models import Assignment, Label
 from tests.concurrency import run_in_threads
 from tests.db_helpers import make_pairs
 from tests.ui_fixtures import FakeSampler

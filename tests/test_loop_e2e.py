@@ -14,12 +14,12 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from app.context import ServeConfig
-from app.prompt_files import read_prompt_file
-from app.serve import build_sampler, load_policy
-from app.services import import_prompt_records
-from db import store
-from db.models import Label, Pair, Reload
+from odpo.app.context import ServeConfig
+from odpo.app.prompt_files import read_prompt_file
+from odpo.app.serve import build_sampler, load_policy
+from odpo.app.services import import_prompt_records
+from odpo.db import store
+from odpo.db.models import Label, Pair, Reload
 from tests.concurrency import wait_until
 from tests.test_sampler import base_weight
 
@@ -33,10 +33,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.timeout(180)
 def test_prompts_to_v2_served_without_reloading_the_base(common_config, tiny_model_dir, tmp_path):
-    from trainer.judge_worker import JudgeWorkerConfig, run_judge_worker
-    from trainer.judges import load_judge
-    from trainer.train_config import TrainConfig
-    from trainer.train_loop import DPOTrainer
+    from odpo.trainer.judge_worker import JudgeWorkerConfig, run_judge_worker
+    from odpo.trainer.judges import load_judge
+    from odpo.trainer.train_config import TrainConfig
+    from odpo.trainer.train_loop import DPOTrainer
 
     started = time.monotonic()
     db = common_config.open_db()

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.model_fixtures import tiny_model_config
-from trainer import models
-from trainer.lora import LoraSettings, attach_lora
-from trainer.models import (
+from odpo.trainer import models
+from odpo.trainer.lora import LoraSettings, attach_lora
+from odpo.trainer.models import (
     INSTALL_HINT,
     ModelConfig,
     ModelNotFoundError,

@@ -1,16 +1,23 @@
-"""The wheel carries everything the app reads at run time, not only what an editable install sees."""
+"""The wheel carries everything the app reads at run time, under one import name: `odpo`."""
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {"odpo": "odpo", "odpo.app": "app", "odpo.trainer": "trainer", "odpo.db": "db", "odpo.static": "static",
+           "odpo.bench": "bench"}
 
 
-def test_wheel_ships_static_files_prompts_and_judge_template(tmp_path):
+@pytest.fixture(scope="module")
+def wheel_names(tmp_path_factory) -> set[str]:
+    tmp_path = tmp_path_factory.mktemp("wheel")
     src = tmp_path / "src"  # a copy, so the build's scratch dirs never land in the checkout
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "odpo-data", "build", "*.egg-info",
                                                              "test-artifacts", "__pycache__"))
@@ -18,9 +25,32 @@ def test_wheel_ships_static_files_prompts_and_judge_template(tmp_path):
                           str(src), "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     (wheel,) = (tmp_path / "dist").glob("odpo-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+    return set(zipfile.ZipFile(wheel).namelist())
+
+
+def test_wheel_ships_static_files_prompts_and_judge_template(wheel_names):
     static = {p.name for p in (ROOT / "static").iterdir() if p.suffix in (".css", ".js", ".svg")}
-    assert static and {f"static/{n}" for n in static} <= names
-    assert {"app/data/starter_prompts.jsonl", "trainer/judges/default_prompt.txt", "app/cli.py",
-            "app/bench/sampling.py"} <= names
-    assert not any(n.startswith("tests/") for n in names)
+    assert static and {f"odpo/static/{n}" for n in static} <= wheel_names
+    assert {"odpo/app/data/starter_prompts.jsonl", "odpo/trainer/judges/default_prompt.txt",
+            "odpo/__init__.py", "odpo/__main__.py"} <= wheel_names
+    assert any(n.startswith("odpo/app/cli") for n in wheel_names)
+
+
+def test_wheel_has_odpo_as_its_only_top_level_name(wheel_names):
+    tops = {n.split("/", 1)[0] for n in wheel_names}
+    dist_info = {t for t in tops if t.endswith(".dist-info")}
+    assert tops - dist_info == {"odpo"}
+    assert len(dist_info) == 1
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    """A new subpackage folder that pyproject does not list would be missing from the wheel."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"] == FOLDERS
+    listed = set(config["packages"])
+    found = set()
+    for name, folder in FOLDERS.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *rel)))
+    assert listed == found

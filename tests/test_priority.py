@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from trainer.priority import lower_process_priority, lower_thread_priority
+from odpo.trainer.priority import lower_process_priority, lower_thread_priority
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
 

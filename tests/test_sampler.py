@@ -13,15 +13,15 @@ import torch
 from safetensors import SafetensorError
 from sqlalchemy import select
 
-from db import store
-from db.models import Pair, Reload, Sample
+from odpo.db import store
+from odpo.db.models import Pair, Reload, Sample
 from tests.concurrency import wait_until
 from tests.db_helpers import rows
 from tests.model_fixtures import tiny_model_config
-from trainer.generation import SamplingParams
-from trainer.lora import LoraSettings, attach_lora
-from trainer.models import load_model_and_tokenizer
-from trainer.sampler import Sampler, SamplerSettings
+from odpo.trainer.generation import SamplingParams
+from odpo.trainer.lora import LoraSettings, attach_lora
+from odpo.trainer.models import load_model_and_tokenizer
+from odpo.trainer.sampler import Sampler, SamplerSettings
 
 TRAIN_PROMPTS = [f"Question {i}: what does the cat think of the river?" for i in range(10)]
 HELD_OUT = ["Held out: the old man writes to the train."]
@@ -277,7 +277,7 @@ def test_batches_give_way_to_reloads_but_not_forever(database, tiny_model_and_to
 
 
 def test_a_failing_batch_is_reported_and_the_sampler_carries_on(database, tiny_model_and_tokenizer, monkeypatch):
-    import trainer.sampler as sampler_module
+    import odpo.trainer.sampler as sampler_module
 
     add_prompts(database)
     sampler = make_sampler(database, *tiny_model_and_tokenizer, error_backoff_s=0.05, nice=2)

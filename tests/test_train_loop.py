@@ -8,18 +8,18 @@ import torch
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from db import store
-from db.models import Adapter, Label, TrainStep
-from db.store_train_extra import STALE_STEP, count_stale_skipped
+from odpo.db import store
+from odpo.db.models import Adapter, Label, TrainStep
+from odpo.db.store_train_extra import STALE_STEP, count_stale_skipped
 from tests.db_helpers import label_all, make_pairs
 from tests.model_fixtures import tiny_model_config
-from trainer import checkpoint as ckpt
-from trainer.batching import PairExample
-from trainer.lora import LoraSettings, attach_lora
-from trainer.models import load_model_and_tokenizer
-from trainer.train_config import TrainConfig, TrainConfigError
-from trainer.train_loop import DPOTrainer, TrainerBusyError
-from trainer.train_step import dpo_step, make_optimizer
+from odpo.trainer import checkpoint as ckpt
+from odpo.trainer.batching import PairExample
+from odpo.trainer.lora import LoraSettings, attach_lora
+from odpo.trainer.models import load_model_and_tokenizer
+from odpo.trainer.train_config import TrainConfig, TrainConfigError
+from odpo.trainer.train_loop import DPOTrainer, TrainerBusyError
+from odpo.trainer.train_step import dpo_step, make_optimizer
 
 torch.set_num_threads(1)
 
@@ -177,7 +177,7 @@ def test_a_resumed_trainer_continues_exactly_like_one_that_never_stopped(make_tr
                                                                        tiny_model_dir):
     """LoRA dropout draws from torch's generator: saved with each version, a resume gives the same
     masks and so the same weights, bit for bit, as an uninterrupted run (on a twin database)."""
-    from db.engine import Database
+    from odpo.db.engine import Database
 
     dropout = LoraSettings(r=4, alpha=8, dropout=0.3)
     twin = Database(f"sqlite:///{tmp_path / 'twin.sqlite3'}")
@@ -377,7 +377,7 @@ def test_train_config_rejects_bad_values(field, value, message):
 
 
 def test_cli_train_max_steps(common_config, tiny_model_dir):
-    from app.cli import cli
+    from odpo.app.cli import cli
 
     db = common_config.open_db()
     try:
@@ -395,7 +395,7 @@ def test_cli_train_max_steps(common_config, tiny_model_dir):
 
 
 def test_cli_train_bad_option_is_one_line(common_config):
-    from app.cli import cli
+    from odpo.app.cli import cli
 
     args = ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "train",
             "--batch-size", "2", "--grad-accum", "3"]
@@ -406,8 +406,8 @@ def test_cli_train_bad_option_is_one_line(common_config):
 
 
 def test_trainer_publishes_its_update_size_for_the_ui(make_trainer, database):
-    from app.context import ServeConfig
-    from app.label_service import LabelService
+    from odpo.app.context import ServeConfig
+    from odpo.app.label_service import LabelService
 
     make_trainer(batch_size=3, save_every=2, sources="human")
     with database.sessions() as s:
@@ -418,8 +418,8 @@ def test_trainer_publishes_its_update_size_for_the_ui(make_trainer, database):
 
 
 def test_auto_eval_every_k_versions_scores_exactly_that_version(make_trainer, database):
-    from db.models import Eval
-    from trainer.evaluate import DEFAULT_PARAMS, run_eval
+    from odpo.db.models import Eval
+    from odpo.trainer.evaluate import DEFAULT_PARAMS, run_eval
 
     with database.sessions.begin() as s:
         store.add_prompts(s, prompts=[store.NewPrompt(text=t, held_out=True)
@@ -440,7 +440,7 @@ def test_auto_eval_every_k_versions_scores_exactly_that_version(make_trainer, da
 
 
 def test_auto_eval_needs_a_judge_and_a_valid_spec(make_trainer):
-    from trainer.judges import JudgeError
+    from odpo.trainer.judges import JudgeError
 
     with pytest.raises(TrainConfigError, match="eval_every needs eval_judge"):
         TrainConfig(eval_every=2)
@@ -449,7 +449,7 @@ def test_auto_eval_needs_a_judge_and_a_valid_spec(make_trainer):
 
 
 def test_cli_train_eval_every_without_a_judge_is_one_line(common_config):
-    from app.cli import cli
+    from odpo.app.cli import cli
 
     args = ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "train", "--eval-every", "2"]
     result = CliRunner().invoke(cli, args)

@@ -10,8 +10,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from sqlalchemy import func, select
 
-from app.ui_common import INTERNAL_ERROR
-from db.models import Label, Prompt
+from odpo.app.ui_common import INTERNAL_ERROR
+from odpo.db.models import Label, Prompt
 from tests import ui_fixtures
 from tests.concurrency import run_in_threads
 from tests.db_helpers import make_pairs

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from db import store
-from db.models import Assignment, Control, Label
+from odpo.db import store
+from odpo.db.models import Assignment, Control, Label
 from tests import ui_fixtures
 from tests.db_helpers import make_pairs, sample
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from app.cli import cli
+from odpo.app.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 STARTED = re.compile(r"^\[up\] started (\w+) \(pid (\d+)")
@@ -28,7 +28,7 @@ class UpProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
         env.pop("OMP_NUM_THREADS", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from app.cli import main; main()", "--data-dir", str(data_dir), "up", *args],
+            [sys.executable, "-c", "from odpo.app.cli import main; main()", "--data-dir", str(data_dir), "up", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -118,7 +118,7 @@ def test_ctrl_c_stops_every_child(tiny_model_dir, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_dying_child_stops_the_others_and_up_fails_with_its_code(tmp_path):
-    from app.up import ChildSpec, Supervisor
+    from odpo.app.up import ChildSpec, Supervisor
 
     out = tmp_path / "log.txt"
     script = "import time, sys; print('hello', flush=True); time.sleep(float(sys.argv[1])); sys.exit(int(sys.argv[2]))"
@@ -140,7 +140,7 @@ def test_a_dying_child_stops_the_others_and_up_fails_with_its_code(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice values as Linux reports them")
 def test_background_children_run_at_a_lower_priority(tmp_path):
-    from app.up import ChildSpec, Supervisor
+    from odpo.app.up import ChildSpec, Supervisor
 
     class Scripted(Supervisor):
         def command(self, spec):
@@ -158,7 +158,7 @@ def test_background_children_run_at_a_lower_priority(tmp_path):
 
 
 def test_up_passes_options_to_its_children():
-    from app.cli_serve import serve, up_children
+    from odpo.app.cli_serve import serve, up_children
 
     options = {name: None for name in ("batch_size", "save_every", "max_steps", "until_version")}
     options.update(model="m", run="default", device="cpu", dtype="auto", load_in_4bit=False, seed=0, host="0.0.0.0",
@@ -201,7 +201,7 @@ def test_serve_with_the_web_app_fills_the_queue_answers_http_and_stops_on_sigter
     data = tmp_path / "data"
     assert CliRunner().invoke(cli, ["--data-dir", str(data), "init"]).exit_code == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", "from app.cli import main; main()", "--data-dir", str(data), "serve",
+    proc = subprocess.Popen([sys.executable, "-c", "from odpo.app.cli import main; main()", "--data-dir", str(data), "serve",
                              "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--port", str(port),
                              "--max-new-tokens", "8", "--queue-size", "5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)

@@ -12,8 +12,8 @@ from typing import Any, Optional
 
 import pytest
 
-from db import store
-from db.engine import Database
+from odpo.db import store
+from odpo.db.engine import Database
 from tests.db_helpers import sample
 
 
@@ -64,7 +64,7 @@ class LiveApp:
 
 def launch_app(ctx, *, port: Optional[int] = None):
     """Build and launch the real app without blocking; returns (demo, url)."""
-    from app.ui import build_app, launch_kwargs
+    from odpo.app.ui import build_app, launch_kwargs
 
     port = port or free_port()
     demo = build_app(ctx)
@@ -81,7 +81,7 @@ def write_users(path: Path, users: dict[str, tuple[str, bool]]) -> Path:
 
 
 def _live(common_config, database, *, serve_kwargs: dict, users: Optional[dict] = None):
-    from app.context import AppContext, ServeConfig
+    from odpo.app.context import AppContext, ServeConfig
 
     sampler = FakeSampler(database)
     auth_file = None

@@ -21,8 +21,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from db.errors import OdpoError
-from trainer.lora import LoraSettings
+from odpo.db.errors import OdpoError
+from odpo.trainer.lora import LoraSettings
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from db import store, store_evals
-from db.engine import Database
-from db.errors import OdpoError
-from trainer.generation import SamplingParams, generate
-from trainer.judges import Judge, Verdict, load_judge
+from odpo.db import store, store_evals
+from odpo.db.engine import Database
+from odpo.db.errors import OdpoError
+from odpo.trainer.generation import SamplingParams, generate
+from odpo.trainer.judges import Judge, Verdict, load_judge
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ def eval_prompts(db: Database, *, n: int) -> list[tuple[int, str]]:
 
 def adapter_path(db: Database, *, version: int, run: str, base_dir: Optional[Path] = None) -> Path:
     """The directory of a committed version, or an EvalError naming the versions that exist."""
-    from trainer.checkpoint import committed_dir_problem
-    from trainer.hotreload import resolve_adapter_path
+    from odpo.trainer.checkpoint import committed_dir_problem
+    from odpo.trainer.hotreload import resolve_adapter_path
 
     with db.sessions() as s:
         row = store.get_adapter(s, version=version, run=run)
@@ -179,7 +179,7 @@ def run_eval(db: Database, *, policy: Any, tokenizer: Any, version_a: int, versi
     outputs: dict[int, list[str]] = {}
     for version in (version_a, version_b):
         if version and version != holds:
-            from trainer.checkpoint import load_adapter_into
+            from odpo.trainer.checkpoint import load_adapter_into
 
             load_adapter_into(policy, paths[version])
             holds = version
@@ -243,7 +243,7 @@ def load_eval_policy(*, model_spec: str, adapter_dir: Path, cache_dir: Optional[
     """(PeftModel holding `adapter_dir`, tokenizer, autocast dtype): one base copy for both policies."""
     from peft import PeftModel
 
-    from trainer.models import ModelConfig, load_model_and_tokenizer, pick_device_dtype
+    from odpo.trainer.models import ModelConfig, load_model_and_tokenizer, pick_device_dtype
 
     try:
         base, tokenizer = load_model_and_tokenizer(ModelConfig.for_spec(model_spec, cache_dir=cache_dir,

@@ -16,11 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from db import store, store_evals
-from db.engine import Database
-from db.errors import OdpoError
-from db.models import Adapter
-from trainer.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE, fsync_tree
+from odpo.db import store, store_evals
+from odpo.db.engine import Database
+from odpo.db.errors import OdpoError
+from odpo.db.models import Adapter
+from odpo.trainer.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINER_STATE, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class ExportError(OdpoError):
 def resolve_version(db: Database, *, version: Optional[int], run: str = "default",
                     base_dir: Optional[Path] = None) -> tuple[Adapter, Path]:
     """The adapter row (latest committed when `version` is None) and its complete directory."""
-    from trainer.checkpoint import committed_dir_problem
-    from trainer.hotreload import resolve_adapter_path
+    from odpo.trainer.checkpoint import committed_dir_problem
+    from odpo.trainer.hotreload import resolve_adapter_path
 
     if version == 0:
         raise ExportError("version 0 is the base model itself: there is no adapter to export")
@@ -156,7 +156,7 @@ def export_merged(db: Database, *, out: Path, version: Optional[int] = None, run
     template: a plain checkpoint for AutoModelForCausalLM.from_pretrained."""
     from peft import PeftModel
 
-    from trainer.models import ModelConfig, load_model_and_tokenizer
+    from odpo.trainer.models import ModelConfig, load_model_and_tokenizer
 
     row, src = resolve_version(db, version=version, run=run, base_dir=base_dir)
     spec = base_model_spec(src, base_model)

@@ -17,8 +17,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from trainer.batching import encode_prompt
-from trainer.models import autocast_context
+from odpo.trainer.batching import encode_prompt
+from odpo.trainer.models import autocast_context
 
 FINISH_STOP = "stop"      # the model produced its end-of-turn/eos token
 FINISH_LENGTH = "length"  # max_new_tokens was reached first

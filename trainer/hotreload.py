@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import torch
 
-from db import store
-from db.engine import Database
-from db.models import utcnow
+from odpo.db import store
+from odpo.db.engine import Database
+from odpo.db.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def load_version_into(peft_model: Any, *, version: int, path: Optional[str], bas
     if version == 0 or path is None:
         zero_lora(peft_model)
         return
-    from trainer.checkpoint import AdapterLoadError, load_adapter_into  # the trainer owns the format
+    from odpo.trainer.checkpoint import AdapterLoadError, load_adapter_into  # the trainer owns the format
 
     where = resolve_adapter_path(path, base_dir)
     try:
@@ -72,7 +72,7 @@ def load_version_into(peft_model: Any, *, version: int, path: Optional[str], bas
 def reshape_adapter(peft_model: Any, path: Path, *, adapter_name: str = "default") -> None:
     """Replace the live LoRA modules with ones shaped like the version at `path` (rank, alpha,
     targets). Only the small adapter tensors are rebuilt; the base weights stay where they are."""
-    from trainer.checkpoint import read_lora_settings
+    from odpo.trainer.checkpoint import read_lora_settings
 
     settings = read_lora_settings(path)
     log.warning("adapter %s has another LoRA shape (r=%d, alpha=%s); rebuilding the live adapter",
@@ -82,7 +82,7 @@ def reshape_adapter(peft_model: Any, path: Path, *, adapter_name: str = "default
     peft_model.set_adapter(adapter_name)
     peft_model.eval()
     # load_adapter_into caches its key -> parameter map on the model; those parameters are gone now
-    from trainer import checkpoint
+    from odpo.trainer import checkpoint
 
     vars(peft_model).pop(getattr(checkpoint, "_PARAM_MAP_ATTR", ""), None)
 
@@ -169,7 +169,7 @@ class ReloadWatcher:
         Commit-to-serving is measured from the adapter row's creation; a rollback has no commit
         time of its own, so it is measured from when this watcher noticed it.
         """
-        from db.store import retire_pairs_newer_than
+        from odpo.db.store import retire_pairs_newer_than
 
         forward = target.version > previous and target.created_at is not None
         since = target.created_at if forward else noticed

@@ -24,10 +24,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from db import store, store_evals
-from db.engine import Database
-from db.errors import OdpoError
-from trainer.judges import Judge, Verdict, judge_labeler_name
+from odpo.db import store, store_evals
+from odpo.db.engine import Database
+from odpo.db.errors import OdpoError
+from odpo.trainer.judges import Judge, Verdict, judge_labeler_name
 
 log = logging.getLogger(__name__)
 

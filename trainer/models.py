@@ -35,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from db.settings import resolve_data_dir
+from odpo.db.settings import resolve_data_dir
 
 log = logging.getLogger(__name__)
 

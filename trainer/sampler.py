@@ -19,11 +19,11 @@ from typing import Any, Optional
 
 import torch
 
-from db import store
-from db.engine import Database
-from db.models import Prompt
-from trainer.generation import Generated, GenerationInterrupted, SamplingParams, generate
-from trainer.hotreload import ReloadWatcher
+from odpo.db import store
+from odpo.db.engine import Database
+from odpo.db.models import Prompt
+from odpo.trainer.generation import Generated, GenerationInterrupted, SamplingParams, generate
+from odpo.trainer.hotreload import ReloadWatcher
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Sampler:
 
     def _sample_loop(self) -> None:
         if self.settings.nice:
-            from trainer.priority import lower_thread_priority
+            from odpo.trainer.priority import lower_thread_priority
 
             lower_thread_priority(self.settings.nice)
         while not self._stop.is_set():

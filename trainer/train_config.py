@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from db.errors import OdpoError
-from trainer.dpo import LOSS_TYPES
-from trainer.lora import LoraSettings
-from trainer.models import DEFAULT_SPEC, ModelConfig
+from odpo.db.errors import OdpoError
+from odpo.trainer.dpo import LOSS_TYPES
+from odpo.trainer.lora import LoraSettings
+from odpo.trainer.models import DEFAULT_SPEC, ModelConfig
 
 # AdamW learning rate for the LoRA weights (r=16, all-linear), measured on SmolLM2-135M with the
 # sigmoid loss, beta 0.1, batch 8, a fixed synthetic preference ("the shorter answer wins"), 10 steps,

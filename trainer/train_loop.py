@@ -18,15 +18,15 @@ from typing import Any, Callable, Optional
 
 from sqlalchemy import select
 
-from db import store
-from db.engine import Database
-from db.errors import OdpoError
-from db.models import Adapter
-from db.store_train_extra import skip_stale_labels
-from trainer import checkpoint as ckpt
-from trainer.batching import PairExample
-from trainer.train_config import TrainConfig
-from trainer.train_step import apply_hyperparameters, dpo_step, make_optimizer
+from odpo.db import store
+from odpo.db.engine import Database
+from odpo.db.errors import OdpoError
+from odpo.db.models import Adapter
+from odpo.db.store_train_extra import skip_stale_labels
+from odpo.trainer import checkpoint as ckpt
+from odpo.trainer.batching import PairExample
+from odpo.trainer.train_config import TrainConfig
+from odpo.trainer.train_step import apply_hyperparameters, dpo_step, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +94,12 @@ class DPOTrainer:
         """
         import torch
 
-        from trainer.models import autocast_context, load_model_and_tokenizer, pick_device_dtype
+        from odpo.trainer.models import autocast_context, load_model_and_tokenizer, pick_device_dtype
 
         self._acquire_lock()
         torch.manual_seed(self.cfg.seed)
         if self.cfg.eval_every:  # before the model: a bad judge spec fails in seconds, not after loading
-            from trainer.judges import load_judge
+            from odpo.trainer.judges import load_judge
 
             self._eval_judge = load_judge(self.cfg.eval_judge)
         if model is None:
@@ -129,7 +129,7 @@ class DPOTrainer:
     def _attach(self, base: Any, latest: Optional[Adapter]) -> Any:
         """Wrap the base in LoRA shaped like the latest version (its adapter_config.json is the
         truth), or like the config for a fresh start."""
-        from trainer.lora import attach_lora
+        from odpo.trainer.lora import attach_lora
 
         settings = self.cfg.lora
         if latest is not None:
@@ -324,7 +324,7 @@ class DPOTrainer:
             return
         from dataclasses import replace
 
-        from trainer.evaluate import DEFAULT_PARAMS, maybe_auto_eval
+        from odpo.trainer.evaluate import DEFAULT_PARAMS, maybe_auto_eval
 
         params = replace(DEFAULT_PARAMS, max_new_tokens=self.cfg.eval_max_new_tokens)
         maybe_auto_eval(self.db, policy=self.model, tokenizer=self.tokenizer, version=version,

@@ -13,10 +13,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from trainer.batching import PairExample, build_pair_batch, concatenated_forward
-from trainer.checkpoint import crash_hook_pause
-from trainer.dpo import DPOLossOutput, dpo_loss, dpo_metrics, needs_length_normalisation
-from trainer.train_config import TrainConfig
+from odpo.trainer.batching import PairExample, build_pair_batch, concatenated_forward
+from odpo.trainer.checkpoint import crash_hook_pause
+from odpo.trainer.dpo import DPOLossOutput, dpo_loss, dpo_metrics, needs_length_normalisation
+from odpo.trainer.train_config import TrainConfig
 
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
 

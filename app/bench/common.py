@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from app.config import CommonConfig
+from odpo.app.config import CommonConfig
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class BenchContext:
     threads: Optional[int] = None  # torch CPU threads here and in child processes (None: torch's default)
 
     def model_config(self) -> Any:
-        from trainer.models import ModelConfig
+        from odpo.trainer.models import ModelConfig
 
         return ModelConfig(spec=self.model, cache_dir=self.common.model_cache_dir, device=self.device,
                            dtype=self.dtype)
@@ -305,7 +305,7 @@ def _versions() -> dict[str, Optional[str]]:
 def _device_info() -> dict[str, Any]:
     import torch
 
-    from trainer.models import cpu_has_native_bf16
+    from odpo.trainer.models import cpu_has_native_bf16
 
     info: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16()}
     if torch.cuda.is_available():

@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Any, Optional
 
-from app.bench.common import BenchContext, BenchResult, Target, ratio, summarize
-from app.bench.labeler_sim import (
+from odpo.app.bench.common import BenchContext, BenchResult, Target, ratio, summarize
+from odpo.app.bench.labeler_sim import (
     ApiClient,
     LabelerStats,
     Monitor,
@@ -25,7 +25,7 @@ from app.bench.labeler_sim import (
     round_trips_ms,
     run_labeler,
 )
-from app.bench.workspace import Child, free_port, wait_http
+from odpo.app.bench.workspace import Child, free_port, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ START_TIMEOUT_S = 600.0
 def run(ctx: BenchContext, *, labelers: Optional[int] = None, seconds: Optional[float] = None,
         think_s: Optional[float] = None, queue_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
         prompts_per_batch: Optional[int] = None, rule: str = DEFAULT_RULE) -> BenchResult:
-    from trainer.judges import load_judge
+    from odpo.trainer.judges import load_judge
 
     size = SIZES["quick" if ctx.quick else "full"]
     n, duration, think = labelers or size[0], seconds or size[1], think_s or size[2]
@@ -123,7 +123,7 @@ def db_facts(db: Any) -> dict[str, Any]:
     """What the database says happened: labels per labeler, trained steps' version lag."""
     from sqlalchemy import func, select
 
-    from db.models import Adapter, Label, TrainStep
+    from odpo.db.models import Adapter, Label, TrainStep
 
     with db.sessions() as s:
         labels = dict(s.execute(select(Label.labeler, func.count(Label.id)).where(Label.undone.is_(False))

@@ -33,8 +33,8 @@ import logging
 import time
 from typing import Any, Optional
 
-from app.bench.common import BenchContext, BenchResult, Target
-from app.bench.workspace import import_starter_prompts
+from odpo.app.bench.common import BenchContext, BenchResult, Target
+from odpo.app.bench.workspace import import_starter_prompts
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +42,14 @@ TARGETS = (Target("learn: online win rate vs base", "online_win_rate", ">=", 0.8
            Target("learn: online minus offline win rate", "online_minus_offline", ">=", 0.10))
 # label budget, max_new_tokens, eval prompts, learning rate (both arms use the same)
 SIZES = {"full": (200, 96, 64, 5e-4), "quick": (96, 64, 32, 1e-3)}
-DEFAULT_RULE = "py:app.bench.rules:finished_and_short"
+DEFAULT_RULE = "py:odpo.app.bench.rules:finished_and_short"
 ARMS = ("online", "offline")
 
 
 def run(ctx: BenchContext, *, rule: str = DEFAULT_RULE, budget: Optional[int] = None, batch_size: int = 8,
         max_new_tokens: Optional[int] = None, eval_n: Optional[int] = None, lr: Optional[float] = None,
         beta: float = 0.1) -> BenchResult:
-    from trainer.judges import load_judge
+    from odpo.trainer.judges import load_judge
 
     size_b, size_t, size_n, size_lr = SIZES["quick" if ctx.quick else "full"]
     budget, tokens, eval_n, lr = budget or size_b, max_new_tokens or size_t, eval_n or size_n, lr or size_lr
@@ -71,10 +71,10 @@ def run(ctx: BenchContext, *, rule: str = DEFAULT_RULE, budget: Optional[int] = 
 def run_arm(ctx: BenchContext, mode: str, *, judge: Any, budget: int, batch: int, tokens: int, eval_n: int,
             lr: float, beta: float) -> dict[str, Any]:
     """One arm in its own scratch database: loop, then evaluate its final version vs the base."""
-    from app.context import ServeConfig
-    from app.serve import build_sampler, load_policy
-    from trainer.train_config import TrainConfig
-    from trainer.train_loop import DPOTrainer
+    from odpo.app.context import ServeConfig
+    from odpo.app.serve import build_sampler, load_policy
+    from odpo.trainer.train_config import TrainConfig
+    from odpo.trainer.train_loop import DPOTrainer
 
     with ctx.scratch(f"learn-{mode}") as cfg:
         import_starter_prompts(cfg)
@@ -106,15 +106,15 @@ class _Counter:
     """Labels the judge worker stored, by choice, plus where the time went."""
 
     def __init__(self, judge: Any) -> None:
-        from trainer.judge_worker import JudgeWorkerConfig, WorkerStats
-        from trainer.judges import judge_labeler_name
+        from odpo.trainer.judge_worker import JudgeWorkerConfig, WorkerStats
+        from odpo.trainer.judges import judge_labeler_name
 
         self.judge, self.stats, self.config = judge, WorkerStats(), JudgeWorkerConfig(poll_seconds=0)
         self.labeler = judge_labeler_name(judge.spec)
         self.seconds = {"sample": 0.0, "label": 0.0, "train": 0.0, "swap": 0.0}
 
     def label(self, db: Any, limit: int) -> int:
-        from trainer.judge_worker import judge_batch
+        from odpo.trainer.judge_worker import judge_batch
 
         t0 = time.perf_counter()
         handled = judge_batch(db, self.judge, config=self.config, stats=self.stats, labeler=self.labeler,
@@ -172,8 +172,8 @@ def _arm_facts(c: _Counter, trainer: Any, *, steps: int, served: list[int]) -> d
 
 def evaluate(db: Any, trainer: Any, *, judge: Any, n: int, tokens: int, seed: int, base_dir: Any) -> dict[str, Any]:
     """Final version vs the base (v0) on held-out prompts, from the trainer's own weights."""
-    from trainer.evaluate import run_eval
-    from trainer.generation import SamplingParams
+    from odpo.trainer.evaluate import run_eval
+    from odpo.trainer.generation import SamplingParams
 
     if trainer.version == 0:
         return {"win_rate": None, "eval": None, "eval_note": "no DPO step was taken; the policy is the base"}

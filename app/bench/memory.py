@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from app.bench.common import BenchContext, BenchResult
-from app.bench.workspace import Child, free_port
+from odpo.app.bench.common import BenchContext, BenchResult
+from odpo.app.bench.workspace import Child, free_port
 
 log = logging.getLogger(__name__)
 

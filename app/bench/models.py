@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from app.bench.common import BenchContext
+from odpo.app.bench.common import BenchContext
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +23,15 @@ class Policy:
 
     def autocast(self) -> Callable[[], contextlib.AbstractContextManager]:
         """The trainer's autocast factory (bf16 on CPUs with native bf16, see trainer.models)."""
-        from trainer.models import autocast_context
+        from odpo.trainer.models import autocast_context
 
         return lambda: autocast_context(self.device, self.autocast_dtype)
 
 
 def load_policy(ctx: BenchContext, *, lora: Optional[Any] = None) -> Policy:
     """Load the bench model and attach LoRA (odpo's defaults unless `lora` is given)."""
-    from trainer.lora import LoraSettings, attach_lora
-    from trainer.models import load_model_and_tokenizer, pick_device_dtype
+    from odpo.trainer.lora import LoraSettings, attach_lora
+    from odpo.trainer.models import load_model_and_tokenizer, pick_device_dtype
 
     base, tokenizer = load_model_and_tokenizer(ctx.model_config())
     model = attach_lora(base, lora or LoraSettings())
@@ -43,7 +43,7 @@ def load_policy(ctx: BenchContext, *, lora: Optional[Any] = None) -> Policy:
 def starter_prompts(*, held_out: Optional[bool] = None) -> list[str]:
     """The bundled starter prompts (the same ones `odpo up` imports), optionally only the training
     or only the held-out part of the deterministic 10% split."""
-    from app.prompt_files import held_out_split, read_starter_prompts
+    from odpo.app.prompt_files import held_out_split, read_starter_prompts
 
     texts = [r.text for r in read_starter_prompts()]
     if held_out is None:

@@ -14,8 +14,8 @@ import random
 import time
 from typing import Any, Optional
 
-from app.bench.common import BenchContext, BenchResult, Target, summarize
-from app.bench.workspace import import_starter_prompts
+from odpo.app.bench.common import BenchContext, BenchResult, Target, summarize
+from odpo.app.bench.workspace import import_starter_prompts
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ def run(ctx: BenchContext, *, versions: Optional[int] = None, max_new_tokens: Op
 
 def _drive(ctx: BenchContext, cfg: Any, *, versions: int, tokens: int, batch: int,
            interval: float) -> tuple[list[float], list[float], list[dict[str, float]], dict[str, Any]]:
-    from app.context import ServeConfig
-    from app.serve import build_sampler, load_policy
+    from odpo.app.context import ServeConfig
+    from odpo.app.serve import build_sampler, load_policy
 
     import_starter_prompts(cfg)
     db = cfg.open_db()
@@ -81,9 +81,9 @@ def _drive(ctx: BenchContext, cfg: Any, *, versions: int, tokens: int, batch: in
 
 def _trainer_side(ctx: BenchContext) -> tuple[Any, Any]:
     """The trainer's model and optimizer: what write_version saves."""
-    from app.bench.models import load_policy as load_bench_policy
-    from trainer.train_config import TrainConfig
-    from trainer.train_step import make_optimizer
+    from odpo.app.bench.models import load_policy as load_bench_policy
+    from odpo.trainer.train_config import TrainConfig
+    from odpo.trainer.train_step import make_optimizer
 
     policy = load_bench_policy(ctx)
     return policy.model, make_optimizer(policy.model, TrainConfig(model=ctx.model))
@@ -94,8 +94,8 @@ def commit_version(cfg: Any, db: Any, model: Any, optimizer: Any, *, version: in
     (write ms, perf_counter time right after the commit transaction)."""
     import torch
 
-    from db import store
-    from trainer import checkpoint as ckpt
+    from odpo.db import store
+    from odpo.trainer import checkpoint as ckpt
 
     gen = torch.Generator().manual_seed(seed * 100_003 + version)
     with torch.no_grad():
@@ -116,7 +116,7 @@ def reload_rows(db: Any) -> list[dict[str, float]]:
     """The watcher's own records, one per swap."""
     from sqlalchemy import select
 
-    from db.models import Reload
+    from odpo.db.models import Reload
 
     with db.sessions() as s:
         return [{"version": r.version, "swap_ms": r.swap_ms, "commit_to_serving_ms": r.commit_to_serving_ms}

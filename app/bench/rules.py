@@ -1,4 +1,4 @@
-"""Labeler rules for `odpo bench learn`, as py: judge plugins (`--rule py:app.bench.rules:NAME`).
+"""Labeler rules for `odpo bench learn`, as py: judge plugins (`--rule py:odpo.app.bench.rules:NAME`).
 
 A learning benchmark needs a preference whose effect shows inside the generation length (a length
 rule does not once both samples hit max_new_tokens) and that decides most pairs (a tie is a label

@@ -11,8 +11,8 @@ import logging
 import time
 from typing import Any, Optional
 
-from app.bench.common import BenchContext, BenchResult, Target, per_minute, ratio, summarize
-from app.bench.models import cycle, load_policy, starter_prompts
+from odpo.app.bench.common import BenchContext, BenchResult, Target, per_minute, ratio, summarize
+from odpo.app.bench.models import cycle, load_policy, starter_prompts
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ SIZES = {  # (prompts_per_batch, rounds, max_new_tokens); quick batches like `od
 def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: Optional[int] = None,
         max_new_tokens: Optional[int] = None) -> BenchResult:
     """Measure both modes and their ratio; see the module docstring."""
-    from trainer.generation import SamplingParams
+    from odpo.trainer.generation import SamplingParams
 
     size_b, size_r, size_t = SIZES["quick" if ctx.quick else "full"]
     batch, rounds, tokens = prompts_per_batch or size_b, rounds or size_r, max_new_tokens or size_t
@@ -51,7 +51,7 @@ def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: O
 
 
 def _seeded(params: Any, offset: int) -> Any:
-    from trainer.generation import SamplingParams
+    from odpo.trainer.generation import SamplingParams
 
     return SamplingParams(temperature=params.temperature, top_p=params.top_p,
                           max_new_tokens=params.max_new_tokens, seed=params.seed + offset)
@@ -59,7 +59,7 @@ def _seeded(params: Any, offset: int) -> Any:
 
 def _timed(policy: Any, prompts: list[str], params: Any) -> dict[str, float]:
     """One generate call as the sampler makes it: pairs, seconds, generated tokens."""
-    from trainer.generation import generate
+    from odpo.trainer.generation import generate
 
     started = time.perf_counter()
     out = generate(policy.model, policy.tokenizer, prompts, params=params, n_per_prompt=2)

@@ -22,8 +22,8 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
-from app.bench.common import BenchContext, BenchResult, Target, ratio, summarize
-from app.bench.models import Policy, cycle, load_policy, starter_prompts
+from odpo.app.bench.common import BenchContext, BenchResult, Target, ratio, summarize
+from odpo.app.bench.models import Policy, cycle, load_policy, starter_prompts
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ DEFAULT_RULE = "rule:shorter"
 
 def run(ctx: BenchContext, *, batch_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
         rounds: Optional[int] = None, rule: str = DEFAULT_RULE, lr: float = 2e-4) -> BenchResult:
-    from trainer.judges import load_judge
+    from odpo.trainer.judges import load_judge
 
     size_b, size_t, size_r = SIZES["quick" if ctx.quick else "full"]
     batch, tokens, rounds = batch_size or size_b, max_new_tokens or size_t, rounds or size_r
@@ -65,9 +65,9 @@ class OdpoSide:
     """odpo's per-pair work on one PeftModel: sample, judge, dpo_step, write version, swap."""
 
     def __init__(self, ctx: BenchContext, *, judge: Any, batch: int, tokens: int, lr: float, adapters_dir: Any) -> None:
-        from trainer.generation import SamplingParams
-        from trainer.train_config import TrainConfig
-        from trainer.train_step import make_optimizer
+        from odpo.trainer.generation import SamplingParams
+        from odpo.trainer.train_config import TrainConfig
+        from odpo.trainer.train_step import make_optimizer
 
         self.policy: Policy = load_policy(ctx)
         self.judge, self.batch, self.adapters_dir = judge, batch, adapters_dir
@@ -78,10 +78,10 @@ class OdpoSide:
         self.rounds: list[dict[str, float]] = []
 
     def round(self, prompts: list[str]) -> dict[str, float]:
-        from trainer import checkpoint as ckpt
-        from trainer.batching import PairExample
-        from trainer.generation import generate
-        from trainer.train_step import dpo_step
+        from odpo.trainer import checkpoint as ckpt
+        from odpo.trainer.batching import PairExample
+        from odpo.trainer.generation import generate
+        from odpo.trainer.train_step import dpo_step
 
         model, tok = self.policy.model, self.policy.tokenizer
         marks = [time.perf_counter()]
@@ -176,8 +176,8 @@ def build_trl_trainer(ctx: BenchContext, odpo: OdpoSide, *, prompts: list[str], 
     from datasets import Dataset
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from trainer.lora import LoraSettings
-    from trainer.models import load_model_and_tokenizer
+    from odpo.trainer.lora import LoraSettings
+    from odpo.trainer.models import load_model_and_tokenizer
 
     base, tokenizer = load_model_and_tokenizer(ctx.model_config())
     policy, params = odpo.policy, odpo.params

@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional, Sequence
 
-from app.config import CommonConfig
+from odpo.app.config import CommonConfig
 
 log = logging.getLogger(__name__)
 
-_ENTRY = "from app.cli import main; main()"  # as app/up.py starts its children
+_ENTRY = "from odpo.app.cli import main; main()"  # as app/up.py starts its children
 
 
 def import_starter_prompts(cfg: CommonConfig) -> int:
     """Starter prompts into the scratch database (10% held out, as `odpo up` does on first start)."""
-    from app.services import ensure_initialised
+    from odpo.app.services import ensure_initialised
 
     return ensure_initialised(cfg, starter=True, held_out_fraction=0.1)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
-from db.errors import OdpoError
+from odpo.db.errors import OdpoError
 
 VERDICT_CHOICES = ("a", "b", "tie", "both_bad", "abstain")
 SPEC_KINDS = ("rule", "py", "hf", "openai", "rm")
@@ -129,22 +129,22 @@ def load_judge(spec: str, options: Optional[JudgeOptions] = None) -> Judge:
     kind, rest = split_spec(spec)
     spec = f"{kind}:{rest}"
     if kind == "rule":
-        from trainer.judges.rule import RuleJudge
+        from odpo.trainer.judges.rule import RuleJudge
 
         return RuleJudge(rest, spec=spec)
     if kind == "py":
-        from trainer.judges.plugin import PluginJudge
+        from odpo.trainer.judges.plugin import PluginJudge
 
         return PluginJudge.from_path(rest, spec=spec, options=options)
     if kind == "hf":
-        from trainer.judges.hf import HFJudge
+        from odpo.trainer.judges.hf import HFJudge
 
         return HFJudge.from_spec(rest, spec=spec, options=options)
     if kind == "openai":
-        from trainer.judges.openai_judge import OpenAIJudge
+        from odpo.trainer.judges.openai_judge import OpenAIJudge
 
         return OpenAIJudge.from_spec(rest, spec=spec, options=options)
-    from trainer.judges.reward_model import RewardModelJudge
+    from odpo.trainer.judges.reward_model import RewardModelJudge
 
     return RewardModelJudge.from_spec(rest, spec=spec, options=options)
 

@@ -22,8 +22,8 @@ from typing import Any, Optional, Sequence
 
 import httpx
 
-from trainer.judges import JudgeError, JudgeOptions, JudgeUnreachableError
-from trainer.judges.pairwise import BothOrdersJudge, fill_template, load_template
+from odpo.trainer.judges import JudgeError, JudgeOptions, JudgeUnreachableError
+from odpo.trainer.judges.pairwise import BothOrdersJudge, fill_template, load_template
 
 log = logging.getLogger(__name__)
 

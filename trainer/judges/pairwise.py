@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from trainer.judges import JudgeError, Verdict, abstain, check_batch
+from odpo.trainer.judges import JudgeError, Verdict, abstain, check_batch
 
 PLACEHOLDERS = ("prompt", "response_a", "response_b")
 _PLACEHOLDER_RE = re.compile(r"\{(prompt|response_a|response_b)\}")
@@ -26,7 +26,7 @@ def load_template(path: Optional[Path] = None) -> str:
     """The judge prompt: the packaged default, or a user file with {prompt}, {response_a} and
     {response_b} placeholders (other braces are left alone, so JSON examples are fine)."""
     if path is None:
-        return resources.files("trainer.judges").joinpath(DEFAULT_TEMPLATE_NAME).read_text(encoding="utf-8")
+        return resources.files("odpo.trainer.judges").joinpath(DEFAULT_TEMPLATE_NAME).read_text(encoding="utf-8")
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from trainer.judges import JudgeError, JudgeOptions, Verdict, abstain, check_batch
+from odpo.trainer.judges import JudgeError, JudgeOptions, Verdict, abstain, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,30 @@ def import_function(path: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's, reported in one line
-        raise PluginError(f"cannot import plugin module {module_name!r}: {type(exc).__name__}: {exc}") from None
+        hint = _moved_hint(module_name, attr) if isinstance(exc, ModuleNotFoundError) else ""
+        raise PluginError(f"cannot import plugin module {module_name!r}: {type(exc).__name__}: {exc}{hint}") from None
     fn = getattr(module, attr, None)
     if fn is None:
         raise PluginError(f"plugin module {module_name!r} has no attribute {attr!r}")
     if not callable(fn):
         raise PluginError(f"plugin {path!r} is not callable")
     return fn
+
+
+# Import names odpo had before everything moved under `odpo.` (a user's own `app` module is
+# imported first, so these hints only show when nothing of that name exists any more).
+_OLD_TOP_LEVEL = ("app", "trainer", "db")
+_MOVED_SPECS = {"app.bench.rules": "rule:{attr}"}
+
+
+def _moved_hint(module_name: str, attr: str) -> str:
+    """'; odpo's modules moved: use ...' for a spec written against odpo's old top-level names."""
+    if module_name in _MOVED_SPECS:
+        return f" (odpo's modules moved: use {_MOVED_SPECS[module_name].format(attr=attr)})"
+    top = module_name.split(".", 1)[0]
+    if top in _OLD_TOP_LEVEL:
+        return f" (odpo's modules moved: use py:odpo.{module_name}:{attr})"
+    return ""
 
 
 def to_verdict(value: Any, *, tie_margin: float) -> Optional[Verdict]:

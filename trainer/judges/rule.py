@@ -16,7 +16,7 @@ import hashlib
 import re
 from typing import Callable, Sequence
 
-from trainer.judges import JudgeError, Verdict, check_batch
+from odpo.trainer.judges import JudgeError, Verdict, check_batch
 
 # A rule maps (prompt, a, b) to a signed preference: > 0 a wins, < 0 b wins, 0 tie.
 Rule = Callable[[str, str, str], float]
