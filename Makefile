@@ -38,7 +38,7 @@ test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check app trainer db tests
+	$(VENV)/bin/ruff check odpo app trainer db bench tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from odpo.app.auth import AuthConfig
 from odpo.app.context import ServeConfig
 from odpo.app.label_service import LabelService
-from odpo.db import store, store_evals, store_ui
+from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import utcnow
@@ -60,12 +60,12 @@ class AdminService:
         run = self.config.run
         with self.db.sessions() as s:
             data = {
-                "train": store_ui.train_series(s, run=run),
-                "evals": store_ui.eval_series(s),
-                "labels_per_hour": store_ui.labels_per_hour(s, since=utcnow() - dt.timedelta(hours=HOURS_SHOWN)),
-                "labelers": store_ui.labeler_stats(s),
-                "agreement": store_evals.judge_agreement(s),
-                "last_step": store_ui.last_train_step(s, run=run),
+                "train": store.train_series(s, run=run),
+                "evals": store.eval_series(s),
+                "labels_per_hour": store.labels_per_hour(s, since=utcnow() - dt.timedelta(hours=HOURS_SHOWN)),
+                "labelers": store.labeler_stats(s),
+                "agreement": store.judge_agreement(s),
+                "last_step": store.last_train_step(s, run=run),
                 "status": store.status_counts(s, run=run),
                 "paused": _paused(s),
             }
@@ -105,7 +105,7 @@ class AdminService:
 
     def versions(self) -> list[dict[str, Any]]:
         with self.db.sessions() as s:
-            return store_ui.adapter_versions(s, run=self.config.run)
+            return store.adapter_versions(s, run=self.config.run)
 
     def rollback(self, *, username: Optional[str], version: int, retire_newer: bool = True) -> dict[str, int]:
         """Serve and train from `version` again (the sampler notices the new latest row); queued

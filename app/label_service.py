@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from odpo.app.context import SamplerHandle, ServeConfig
-from odpo.db import store, store_ui
+from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import Assignment, Pair
@@ -195,8 +195,8 @@ class LabelService:
     def next_for(self, s, *, labeler: str, exclude: Sequence[int] = ()) -> Optional[PairView]:
         """Typed pair first; else a claim of theirs not on screen (`exclude`), oldest first; else a
         new claim. Used for the pair on screen and for the prefetched one."""
-        if not store_ui.typed_pair_waiting(s, labeler=labeler):
-            shown = store_ui.oldest_open_claim(s, labeler=labeler, exclude=exclude)
+        if not store.typed_pair_waiting(s, labeler=labeler):
+            shown = store.oldest_open_claim(s, labeler=labeler, exclude=exclude)
             if shown is not None:
                 return _view(s, shown)
         claimed = store.claim_next_pair(s, labeler=labeler, timeout_s=self.config.claim_timeout_s)
@@ -206,7 +206,7 @@ class LabelService:
         """The PairView of one of this labeler's open claims (to re-render a slot), else None."""
         if assignment_id is None:
             return None
-        claimed = store_ui.open_claim(s, assignment_id=int(assignment_id), labeler=labeler)
+        claimed = store.open_claim(s, assignment_id=int(assignment_id), labeler=labeler)
         return None if claimed is None else _view(s, claimed)
 
     def release_expired_claims(self) -> None:
@@ -259,7 +259,7 @@ class LabelService:
 
     def _judge_note(self, s, pair_id: int, shown_left: str) -> Optional[str]:
         """The judge's pick for the pair just voted on, in the labeler's own left/right terms."""
-        picks = store_ui.judge_labels_for_pair(s, pair_id=pair_id)
+        picks = store.judge_labels_for_pair(s, pair_id=pair_id)
         if not picks:
             return None
         names = {shown_left: "A (left)", ("b" if shown_left == "a" else "a"): "B (right)",
@@ -298,7 +298,7 @@ class LabelService:
 
     def typed_ready(self, *, labeler: str) -> bool:
         with self.db.sessions() as s:
-            return store_ui.typed_pair_waiting(s, labeler=labeler)
+            return store.typed_pair_waiting(s, labeler=labeler)
 
     # -- counters -----------------------------------------------------------------------------
     def counters(self) -> Counters:
@@ -331,7 +331,7 @@ class LabelService:
 
     def labels_by(self, *, labeler: str) -> int:
         with self.db.sessions() as s:
-            return store_ui.count_labels(s, labeler=labeler)
+            return store.count_labels(s, labeler=labeler)
 
 
 def _per_update(train_cfg: dict[str, Any]) -> int:

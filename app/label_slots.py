@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
 from odpo.app.label_service import Counters, LabelError, LabelService, PairView, check_vote
-from odpo.db import store_ui
+from odpo.db import store
 
 MAX_SESSIONS = 5000
 
@@ -118,7 +118,7 @@ class LabelSlots:
             changed: dict = {}
             arrived = st.typed_pending and self.svc.typed_ready(labeler=labeler)
             with self._transaction(st) as s:
-                alive = store_ui.open_claim_ids(s, labeler=labeler, ids=[i for i in st.ids if i is not None])
+                alive = store.open_claim_ids(s, labeler=labeler, ids=[i for i in st.ids if i is not None])
                 for slot in (0, 1):
                     if st.ids[slot] is not None and st.ids[slot] not in alive:  # expired meanwhile
                         self._put(st, slot, None, changed)
@@ -153,7 +153,7 @@ class LabelSlots:
                 self._put(st, st.active, None, changed)
                 st.active = st.hidden
                 nxt = st.ids[st.active]
-                if nxt is None or not store_ui.mark_shown(s, assignment_id=nxt, labeler=labeler,
+                if nxt is None or not store.mark_shown(s, assignment_id=nxt, labeler=labeler,
                                                           timeout_s=self.svc.config.claim_timeout_s):
                     self._put(st, st.active, self._next(s, st), changed)
                 self._put(st, st.hidden, self._next(s, st), changed)
@@ -179,7 +179,7 @@ class LabelSlots:
             if st.labeler != labeler:
                 st.labeler, st.ids = labeler, [None, None]
             with self._transaction(st) as s:
-                alive = store_ui.open_claim_ids(s, labeler=labeler, ids=self._ids(st))
+                alive = store.open_claim_ids(s, labeler=labeler, ids=self._ids(st))
                 st.ids = [i if i in alive else None for i in st.ids]
                 views = {slot: self.svc.view_of(s, assignment_id=st.ids[slot], labeler=labeler) for slot in (0, 1)}
             update = self._fill(st, changed={})

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from odpo.db.errors import OdpoError
-from odpo.db.store_prompts import normalise_prompt, prompt_hash
+from odpo.db.store import normalise_prompt, prompt_hash
 
 logger = logging.getLogger(__name__)
 

@@ -3,6 +3,20 @@
 The functions live in small modules by concern; each takes a Session first and keyword-only
 arguments after it, and leaves the transaction to the caller (`with factory.begin() as s:`).
 """
+from odpo.db.store_evals import (  # noqa: F401
+    DECISIONS,
+    LabeledPair,
+    PairText,
+    find_eval,
+    judge_agreement,
+    judge_candidates,
+    labeled_pairs,
+    list_evals,
+    list_versions,
+    record_eval,
+    trained_label_counts,
+    version_lineage,
+)
 from odpo.db.store_pairs import (  # noqa: F401
     ClaimedPair,
     NewSample,
@@ -35,6 +49,7 @@ from odpo.db.store_prompts import (  # noqa: F401
     prompt_hash,
 )
 from odpo.db.store_status import get_control, record_reload, set_control, status_counts  # noqa: F401
+from odpo.db.store_train_extra import STALE_STEP, count_stale_skipped, skip_stale_labels  # noqa: F401
 from odpo.db.store_training import (  # noqa: F401
     LabelsRetracted,
     TrainingLabel,
@@ -46,4 +61,19 @@ from odpo.db.store_training import (  # noqa: F401
     record_train_step,
     rollback_to,
     unconsumed_labels,
+)
+from odpo.db.store_ui import (  # noqa: F401
+    adapter_versions,
+    count_labels,
+    eval_series,
+    judge_labels_for_pair,
+    labeler_stats,
+    labels_per_hour,
+    last_train_step,
+    mark_shown,
+    oldest_open_claim,
+    open_claim,
+    open_claim_ids,
+    train_series,
+    typed_pair_waiting,
 )

@@ -27,9 +27,9 @@ from odpo.app.bench.labeler_sim import (
 )
 from odpo.app.cli import cli
 from odpo.db.models import Label
+from odpo.trainer.judges import load_judge
 from tests import ui_fixtures
 from tests.db_helpers import make_pairs
-from odpo.trainer.judges import load_judge
 
 live_app = ui_fixtures.live_app  # a fixture, requested by name
 

@@ -104,8 +104,8 @@ def test_load_adapter_into_copies_in_place(peft_model, tmp_path):
 
 
 def test_load_adapter_into_rejects_a_different_rank(tiny_model_dir, peft_model, tmp_path):
-    from tests.model_fixtures import tiny_model_config
     from odpo.trainer.models import load_model_and_tokenizer
+    from tests.model_fixtures import tiny_model_config
 
     other, _ = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "models"))
     other = attach_lora(other, LoraSettings(r=8, alpha=16, dropout=0.0))

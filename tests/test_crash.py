@@ -22,8 +22,8 @@ import pytest
 from sqlalchemy import select
 
 from odpo.db.models import Adapter, Label, TrainStep
-from tests.db_helpers import label_all, make_pairs
 from odpo.trainer import checkpoint as ckpt
+from tests.db_helpers import label_all, make_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 180  # generous: a process start imports torch+transformers+peft, slow on a busy 2-core box
@@ -37,7 +37,7 @@ class TrainerProcess:
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.lines: list[str] = []
         self._queue: "queue.Queue[str | None]" = queue.Queue()
-        self.proc = subprocess.Popen([sys.executable, "-c", "from odpo.app.cli import main; main()", *args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "odpo", *args],
                                      cwd=REPO, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._pump, daemon=True).start()

@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from odpo.app.cli import cli
-from odpo.db import store, store_evals
-from tests.test_export import commit_version, perturb
+from odpo.db import store
 from odpo.trainer.evaluate import EvalError, maybe_auto_eval, pair_scores, run_eval, tally, wilson_interval
 from odpo.trainer.generation import SamplingParams, generate
 from odpo.trainer.judges import load_judge
+from tests.test_export import commit_version, perturb
 
 torch.set_num_threads(1)
 
@@ -69,9 +69,9 @@ def test_pair_scores_asks_position_dependent_judges_in_both_orders():
 @pytest.fixture
 def two_versions(database, tiny_model_dir, tmp_path):
     """v1 and v2 with identical weights, v3 different; the policy holds v3 at the end."""
-    from tests.model_fixtures import tiny_model_config
     from odpo.trainer.lora import LoraSettings, attach_lora
     from odpo.trainer.models import load_model_and_tokenizer
+    from tests.model_fixtures import tiny_model_config
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "models"))
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_eval_generates_each_version_from_one_base_copy(database, two_versions):
                 for a, b in zip(with_adapter, base, strict=True)]
     assert result.details["scores"] == expected and w.n == 4
     with database.sessions() as s:
-        row = store_evals.list_evals(s)[-1]
+        row = store.list_evals(s)[-1]
     assert (row.version_a, row.version_b, row.judge, row.n, row.win_rate) == (3, 0, "rule:longer", 4, w.rate)
     assert row.ci_low <= row.win_rate <= row.ci_high and row.details["interval"] == "wilson"
 
@@ -178,9 +178,9 @@ def test_cli_eval_on_the_tiny_model(common_config, database, two_versions):
 
 @pytest.fixture
 def policy(tiny_model_dir, tmp_path):
-    from tests.model_fixtures import tiny_model_config
     from odpo.trainer.lora import LoraSettings, attach_lora
     from odpo.trainer.models import load_model_and_tokenizer
+    from tests.model_fixtures import tiny_model_config
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "models"))
     return attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0)), tokenizer
@@ -211,6 +211,6 @@ def test_odpo_eval_on_the_default_model(common_config, database, default_model_c
     assert result.exit_code == 0, result.output
     assert "v1 vs base, judge rule:shorter: win rate" in result.output and "n=8" in result.output
     with database.sessions() as s:
-        row = store_evals.list_evals(s)[-1]
+        row = store.list_evals(s)[-1]
     assert row.n + row.details["abstained"] == 8 and 0.0 <= row.ci_low <= row.win_rate <= row.ci_high <= 1.0
     assert row.ci_high - row.ci_low > 0.2  # n=8 cannot give a narrow interval

@@ -12,12 +12,12 @@ from click.testing import CliRunner
 
 from odpo.app.cli import cli
 from odpo.db import store
-from tests.db_helpers import label_all, make_pairs
-from tests.model_fixtures import tiny_model_config
 from odpo.trainer import checkpoint as ckpt
 from odpo.trainer.export import ExportError, export_adapter, export_dataset, export_merged
 from odpo.trainer.lora import LoraSettings, attach_lora
 from odpo.trainer.models import load_model_and_tokenizer
+from tests.db_helpers import label_all, make_pairs
+from tests.model_fixtures import tiny_model_config
 
 torch.set_num_threads(1)
 

@@ -10,11 +10,11 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from odpo.app.cli import cli
-from odpo.db import store, store_evals
+from odpo.db import store
 from odpo.db.models import Label, Pair
-from tests.db_helpers import rows, sample
 from odpo.trainer.judge_worker import JudgeWorkerConfig, JudgeWorkerError, in_fraction, run_judge_worker
 from odpo.trainer.judges import JudgeUnreachableError, load_judge
+from tests.db_helpers import rows, sample
 
 ONCE = dict(exit_when_idle=0.0, poll_seconds=0.0)
 SHORTER = "judge:rule:shorter"
@@ -146,7 +146,7 @@ def test_shadow_mode_and_agreement(database):
     assert stats.labeled == 3
     assert [lb.pair_id for lb in labels(database, labeler=SHORTER)] == ids[:3]
     with database.sessions() as s:
-        assert store_evals.judge_agreement(s) == [{"judge": SHORTER, "n": 3, "agree": 1, "rate": pytest.approx(1 / 3)}]
+        assert store.judge_agreement(s) == [{"judge": SHORTER, "n": 3, "agree": 1, "rate": pytest.approx(1 / 3)}]
         # people's labels win for training: the shadow labels are never trained on
         assert {t.source for t in store.unconsumed_labels(s, limit=100)} == {"human"}
 
@@ -163,7 +163,7 @@ def test_shadow_abstentions_are_recorded_as_skips(database):
     assert [lb.choice for lb in labels(database, source="judge:py:tests.rules:boom_on_question")] == ["skip"] * 3
     assert run_judge_worker(database, judge, config=config).abstained == 0  # not judged again
     with database.sessions() as s:
-        assert store_evals.judge_agreement(s) == []
+        assert store.judge_agreement(s) == []
 
 
 class DownJudge:

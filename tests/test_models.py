@@ -15,7 +15,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tests.model_fixtures import tiny_model_config
 from odpo.trainer import models
 from odpo.trainer.lora import LoraSettings, attach_lora
 from odpo.trainer.models import (
@@ -30,6 +29,7 @@ from odpo.trainer.models import (
     pick_device_dtype,
     resolve_model_spec,
 )
+from tests.model_fixtures import tiny_model_config
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 

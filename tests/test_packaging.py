@@ -4,11 +4,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"odpo": "odpo", "odpo.app": "app", "odpo.trainer": "trainer", "odpo.db": "db", "odpo.static": "static",

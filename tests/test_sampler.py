@@ -15,13 +15,13 @@ from sqlalchemy import select
 
 from odpo.db import store
 from odpo.db.models import Pair, Reload, Sample
-from tests.concurrency import wait_until
-from tests.db_helpers import rows
-from tests.model_fixtures import tiny_model_config
 from odpo.trainer.generation import SamplingParams
 from odpo.trainer.lora import LoraSettings, attach_lora
 from odpo.trainer.models import load_model_and_tokenizer
 from odpo.trainer.sampler import Sampler, SamplerSettings
+from tests.concurrency import wait_until
+from tests.db_helpers import rows
+from tests.model_fixtures import tiny_model_config
 
 TRAIN_PROMPTS = [f"Question {i}: what does the cat think of the river?" for i in range(10)]
 HELD_OUT = ["Held out: the old man writes to the train."]

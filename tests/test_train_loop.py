@@ -10,9 +10,7 @@ from sqlalchemy import select
 
 from odpo.db import store
 from odpo.db.models import Adapter, Label, TrainStep
-from odpo.db.store_train_extra import STALE_STEP, count_stale_skipped
-from tests.db_helpers import label_all, make_pairs
-from tests.model_fixtures import tiny_model_config
+from odpo.db.store import STALE_STEP, count_stale_skipped
 from odpo.trainer import checkpoint as ckpt
 from odpo.trainer.batching import PairExample
 from odpo.trainer.lora import LoraSettings, attach_lora
@@ -20,6 +18,8 @@ from odpo.trainer.models import load_model_and_tokenizer
 from odpo.trainer.train_config import TrainConfig, TrainConfigError
 from odpo.trainer.train_loop import DPOTrainer, TrainerBusyError
 from odpo.trainer.train_step import dpo_step, make_optimizer
+from tests.db_helpers import label_all, make_pairs
+from tests.model_fixtures import tiny_model_config
 
 torch.set_num_threads(1)
 

@@ -28,7 +28,7 @@ class UpProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
         env.pop("OMP_NUM_THREADS", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from odpo.app.cli import main; main()", "--data-dir", str(data_dir), "up", *args],
+            [sys.executable, "-m", "odpo", "--data-dir", str(data_dir), "up", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -201,7 +201,7 @@ def test_serve_with_the_web_app_fills_the_queue_answers_http_and_stops_on_sigter
     data = tmp_path / "data"
     assert CliRunner().invoke(cli, ["--data-dir", str(data), "init"]).exit_code == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", "from odpo.app.cli import main; main()", "--data-dir", str(data), "serve",
+    proc = subprocess.Popen([sys.executable, "-m", "odpo", "--data-dir", str(data), "serve",
                              "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--port", str(port),
                              "--max-new-tokens", "8", "--queue-size", "5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from odpo.db import store, store_evals
+from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.trainer.generation import SamplingParams, generate
@@ -148,7 +148,7 @@ def adapter_path(db: Database, *, version: int, run: str, base_dir: Optional[Pat
 
     with db.sessions() as s:
         row = store.get_adapter(s, version=version, run=run)
-        known = [a.version for a in store_evals.list_versions(s, run=run)]
+        known = [a.version for a in store.list_versions(s, run=run)]
     if row is None:
         have = ", ".join(f"v{v}" for v in known) or "none yet"
         raise EvalError(f"no adapter version v{version} in run {run!r} (versions: {have})")
@@ -198,7 +198,7 @@ def run_eval(db: Database, *, policy: Any, tokenizer: Any, version_a: int, versi
                         abstained=abstained, details=details)
     if record:
         with db.sessions.begin() as s:
-            row = store_evals.record_eval(s, version_a=version_a, version_b=version_b, judge=judge_impl.spec,
+            row = store.record_eval(s, version_a=version_a, version_b=version_b, judge=judge_impl.spec,
                                           n=win_rate.n, wins=win_rate.wins, losses=win_rate.losses,
                                           ties=win_rate.ties, win_rate=win_rate.rate, ci_low=win_rate.low,
                                           ci_high=win_rate.high, details=details)
@@ -228,7 +228,7 @@ def maybe_auto_eval(db: Database, *, policy: Any, tokenizer: Any, version: int, 
         return None
     spec = judge if isinstance(judge, str) else judge.spec
     with db.sessions() as s:
-        if store_evals.find_eval(s, version_a=version, version_b=0, judge=spec, run=run) is not None:
+        if store.find_eval(s, version_a=version, version_b=0, judge=spec, run=run) is not None:
             return None
     try:
         return run_eval(db, policy=policy, tokenizer=tokenizer, version_a=version, version_b=0, judge=judge,

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from odpo.db import store, store_evals
+from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import Adapter
@@ -44,7 +44,7 @@ def resolve_version(db: Database, *, version: Optional[int], run: str = "default
     with db.sessions() as s:
         row = (store.latest_adapter(s, run=run) if version is None
                else store.get_adapter(s, version=version, run=run))
-        known = ", ".join(f"v{a.version}" for a in store_evals.list_versions(s, run=run)) or "none yet"
+        known = ", ".join(f"v{a.version}" for a in store.list_versions(s, run=run)) or "none yet"
     if row is None:
         what = "no adapter version yet" if version is None else f"no adapter version v{version}"
         raise ExportError(f"{what} in run {run!r} (versions: {known}); train first with `odpo train`")
@@ -123,8 +123,8 @@ def staged_file(out: Path, *, overwrite: bool) -> Iterator[Path]:
 
 def _card_facts(db: Database, row: Adapter, *, run: str) -> dict[str, Any]:
     with db.sessions() as s:
-        counts = store_evals.trained_label_counts(s, version=row.version, run=run)
-        evals = [e for e in store_evals.list_evals(s, run=run) if e.version_a == row.version]
+        counts = store.trained_label_counts(s, version=row.version, run=run)
+        evals = [e for e in store.list_evals(s, run=run) if e.version_a == row.version]
     return {"version": row.version, "run": run, "parent": row.parent, "step": row.step,
             "created_at": row.created_at, "metrics": dict(row.metrics or {}), "label_counts": counts,
             "evals": [{"vs": e.version_b, "judge": e.judge, "win_rate": e.win_rate, "ci_low": e.ci_low,
@@ -187,7 +187,7 @@ def _iso(value: Optional[dt.datetime]) -> Optional[str]:
 def dataset_rows(db: Database, *, sources: str = "all") -> list[dict[str, Any]]:
     """TRL's conversational preference format plus provenance columns, one row per label."""
     with db.sessions() as s:
-        pairs = store_evals.labeled_pairs(s, sources=sources)
+        pairs = store.labeled_pairs(s, sources=sources)
     return [{"prompt": [{"role": "user", "content": p.prompt}],
              "chosen": [{"role": "assistant", "content": p.chosen}],
              "rejected": [{"role": "assistant", "content": p.rejected}],

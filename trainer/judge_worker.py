@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from odpo.db import store, store_evals
+from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.trainer.judges import Judge, Verdict, judge_labeler_name
@@ -127,7 +127,7 @@ def judge_batch(db: Database, judge: Judge, *, config: JudgeWorkerConfig, stats:
     if config.mode == "queue":
         return _judge_queue(db, judge, config=config, stats=stats, labeler=labeler, limit=limit)
     with db.sessions() as s:
-        pairs = store_evals.judge_candidates(s, labeler=labeler, mode=config.mode, limit=limit)
+        pairs = store.judge_candidates(s, labeler=labeler, mode=config.mode, limit=limit)
     if not pairs:
         return 0
     verdicts = _timed_judge(judge, stats, [p.prompt for p in pairs], [p.a for p in pairs], [p.b for p in pairs])

@@ -22,7 +22,7 @@ from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import Adapter
-from odpo.db.store_train_extra import skip_stale_labels
+from odpo.db.store import skip_stale_labels
 from odpo.trainer import checkpoint as ckpt
 from odpo.trainer.batching import PairExample
 from odpo.trainer.train_config import TrainConfig
