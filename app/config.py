@@ -1,7 +1,8 @@
-"""Settings every odpo process shares: where the data lives and which database to use.
+"""Settings of the app's processes: CommonConfig (where the data lives, which database) that every
+odpo process shares, and ServeConfig for `odpo serve`.
 
-Each process adds its own config dataclass (serve, train, judge) on top of this one; this is the
-only place the data-directory layout is spelled out.
+The trainer and judge processes keep their config dataclasses beside their code (trainer/); this is
+the only place the data-directory layout is spelled out.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Optional
 
 from odpo.db.engine import Database
 from odpo.db.settings import resolve_data_dir, resolve_db_url
+from odpo.trainer.priority import BACKGROUND_NICE
 
 
 @dataclass(frozen=True)
@@ -36,3 +38,51 @@ class CommonConfig:
     def open_db(self) -> Database:
         """Open (and migrate) the database; raises db.engine.DatabaseError with a readable line."""
         return Database(self.db_url)
+
+
+@dataclass
+class ServeConfig:
+    """`odpo serve`: the web app plus the sampler thread and reload watcher."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    model: str = "smollm2-135m"
+    run: str = "default"
+    queue_size: int = 8
+    max_staleness: int = 1
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    prompts_per_batch: int = 8  # measured: 8 prompts x 2 = 1.3-1.4x the pairs/min of 4 on CPU (README)
+    load_in_4bit: bool = False
+    claim_timeout_s: float = 600.0
+    overlap: int = 1  # how many labelers see each pair
+    guidelines: Optional[Path] = None
+    auth_file: Optional[Path] = None
+    show_judge_after_vote: bool = False
+    headless: bool = False  # sampler + watcher only, no web app
+    seed: int = 0
+    # Sampler/serve process (owner: sampler). device/dtype as in trainer.models.pick_device_dtype.
+    device: str = "auto"
+    dtype: str = "auto"
+    reload_poll_s: float = 0.5  # a committed version must be serving within 2 s
+    sample_autocast: bool = False  # bf16 autocast for generation (measured slower on CPU; see README)
+    kv_cache: str = "dynamic"  # or "static" (transformers' StaticCache)
+    sampler_nice: int = BACKGROUND_NICE  # the sampler thread yields the CPU to web requests (trainer/priority.py)
+
+    def __post_init__(self) -> None:
+        checks = [(1 <= self.port <= 65535, "port must be 1..65535"),
+                  (self.queue_size >= 1, "queue_size must be >= 1"),
+                  (self.max_staleness >= 0, "max_staleness must be >= 0"),
+                  (self.temperature > 0, "temperature must be > 0 (pairs need two different samples)"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+                  (self.prompts_per_batch >= 1, "prompts_per_batch must be >= 1"),
+                  (self.overlap >= 1, "overlap must be >= 1"),
+                  (self.claim_timeout_s > 0, "claim_timeout_s must be > 0"),
+                  (0 < self.reload_poll_s <= 2, "reload_poll_s must be in (0, 2]"),
+                  (self.kv_cache in ("dynamic", "static"), "kv_cache must be dynamic or static"),
+                  (0 <= self.sampler_nice <= 19, "sampler_nice must be 0..19")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

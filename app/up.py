@@ -1,10 +1,18 @@
 """`odpo up`'s process supervisor: run serve, train (and a judge) as child processes, one log.
 
 Children are plain `odpo` commands (the same interpreter, --data-dir and --db), so each can also
-be run, stopped and restarted on its own. The supervisor never restarts a child silently: when one
-exits, it reports the exit code and stops the rest. Each child runs in its own process group, so a
-terminal's Ctrl-C reaches only the supervisor, which then stops every child exactly once
-(SIGTERM, then SIGKILL after a grace period) and leaves no orphans behind.
+be run, stopped and restarted on its own. A child that crashes is restarted with exponential
+backoff and the log says so; one that keeps crashing soon after it starts (or fails twice with
+the same one-line error, which only the user can fix) is given up on with one line. Giving up on
+serve or train stops everything with that child's exit code; giving up on the judge leaves the
+rest running, its pairs with people. A child that exits 0 on its own is done: train with
+--max-steps/--until-version ends `up` with 0, any other is not restarted.
+
+Each child runs in its own process group, so a terminal's Ctrl-C reaches only the supervisor,
+which then stops every child exactly once (SIGTERM, then SIGKILL after a grace period). If the
+supervisor itself is killed (even by SIGKILL) the children get SIGTERM from the kernel (Linux
+PR_SET_PDEATHSIG), so nothing is left behind. The children's state (pid, restarts, last exit
+code) goes to the database through `report`, for the dashboard.
 """
 from __future__ import annotations
 
@@ -17,14 +25,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import IO, Callable, Optional, Sequence
+from typing import IO, Any, Callable, Optional, Sequence
+
+from odpo.app.spawn import child_env, preexec_hook, threads_per_child
 
 log = logging.getLogger(__name__)
 
-# `python -c` rather than `-m app.cli`: app/cli.py has no __main__ block, and this works whether
-# or not the `odpo` script is on PATH.
+# `python -c` rather than `-m odpo`: works whether or not the `odpo` script is on PATH.
 _ENTRY = "from odpo.app.cli import main; main()"
+HEARTBEAT_S = 10.0  # the dashboard shows how old the report is; a dead `up` stops refreshing it
+
+__all__ = ["ChildSpec", "RestartPolicy", "Supervisor", "threads_per_child", "up_state_key"]
 
 
 @dataclass(frozen=True)
@@ -36,69 +47,185 @@ class ChildSpec:
     finishes: bool = False  # True when its exit 0 means "done" (train with --max-steps), not a failure
     uses_torch: bool = True  # gets a share of the CPU threads (see threads_per_child)
     nice: int = 0  # background children (train, judge) yield the CPU to serve (trainer/priority.py)
+    essential: bool = True  # giving up on it stops `up` (serve, train); the judge is not
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Restart a crashed child after first_delay_s, doubling per crash in a row up to max_delay_s;
+    give up after max_restarts restarts that each crashed within stable_s of starting (0: never
+    restart). A child that ran stable_s before crashing starts a fresh count."""
+
+    max_restarts: int = 5
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    stable_s: float = 60.0
+
+    def delay(self, failures: int) -> float:
+        return min(self.max_delay_s, self.first_delay_s * 2 ** max(failures - 1, 0))
+
+
+@dataclass(frozen=True)
+class _Decision:
+    give_up: bool
+    reason: str
+    delay_s: float = 0.0
 
 
 @dataclass
-class _Child:
+class Child:
+    """A child's current process and what the dashboard shows about it."""
+
     spec: ChildSpec
-    proc: subprocess.Popen
+    proc: Optional[subprocess.Popen] = None
     reader: Optional[threading.Thread] = None
+    state: str = "starting"  # running, restarting, exited, finished, given up, stopped
+    restarts: int = 0
+    failures: int = 0  # crashes in a row, each soon after its start
+    last_exit: Optional[int] = None
+    last_error: str = ""  # the one-line error of the last crash, when the child printed one
+    last_line: str = ""
+    started_at: float = 0.0
+    restart_at: Optional[float] = None
+
+    def started(self, proc: subprocess.Popen) -> None:
+        if self.proc is not None:
+            self.restarts += 1
+        self.proc, self.state, self.started_at, self.restart_at = proc, "running", time.monotonic(), None
+        self.last_line = ""
+
+    def crashed(self, code: int, now: float, policy: RestartPolicy) -> _Decision:
+        """Count a crash and decide: restart (after a delay) or give up."""
+        self.last_exit = code
+        error = self.last_line[len("Error: "):] if self.last_line.startswith("Error: ") else ""
+        repeated = bool(error) and error == self.last_error
+        self.last_error = error
+        self.failures = 1 if now - self.started_at >= policy.stable_s else self.failures + 1
+        if repeated:
+            return _Decision(True, f"the same error twice: {error}")
+        if policy.max_restarts == 0:
+            return _Decision(True, "restarts are off" + (f": {error}" if error else ""))
+        if self.failures > policy.max_restarts:
+            return _Decision(True, f"it failed {self.failures} times in a row, each within "
+                                   f"{policy.stable_s:.0f} s of starting" + (f": {error}" if error else ""))
+        self.state, self.restart_at = "restarting", now + policy.delay(self.failures)
+        return _Decision(False, error or "crashed", policy.delay(self.failures))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"name": self.spec.name, "pid": None if self.proc is None else self.proc.pid, "state": self.state,
+                "restarts": self.restarts, "last_exit": self.last_exit, "last_error": self.last_error[:300]}
+
+
+def describe_exit(code: int) -> str:
+    """"exited with code 3" or "was killed by SIGKILL" (Popen reports a signal as -signum)."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def up_state_key(run: str) -> str:
+    """The control row `odpo up` reports its children in (one per run, as the dashboard shows one run)."""
+    return f"up.{run}"[:100]
+
+
+def database_report(db: Any, *, run: str) -> Callable[[dict[str, Any]], None]:
+    """A Supervisor `report` that upserts the state into the run's control row (the database is
+    the only channel between odpo's processes; the dashboard reads it from there)."""
+    from odpo.db import store
+
+    key = up_state_key(run)
+
+    def report(state: dict[str, Any]) -> None:
+        with db.sessions.begin() as s:
+            store.set_control(s, key=key, value=state)
+
+    return report
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """Why the watch loop ended, and the exit code `up` returns."""
+
+    code: int
 
 
 class Supervisor:
-    """Starts children, streams their output with "[name] " prefixes, stops them all together."""
+    """Starts children, streams their output with "[name] " prefixes, restarts crashed ones, stops
+    them all together."""
 
     def __init__(self, children: Sequence[ChildSpec], *, global_args: Sequence[str] = (), grace_s: float = 15.0,
-                 out: Optional[IO[str]] = None) -> None:
+                 out: Optional[IO[str]] = None, restart: Optional[RestartPolicy] = None,
+                 report: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
         self.children = list(children)
         self.global_args = list(global_args)
         self.grace_s = grace_s
         self.out = out or sys.stdout
-        self._running: list[_Child] = []
+        self.restart = restart or RestartPolicy()
+        self.report = report
+        self._running: list[Child] = [Child(spec=spec) for spec in self.children]
+        self._threads = threads_per_child(self.children)
         self._write_lock = threading.RLock()  # re-entrant: a signal handler may emit mid-write
         self._stop = threading.Event()
         self._stop_reason = ""
+        self._state = "starting"
+        self._reported_at = 0.0
+        self._report_failed = False
 
     def command(self, spec: ChildSpec) -> list[str]:
         return [sys.executable, "-c", _ENTRY, *self.global_args, *spec.args]
 
     def run(self) -> int:
-        """Run until a child exits or a signal arrives; return the process's exit code."""
+        """Run until the work is done, a child is given up on, or a signal arrives; return the
+        process's exit code. Children are spawned from this thread only: the kernel's
+        parent-death signal fires when the thread that forked a child ends."""
         previous = self._install_signal_handlers()
         try:
-            self._start_all()
+            for child in self._running:
+                self._spawn(child)
+            self._state = "running"
+            self._publish()
             return self._watch()
         finally:
+            self._state = "stopping"
             self.stop_all()
+            self._state = "stopped"
+            self._publish()
             self._restore(previous)
 
     def request_stop(self, reason: str) -> None:
         self._stop_reason = self._stop_reason or reason
         self._stop.set()
 
-    def _start_all(self) -> None:
-        # Spawn every child before any reader thread exists: forking a multi-threaded process is
-        # where subprocess' pre-exec work can deadlock.
-        threads = threads_per_child(self.children)
-        for spec in self.children:
-            proc = subprocess.Popen(self.command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, env=_child_env(threads if spec.uses_torch else None),
-                                    process_group=0, preexec_fn=_preexec(spec.nice), text=True, errors="replace",
-                                    bufsize=1)
-            self._running.append(_Child(spec=spec, proc=proc))
-            note = f", {threads} CPU thread(s)" if threads and spec.uses_torch else ""
-            note += f", nice +{spec.nice}" if spec.nice else ""
+    # -- children -------------------------------------------------------------------------------
+    def _spawn(self, child: Child) -> None:
+        spec = child.spec
+        proc = subprocess.Popen(self.command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env=child_env(self._threads if spec.uses_torch else None),
+                                process_group=0, preexec_fn=preexec_hook(spec.nice, parent=os.getpid()), text=True,
+                                errors="replace", bufsize=1)
+        first = child.proc is None
+        child.started(proc)
+        note = f", {self._threads} CPU thread(s)" if self._threads and spec.uses_torch else ""
+        note += f", nice +{spec.nice}" if spec.nice else ""
+        if first:
             self._emit(f"[up] started {spec.name} (pid {proc.pid}{note}): odpo {shlex.join(spec.args)}")
-        for child in self._running:
-            child.reader = threading.Thread(target=self._pump, args=(child,), name=f"odpo-up-{child.spec.name}",
-                                            daemon=True)
-            child.reader.start()
+        else:
+            self._emit(f"[up] restarted {spec.name} (pid {proc.pid}, restart {child.restarts})")
+        child.reader = threading.Thread(target=self._pump, args=(child, proc), name=f"odpo-up-{spec.name}",
+                                        daemon=True)
+        child.reader.start()
 
-    def _pump(self, child: _Child) -> None:
+    def _pump(self, child: Child, proc: subprocess.Popen) -> None:
         prefix = f"[{child.spec.name}] "
-        assert child.proc.stdout is not None
-        for line in child.proc.stdout:
-            self._emit(prefix + line.rstrip("\n"))
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.strip():
+                child.last_line = line
+            self._emit(prefix + line)
 
     def _emit(self, line: str) -> None:
         with self._write_lock:
@@ -107,28 +234,70 @@ class Supervisor:
 
     def _watch(self) -> int:
         while not self._stop.wait(0.2):
-            for child in self._running:
-                code = child.proc.poll()
-                if code is None:
-                    continue
-                if child.reader is not None:
-                    child.reader.join(2.0)  # its last lines first
-                return self._child_exited(child, code)
-        self._emit(f"[up] {self._stop_reason}: stopping {', '.join(c.spec.name for c in self._running)}")
+            outcome = self._tick(time.monotonic())
+            if outcome is not None:
+                return outcome.code
+            if not any(c.state in ("running", "restarting") for c in self._running):
+                self._emit("[up] every child has stopped by itself; nothing left to run")
+                return 0
+            if time.monotonic() - self._reported_at >= HEARTBEAT_S:
+                self._publish()
+        live = ", ".join(c.spec.name for c in self._running if c.state == "running") or "nothing"
+        self._emit(f"[up] {self._stop_reason}: stopping {live}")
         return 130 if self._stop_reason == "SIGINT" else 143
 
-    def _child_exited(self, child: _Child, code: int) -> int:
-        others = [c.spec.name for c in self._running if c is not child and c.proc.poll() is None]
-        if code == 0 and child.spec.finishes:
-            self._emit(f"[up] {child.spec.name} finished; stopping {', '.join(others) or 'nothing'}")
-            return 0
-        self._emit(f"[up] {child.spec.name} exited with code {code}; stopping {', '.join(others) or 'nothing'} "
-                   f"(nothing is restarted automatically)")
-        return code if code > 0 else 1
+    def _tick(self, now: float) -> Optional[_Outcome]:
+        """One look at every child: handle exits, start the restarts that are due."""
+        for child in self._running:
+            if child.state == "running":
+                assert child.proc is not None
+                code = child.proc.poll()
+                if code is not None:
+                    if child.reader is not None:
+                        child.reader.join(2.0)  # its last lines first
+                    outcome = self._child_exited(child, code, now)
+                    self._publish()
+                    if outcome is not None:
+                        return outcome
+            elif child.state == "restarting" and child.restart_at is not None and now >= child.restart_at:
+                self._spawn(child)
+                self._publish()
+        return None
+
+    def _child_exited(self, child: Child, code: int, now: float) -> Optional[_Outcome]:
+        name, why = child.spec.name, describe_exit(code)
+        if code == 0:
+            if child.spec.finishes:
+                child.state = "finished"
+                self._emit(f"[up] {name} finished; stopping {self._others(child)}")
+                return _Outcome(0)
+            child.state = "exited"
+            self._emit(f"[up] {name} exited with code 0 by itself; not restarting it")
+            return None
+        decision = child.crashed(code, now, self.restart)
+        if decision.give_up:
+            return self._give_up(child, code, f"{why}; {decision.reason}")
+        self._emit(f"[up] {name} {why}; restarting it in {decision.delay_s:.1f} s "
+                   f"(attempt {child.failures} of {self.restart.max_restarts}: {decision.reason})")
+        return None
+
+    def _give_up(self, child: Child, code: int, why: str) -> Optional[_Outcome]:
+        child.state = "given up"
+        if child.spec.essential:
+            self._emit(f"[up] giving up on {child.spec.name} ({why}); stopping {self._others(child)}")
+            return _Outcome(code if code > 0 else 1)
+        self._emit(f"[up] giving up on {child.spec.name} ({why}); the others keep running")
+        return None
+
+    def _others(self, child: Child) -> str:
+        return ", ".join(c.spec.name for c in self._running if c is not child and c.state == "running") or "nothing"
 
     def stop_all(self) -> None:
         """SIGTERM every live child's process group, wait up to grace_s, then SIGKILL the rest."""
-        live = [c for c in self._running if c.proc.poll() is None]
+        for child in self._running:
+            if child.state == "restarting":
+                child.state = "stopped"
+        live = [c for c in self._running if c.proc is not None and c.proc.poll() is None]
         for child in live:
             _signal_group(child.proc, signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
@@ -139,11 +308,33 @@ class Supervisor:
                 self._emit(f"[up] {child.spec.name} did not stop within {self.grace_s:.0f}s; killing it")
                 _signal_group(child.proc, signal.SIGKILL)
                 child.proc.wait()
+            child.last_exit = child.proc.returncode
+            if child.state == "running":
+                child.state = "stopped"
         for child in self._running:  # leftovers of a group whose leader already exited
-            _signal_group(child.proc, signal.SIGKILL)
+            if child.proc is not None:
+                _signal_group(child.proc, signal.SIGKILL)
             if child.reader is not None:
                 child.reader.join(2.0)
 
+    # -- reporting --------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """What the dashboard shows: up's own pid and state, and every child's."""
+        return {"pid": os.getpid(), "state": self._state, "at": time.time(),
+                "children": [c.snapshot() for c in self._running]}
+
+    def _publish(self) -> None:
+        self._reported_at = time.monotonic()
+        if self.report is None:
+            return
+        try:
+            self.report(self.snapshot())
+        except Exception as exc:  # noqa: BLE001 - a busy database must not take the supervisor down
+            if not self._report_failed:
+                self._emit(f"[up] could not report the children's state to the database: {exc}")
+            self._report_failed = True
+
+    # -- signals ------------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict[int, object]:
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -156,7 +347,8 @@ class Supervisor:
         if self._stop.is_set():  # a second Ctrl-C: no more waiting for graceful exits
             self._emit("[up] stopping now")
             for child in self._running:
-                _signal_group(child.proc, signal.SIGKILL)
+                if child.proc is not None:
+                    _signal_group(child.proc, signal.SIGKILL)
             return
         self.request_stop(signal.Signals(signum).name)
 
@@ -171,67 +363,3 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def threads_per_child(children: Sequence[ChildSpec]) -> Optional[int]:
-    """Split the CPU cores between the children that run models, unless the user set
-    OMP_NUM_THREADS. Each torch process otherwise starts one thread per core, and on a small
-    machine serve and train then spin against each other: measured 3-30x slower decode steps on
-    2 cores, versus one thread each."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return None
-    heavy = sum(1 for c in children if c.uses_torch)
-    if not heavy:
-        return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // heavy)
-
-
-def _child_env(threads: Optional[int] = None) -> dict[str, str]:
-    """Children import this very checkout, log unbuffered and line by line."""
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
-def _preexec(nice: int) -> Optional[Callable[[], None]]:
-    """What a child runs between fork and exec: die with the supervisor, lower its priority."""
-    from odpo.trainer.priority import lower_process_priority
-
-    die_with_parent = _die_with_parent_hook()
-    if not nice:
-        return die_with_parent
-
-    def hook() -> None:
-        if die_with_parent is not None:
-            die_with_parent()
-        lower_process_priority(nice)
-
-    return hook
-
-
-def _die_with_parent_hook() -> Optional[Callable[[], None]]:
-    """Linux: a child gets SIGTERM if the supervisor dies without cleaning up (kill -9)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    pr_set_pdeathsig = 1
-
-    def die_with_parent() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-
-    return die_with_parent
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,6 +14,8 @@ from odpo.db.errors import OdpoError
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Execution option that makes a SQLite transaction BEGIN IMMEDIATE (see `_begin_sqlite`).
+IMMEDIATE = "odpo_begin_immediate"
 
 
 class DatabaseError(OdpoError, RuntimeError):
@@ -29,6 +31,19 @@ def _configure_sqlite(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def _begin_sqlite(conn: Connection) -> None:
+    """Open transactions that asked for it with BEGIN IMMEDIATE: the write lock comes first.
+
+    SQLAlchemy's documented pysqlite recipe (a "begin" hook that emits BEGIN itself), applied only
+    to connections with the IMMEDIATE option. Without it the driver opens a deferred transaction
+    at the first write, so a transaction that reads and then writes on what it read can interleave
+    with another writer (or fail with "database is locked" when its snapshot went stale). Other
+    transactions keep the driver's behaviour: reads never queue behind the writer.
+    """
+    if conn.get_execution_options().get(IMMEDIATE):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -54,6 +69,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         raise DatabaseError(f"cannot use database {parsed.render_as_string()}: {exc}") from None
     if is_sqlite:
         event.listen(engine, "connect", _configure_sqlite)
+        event.listen(engine, "begin", _begin_sqlite)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -82,7 +98,13 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 class Database:
-    """An engine plus its session factory, migrated on open: what every process holds one of."""
+    """An engine plus its session factories, migrated on open: what every process holds one of.
+
+    `sessions` for reads and simple writes; `writes` for transactions that read and then write on
+    what they read (votes, undo, claims, version commits, rollbacks): on SQLite they begin
+    IMMEDIATE, so they run one at a time; on PostgreSQL they are plain transactions and the
+    conditional UPDATEs inside them (row count checked) do the serialising.
+    """
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
         from odpo.db.migrations import migrate  # local: keeps engine.py importable on its own
@@ -96,6 +118,7 @@ class Database:
             first = str(getattr(exc, "orig", exc)).splitlines()[0]
             raise DatabaseError(f"cannot prepare the schema in {url}: {first}") from None
         self.sessions = session_factory(self.engine)
+        self.writes = session_factory(self.engine.execution_options(**{IMMEDIATE: True}))
 
     def close(self) -> None:
         self.engine.dispose()

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 typed models for odpo's data model (DESIGN.md, "Data model").
+"""SQLAlchemy 2.0 typed models for odpo's data model (docs/architecture.md, "Data model").
 
 Every row carries enough provenance to derive on-policy-ness (adapter versions), labeler speed
 (shown/answered timestamps) and judge agreement later, without side files.
@@ -63,6 +63,10 @@ class Sample(Base):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # temperature, top_p, ...
     gen_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # What the policy was fed and what it emitted (its eos included when it stopped): the trainer
+    # scores exactly these. NULL on samples stored before revision 0004 (re-tokenised instead).
+    prompt_token_ids: Mapped[Optional[list[int]]] = mapped_column(JSON, nullable=True)
+    token_ids: Mapped[Optional[list[int]]] = mapped_column(JSON, nullable=True)
 
 
 class Pair(Base):
@@ -93,6 +97,9 @@ class Assignment(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"), index=True)
     labeler: Mapped[str] = mapped_column(String(200))
+    # Which client of the labeler holds the open claim (a page's session, an API client): one name
+    # in two clients never holds one claim twice; re-showing it to another client moves it here.
+    client: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
     shown_left: Mapped[str] = mapped_column(String(1))  # "a" or "b"
     shown_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
@@ -112,9 +119,37 @@ class Label(Base):
     reason: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     shown_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
     answered_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    consumed_version: Mapped[Optional[int]] = mapped_column(Integer, nullable=True, index=True)
-    consumed_step: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     undone: Mapped[bool] = mapped_column(Boolean, default=False)
+    # How many runs hold this label in their ledger (label_uses rows). Kept on the label row because
+    # a commit (uses + 1 WHERE NOT undone) and an undo (undone WHERE uses = 0) must write the SAME
+    # row to exclude each other on PostgreSQL; a NOT EXISTS over label_uses would not.
+    uses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class LabelUse(Base):
+    """The ledger: a label consumed by one run, trained into `version` at `step` (or skipped as too
+    stale: step STALE_STEP). One row per label and run, so a label trains at most once per run."""
+
+    __tablename__ = "label_uses"
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"), primary_key=True)
+    run: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (Index("ix_label_uses_run_version", "run", "version"),)
+
+
+class Run(Base):
+    """A training run's head: the version its next commit must name as parent (0 = the base).
+
+    Commits and rollbacks move it with one conditional UPDATE (WHERE head = the version they
+    started from), so they are serialised per run and a commit on top of a rolled-back parent is
+    refused instead of silently undoing the rollback."""
+
+    __tablename__ = "runs"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    head: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Adapter(Base):

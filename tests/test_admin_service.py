@@ -6,11 +6,11 @@ import datetime as dt
 import pytest
 from sqlalchemy import select
 
-from odpo.app.admin_service import AdminError, AdminService, NotAdminError
-from odpo.app.auth import AuthFileError, load_auth, load_users, resolve_auth_file, sha256_hex
-from odpo.app.context import ServeConfig
-from odpo.app.label_service import LabelService
-from odpo.app.ui_dashboard import dashboard_outputs, state_markdown
+from odpo.app.config import ServeConfig
+from odpo.app.services.admin import AdminError, AdminService, NotAdminError
+from odpo.app.services.labeling import LabelService
+from odpo.app.ui.auth import AuthFileError, load_auth, load_users, resolve_auth_file, sha256_hex
+from odpo.app.ui.dashboard import dashboard_outputs, state_markdown
 from odpo.db import store
 from odpo.db.models import Eval, Label, Pair
 from tests.db_helpers import label_all, make_pairs

@@ -10,10 +10,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from odpo.trainer import batching
 from odpo.trainer.batching import (
+    MAX_PROMPT_TOKENS,
     PairExample,
     build_pair_batch,
     concatenated_forward,
+    cut_prompt,
     encode_prompt,
+    prompt_token_ids,
     render_prompt,
     sequence_logps,
     token_logps,
@@ -128,6 +131,45 @@ def test_truncation_keeps_prompt_end_and_completion_start(tokenizer):
         assert completion == (ids_of(tokenizer, response) + [tokenizer.eos_token_id])[:4]
     # "Paris is the capital of France." is longer than 4 tokens: cut, so it loses its EOS
     assert tokenizer.eos_token_id not in split_row(batch, 0)[1]
+
+
+def test_stored_ids_are_used_exactly_not_retokenised(tokenizer):
+    """Ids a re-tokenisation would never produce (" Paris" split into bytes, a completion that
+    ends in the middle of a word) survive as they are: the batch holds the sampled ids."""
+    prompt_ids = encode_prompt(tokenizer, "Name a capital.")
+    chosen = [tokenizer.convert_tokens_to_ids(t) for t in ["Ġ", "P", "a", "r", "i", "s"]] + [tokenizer.eos_token_id]
+    rejected = ids_of(tokenizer, "Dog")[:1] + ids_of(tokenizer, " fox")
+    ex = PairExample("Name a capital.", "text is ignored", "so is this", prompt_ids=prompt_ids,
+                     chosen_ids=chosen, rejected_ids=rejected, chosen_finish="stop", rejected_finish="length")
+    assert ids_of(tokenizer, " Paris") != chosen[:-1]  # re-tokenising would differ
+    batch = build_pair_batch(tokenizer, [ex, EXAMPLES[0]])
+    assert split_row(batch, 0)[:2] == (prompt_ids, chosen)
+    assert split_row(batch, 2)[:2] == (prompt_ids, rejected)  # length-cut: no EOS added
+    assert split_row(batch, 1)[1] == ids_of(tokenizer, EXAMPLES[0].chosen) + [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_retokenised_completion_gets_an_eos_only_if_the_model_stopped(tokenizer, finish):
+    """Samples stored before ids were: an EOS is appended for finish_reason "stop" only."""
+    ex = PairExample("Q", "Paris is the capital", "Dog.", chosen_finish=finish, rejected_finish="stop")
+    batch = build_pair_batch(tokenizer, [ex])
+    eos = [tokenizer.eos_token_id] if finish == "stop" else []
+    assert split_row(batch, 0)[1] == ids_of(tokenizer, "Paris is the capital") + eos
+    assert split_row(batch, 1)[1] == ids_of(tokenizer, "Dog.") + [tokenizer.eos_token_id]
+    assert ex.length_cut == (finish == "length") and not ex.exact
+
+
+def test_stored_prompt_ids_follow_the_same_prompt_cut(tokenizer):
+    """Stored and re-tokenised prompts go through one rule, `cut_prompt` (the sampler's too)."""
+    long_prompt = EXAMPLES[1].prompt
+    full = encode_prompt(tokenizer, long_prompt)
+    exact = PairExample(long_prompt, "", "", prompt_ids=full, chosen_ids=[5], rejected_ids=[6])
+    for ex in (exact, EXAMPLES[1]):
+        assert split_row(build_pair_batch(tokenizer, [ex], max_prompt_tokens=4), 0)[0] == full[-4:]
+    assert cut_prompt(full, 4) == full[-4:] and prompt_token_ids(tokenizer, long_prompt, max_tokens=4) == full[-4:]
+    assert prompt_token_ids(tokenizer, long_prompt) == full[-MAX_PROMPT_TOKENS:]
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        cut_prompt(full, 0)
 
 
 def test_bad_inputs_raise(tokenizer):

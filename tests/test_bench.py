@@ -3,19 +3,22 @@ JSON, counting in the benches, and tiny-model runs through the CLI. No timing th
 on a shared machine are noise, so tests check what was counted and how it was combined."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from sqlalchemy import func, select
 
-from odpo.app.bench import common, labelers, learn, memory, reload, sampling, train_step
-from odpo.app.bench.common import BenchContext, BenchResult, Target, percentile, ratio, summarize
-from odpo.app.bench.labeler_sim import (
+from odpo.app.cli import cli
+from odpo.bench import common, labelers, learn, memory, reload, sampling, train_step
+from odpo.bench.common import BenchContext, BenchResult, Target, percentile, ratio, summarize
+from odpo.bench.labeler_sim import (
     ApiClient,
     ApiError,
     LabelerStats,
@@ -25,13 +28,13 @@ from odpo.app.bench.labeler_sim import (
     round_trips_ms,
     run_labeler,
 )
-from odpo.app.cli import cli
 from odpo.db.models import Label
 from odpo.trainer.judges import load_judge
 from tests import ui_fixtures
 from tests.db_helpers import make_pairs
 
 live_app = ui_fixtures.live_app  # a fixture, requested by name
+REPO = Path(__file__).resolve().parent.parent
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -116,6 +119,46 @@ def test_validate_result_names_the_problems():
     assert common.validate_result({**data, "bench": "nope"}) == ["unknown bench 'nope'"]
     assert "missing key 'metrics'" in common.validate_result({k: v for k, v in data.items() if k != "metrics"})
     assert common.validate_result({**data, "targets": [{"name": "x"}]})[0].startswith("malformed target")
+
+
+def test_results_default_to_the_checkouts_bench_results_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert common.default_out_dir() == REPO / "bench" / "results"
+    assert BenchContext(common=None).out_dir == REPO / "bench" / "results"
+    report = CliRunner().invoke(cli, ["--data-dir", str(tmp_path / "data"), "bench", "report"])
+    assert report.exit_code == 0, report.output
+    assert "| learn |" in report.output and not (tmp_path / "bench").exists()
+
+
+# --- the harness beside the product ------------------------------------------------------------
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_product_module_imports_the_bench():
+    """app/, trainer/ and db/ never import odpo.bench: only the CLI's lazy table names it."""
+    for folder in ("app", "trainer", "db"):
+        for path in (REPO / folder).rglob("*.py"):
+            bench = {m for m in _imported_modules(path) if m == "odpo.bench" or m.startswith("odpo.bench.")}
+            assert not bench, f"{path.relative_to(REPO)} imports {sorted(bench)}"
+
+
+def test_learn_labels_with_the_built_in_rule_by_default():
+    assert learn.DEFAULT_RULE == "rule:finished_and_short"
+    assert load_judge(learn.DEFAULT_RULE).spec == "rule:finished_and_short"
+    from odpo.bench.cli import bench
+
+    rule = next(p for p in bench.commands["learn"].params if p.name == "rule")
+    assert rule.default == learn.DEFAULT_RULE
 
 
 # --- per-bench arithmetic --------------------------------------------------------------------

@@ -1,14 +1,15 @@
 """kill -9 the real `odpo train` process at its worst moments; no label may be lost or doubled.
 
-The trainer's test hooks (ODPO_TEST_SLOW_STEP / _SAVE / _COMMIT, see trainer/checkpoint.py) log a
-line and sleep at three moments: mid-step (gradients computed, no optimizer step yet), mid-save
-(v<N>.tmp written, not renamed) and between the rename and the DB commit (a v<N>/ with no row).
-The test kills the process right after such a line, restarts it, and at the end checks that every
-label was trained into exactly one committed version and that every row points at its own
-complete directory.
+The product has no test hooks: tests/fault_injection.py starts the normal CLI in the child after
+wrapping three of odpo's functions so the child announces a moment and sleeps there: mid-step
+(gradients computed, no optimizer step yet), mid-save (v<N>.tmp written, not renamed) and between
+the rename and the DB commit (a v<N>/ with no row). The test kills the process right after such a
+line, restarts it, and at the end checks that every label was trained into exactly one committed
+version and that every row points at its own complete directory.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import queue
 import signal
@@ -24,6 +25,7 @@ from sqlalchemy import select
 from odpo.db.models import Adapter, Label, TrainStep
 from odpo.trainer import checkpoint as ckpt
 from tests.db_helpers import label_all, make_pairs
+from tests.fault_injection import MOMENTS, announcement
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 180  # generous: a process start imports torch+transformers+peft, slow on a busy 2-core box
@@ -32,12 +34,16 @@ BATCH = 4
 
 
 class TrainerProcess:
-    """`odpo train` in a subprocess, with its log lines readable as they come."""
+    """`odpo train` in a subprocess, with its log lines readable as they come. `pause` ({moment:
+    seconds}) runs it through tests/fault_injection.py, which sleeps at those moments."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], pause: dict[str, float] | None = None) -> None:
         self.lines: list[str] = []
         self._queue: "queue.Queue[str | None]" = queue.Queue()
-        self.proc = subprocess.Popen([sys.executable, "-m", "odpo", *args],
+        entry = ["-m", "odpo"]
+        if pause:
+            entry = ["-m", "tests.fault_injection", *(f"--pause={m}={s}" for m, s in pause.items()), "--"]
+        self.proc = subprocess.Popen([sys.executable, *entry, *args],
                                      cwd=REPO, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -48,7 +54,8 @@ class TrainerProcess:
         self._queue.put(None)
 
     def wait_for(self, needle: str, *, count: int = 1) -> None:
-        """Block until `needle` has appeared in `count` log lines (then the process is inside the hook)."""
+        """Block until `needle` has appeared in `count` log lines (after an announcement the process
+        is sleeping at that moment)."""
         deadline, seen = time.monotonic() + WAIT_S, sum(needle in ln for ln in self.lines)
         while seen < count:
             try:
@@ -86,8 +93,6 @@ def crash_setup(common_config, database, tiny_model_dir):
             "--lora-r", "4", "--poll-seconds", "0.1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    for hook in ("ODPO_TEST_SLOW_STEP", "ODPO_TEST_SLOW_SAVE", "ODPO_TEST_SLOW_COMMIT"):
-        env.pop(hook, None)
     return args, env, common_config.adapters_dir()
 
 
@@ -121,24 +126,24 @@ def test_kill9_at_any_moment_loses_and_doubles_nothing(crash_setup, database):
     args, env, adapters = crash_setup
 
     # 1. killed between the rename of v3/ and its DB commit: a complete-looking dir with no row
-    proc = TrainerProcess(args, {**env, "ODPO_TEST_SLOW_COMMIT": "0.5"})
-    proc.wait_for("ODPO_TEST_SLOW_COMMIT", count=3)
+    proc = TrainerProcess(args, env, pause={"commit": 0.5})
+    proc.wait_for(announcement("commit"), count=3)
     proc.kill9()
     assert sorted(_rows(database)) == [1, 2]
-    assert ckpt.is_complete_version_dir(adapters / "v3"), "the hook should have left an orphan v3/"
+    assert ckpt.is_complete_version_dir(adapters / "v3"), "the pause should have left an orphan v3/"
     _assert_committed_state_consistent(database, adapters)
 
     # 2. killed mid-save: v<N>.tmp half published; the orphan v3/ must be replaced, never read
-    proc = TrainerProcess(args, {**env, "ODPO_TEST_SLOW_SAVE": "0.5"})
-    proc.wait_for("ODPO_TEST_SLOW_SAVE", count=2)
+    proc = TrainerProcess(args, env, pause={"save": 0.5})
+    proc.wait_for(announcement("save"), count=2)
     proc.kill9()
     assert sorted(_rows(database)) == [1, 2, 3]
     assert (adapters / "v4.tmp").is_dir()
     _assert_committed_state_consistent(database, adapters)
 
     # 3. killed mid-step: gradients computed, optimizer not stepped, nothing written
-    proc = TrainerProcess(args, {**env, "ODPO_TEST_SLOW_STEP": "0.5"})
-    proc.wait_for("ODPO_TEST_SLOW_STEP", count=2)
+    proc = TrainerProcess(args, env, pause={"step": 0.5})
+    proc.wait_for(announcement("step"), count=2)
     proc.kill9()
     assert not (adapters / "v4.tmp").exists(), "start must clean leftover .tmp dirs"
     _assert_committed_state_consistent(database, adapters)
@@ -161,3 +166,15 @@ def test_kill9_at_any_moment_loses_and_doubles_nothing(crash_setup, database):
         assert all(lb.consumed_version is not None for lb in s.scalars(select(Label)))
     names = sorted(p.name for p in adapters.iterdir())
     assert names == sorted(f"v{v}" for v in rows), names
+
+
+def test_fault_injection_wraps_real_functions_and_the_product_has_no_test_hooks():
+    """The pauses above wrap functions that exist; nothing in the product reads a test variable."""
+    for moment in MOMENTS.values():
+        owner = importlib.import_module(moment.module)
+        for part in moment.attr.split("."):
+            owner = getattr(owner, part)
+        assert callable(owner), moment
+    for folder in ("app", "trainer", "db"):
+        for path in (REPO / folder).rglob("*.py"):
+            assert "ODPO_TEST" not in path.read_text(), f"{path} reads a test hook variable"

@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from odpo.trainer.dpo import LOSS_TYPES, dpo_loss, dpo_metrics, needs_length_normalisation
+from odpo.trainer.dpo import LOSS_TYPES, dpo_loss, dpo_metrics, is_reference_free, needs_length_normalisation
 
 LOG2 = math.log(2.0)
+# The losses that compare the policy with a reference; reference-free SimPO is tested in test_losses.py.
+REFERENCE_LOSSES = [t for t in LOSS_TYPES if not is_reference_free(t)]
 
 
 def softplus(x: float) -> float:
@@ -31,12 +33,12 @@ CASE_A = logps([-10.0], [-12.0], [-11.0], [-11.5])
 CASE_B = logps([-20.0], [-18.0], [-19.0], [-20.0])
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", REFERENCE_LOSSES)
 def test_policy_equal_to_reference(loss_type):
     beta = 0.25
     same = logps([-3.0, -7.5], [-4.0, -1.0], [-3.0, -7.5], [-4.0, -1.0])
     out = dpo_loss(**same, beta=beta, loss_type=loss_type)
-    expected = {"sigmoid": LOG2, "robust": LOG2, "hinge": 1.0, "ipo": 1.0 / (4 * beta**2)}[loss_type]
+    expected = {"sigmoid": LOG2, "robust": LOG2, "hinge": 1.0, "ipo": 1.0 / (4 * beta**2), "apo_zero": 1.0}[loss_type]
     assert out.losses.tolist() == pytest.approx([expected, expected], abs=1e-12)
     assert out.chosen_rewards.tolist() == [0.0, 0.0] and out.rejected_rewards.tolist() == [0.0, 0.0]
 
@@ -78,7 +80,7 @@ def test_robust_and_sigmoid_agree_without_smoothing():
     torch.testing.assert_close(rob, sig)
 
 
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", REFERENCE_LOSSES)
 def test_gradient_pushes_chosen_up_and_rejected_down(loss_type):
     case = logps([-10.0], [-12.0], [-11.0], [-11.5], requires_grad=True)
     dpo_loss(**case, beta=0.1, loss_type=loss_type).losses.sum().backward()
@@ -145,7 +147,7 @@ def test_mismatched_shapes_raise():
 
 
 def test_length_normalisation_flag():
-    assert [needs_length_normalisation(t) for t in LOSS_TYPES] == [t == "ipo" for t in LOSS_TYPES]
+    assert [needs_length_normalisation(t) for t in LOSS_TYPES] == [t in ("ipo", "simpo") for t in LOSS_TYPES]
     with pytest.raises(ValueError, match="unknown"):
         needs_length_normalisation("dpo")
 
@@ -191,7 +193,8 @@ def _trl_loss(*, loss_type, beta, ls, pc, pr, rc, rr, lengths):
 
 @pytest.mark.parametrize(
     ("loss_type", "ls"),
-    [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0), ("robust", 0.1), ("robust", 0.3)],
+    [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0), ("robust", 0.1), ("robust", 0.3),
+     ("apo_zero", 0.0)],
 )
 def test_matches_trl(loss_type, ls):
     torch.manual_seed(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from odpo.trainer.batching import encode_prompt, render_prompt
+from odpo.trainer.batching import MAX_PROMPT_TOKENS, cut_prompt, encode_prompt, render_prompt
 from odpo.trainer.generation import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -138,7 +138,51 @@ def test_sampling_params_are_checked(kwargs):
 
 def test_sampling_params_record_what_was_used():
     assert SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=5, seed=3).as_dict() == {
-        "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 5, "seed": 3}
+        "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 5, "seed": 3, "max_prompt_tokens": MAX_PROMPT_TOKENS}
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        SamplingParams(max_prompt_tokens=0)
+
+
+def test_generated_carries_the_ids_it_was_fed_and_emitted(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    out = generate(model, tok, PROMPTS, params=SamplingParams(temperature=1.0, max_new_tokens=7, seed=1),
+                   n_per_prompt=2)
+    for prompt, row in zip(PROMPTS, out, strict=True):
+        for g in row:
+            assert list(g.prompt_token_ids) == encode_prompt(tok, prompt)  # short prompts: nothing cut
+            assert len(g.token_ids) == g.tokens == 7 and g.finish_reason == FINISH_LENGTH
+            assert tok.pad_token_id not in g.token_ids  # left padding never leaks into the ids
+            assert g.text == tok.decode(list(g.token_ids), skip_special_tokens=True)
+
+
+def test_a_stopped_sample_keeps_the_eos_it_emitted_in_its_ids(tiny_model_and_tokenizer):
+    """The eos the model chose (here a token the model config lists, not the tokenizer's eos) is
+    the last id: DPO credits exactly that token, not an eos appended afterwards."""
+    model, tok = tiny_model_and_tokenizer
+    ids = _greedy_ids(model, tok, PROMPTS[0], 12)
+    stop_token = ids[4]
+    first = ids.index(stop_token)
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop_token]
+    [[g]] = generate(model, tok, [PROMPTS[0]], params=GREEDY)
+    assert g.finish_reason == FINISH_STOP and g.tokens == first
+    assert list(g.token_ids) == ids[:first + 1] and g.token_ids[-1] == stop_token != tok.eos_token_id
+
+
+def test_sampling_cuts_long_prompts_by_the_rule_training_uses(tiny_model_and_tokenizer):
+    """A prompt longer than max_prompt_tokens is sampled with its last max_prompt_tokens ids:
+    the same `cut_prompt` the trainer applies, so the context sampled is the context trained."""
+    model, tok = tiny_model_and_tokenizer
+    long_prompt = " ".join(["The old man writes to the train."] * 12)
+    full = encode_prompt(tok, long_prompt)
+    assert len(full) > 20
+    params = SamplingParams(temperature=0, max_new_tokens=5, max_prompt_tokens=20)
+    [[g]] = generate(model, tok, [long_prompt], params=params)
+    assert list(g.prompt_token_ids) == cut_prompt(full, 20) == full[-20:]
+    reference = torch.tensor([full[-20:]])
+    with torch.inference_mode():
+        expected = model.generate(input_ids=reference, attention_mask=torch.ones_like(reference), do_sample=False,
+                                  max_new_tokens=5, min_new_tokens=5, pad_token_id=tok.pad_token_id)
+    assert list(g.token_ids) == expected[0, 20:].tolist()
 
 
 def _greedy_ids(model, tok, prompt: str, n: int) -> list[int]:

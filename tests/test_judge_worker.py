@@ -12,8 +12,15 @@ from sqlalchemy import select
 from odpo.app.cli import cli
 from odpo.db import store
 from odpo.db.models import Label, Pair
-from odpo.trainer.judge_worker import JudgeWorkerConfig, JudgeWorkerError, in_fraction, run_judge_worker
-from odpo.trainer.judges import JudgeUnreachableError, load_judge
+from odpo.trainer.judge_worker import (
+    JudgeWorkerConfig,
+    JudgeWorkerError,
+    in_fraction,
+    judge_state_key,
+    run_judge_worker,
+)
+from odpo.trainer.judges import JudgeUnreachableError, judge_labeler_name, load_judge
+from tests.concurrency import wait_until
 from tests.db_helpers import rows, sample
 
 ONCE = dict(exit_when_idle=0.0, poll_seconds=0.0)
@@ -183,6 +190,84 @@ def test_a_failing_judge_hands_its_claims_back(database):
     with database.sessions() as s:
         pairs = list(s.scalars(select(Pair)))
     assert all(p.status == "queued" and p.claims == 0 for p in pairs)
+
+
+HUNG = threading.Event()  # lets go of the plugin calls a timeout abandoned, at the end of a test
+
+
+def hang_on_question(prompt: str, a: str, b: str) -> str:
+    """A py: plugin that hangs on questions (until the test lets it go)."""
+    if "?" in prompt:
+        HUNG.wait(120)
+    return "a" if len(a) < len(b) else "b"
+
+
+@pytest.fixture
+def release_hung():
+    HUNG.clear()
+    yield
+    HUNG.set()
+
+
+def queued_and_unclaimed(db) -> list[bool]:
+    with db.sessions() as s:
+        return [p.status == "queued" and p.claims == 0 for p in s.scalars(select(Pair).order_by(Pair.id))]
+
+
+def test_a_judge_failing_on_every_pair_is_reported_and_its_pairs_wait_for_people(database, caplog):
+    from odpo.app.ui.dashboard import state_markdown
+    from tests.test_admin_service import admin_service
+
+    ids = add_text_pairs(database, length_pairs(5))
+    stop, result = threading.Event(), {}
+    worker = threading.Thread(target=lambda: result.update(stats=run_judge_worker(
+        database, load_judge("py:tests.rules:boom"), config=JudgeWorkerConfig(poll_seconds=0.05), stop=stop)))
+    with caplog.at_level("ERROR", logger="odpo.trainer.judge_worker"):
+        worker.start()
+        try:
+            wait_until(lambda: "failing" in state_markdown(admin_service(database).dashboard()), 60, poll=0.1)
+            md = state_markdown(admin_service(database).dashboard())
+        finally:
+            stop.set()
+            worker.join(30)
+    assert "**Judge** — py:tests.rules:boom: failing" in md
+    assert "**failing:** 5 pairs in a row failed; last: plugin raised RuntimeError: plugin exploded" in md
+    assert [r.getMessage() for r in caplog.records] == [
+        "judge py:tests.rules:boom is failing: 5 pairs in a row failed (last: plugin raised RuntimeError: "
+        "plugin exploded); they are back in the queue for people"]
+    stats = result["stats"]
+    assert (stats.labeled, stats.abstained, stats.failed) == (0, 5, 5)
+    assert queued_and_unclaimed(database) == [True] * 5
+    with database.sessions.begin() as s:
+        assert store.claim_next_pair(s, labeler="alice").pair_id == ids[0]  # people get them
+    assert "stopped" in state_markdown(admin_service(database).dashboard())
+
+
+@pytest.mark.timeout(120)
+def test_a_hanging_py_judge_times_out_per_pair_and_goes_on(database, release_hung):
+    from odpo.trainer.judges import JudgeOptions
+
+    ids = add_text_pairs(database, length_pairs(6, question_every=3))  # pairs 0 and 3 hang
+    judge = load_judge("py:tests.test_judge_worker:hang_on_question", JudgeOptions(timeout_s=0.5))
+    stats = run_judge_worker(database, judge, config=JudgeWorkerConfig(batch_size=6, **ONCE))
+    assert (stats.labeled, stats.failed) == (4, 2)
+    assert sorted(lb.pair_id for lb in labels(database)) == [i for k, i in enumerate(ids) if k % 3]
+    assert [queued_and_unclaimed(database)[k] for k in (0, 3)] == [True, True]
+    assert judge.last_error == "plugin call took longer than 0.5s (--judge-timeout); abandoned"
+
+
+@pytest.mark.timeout(120)
+def test_a_py_judge_with_too_many_hung_calls_stops_and_hands_everything_back(database, release_hung):
+    from odpo.trainer.judges import JudgeOptions
+    from odpo.trainer.judges.plugin import MAX_HUNG_CALLS, PluginError
+
+    add_text_pairs(database, length_pairs(5, question_every=1))  # every pair hangs
+    judge = load_judge("py:tests.test_judge_worker:hang_on_question", JudgeOptions(timeout_s=0.2))
+    with pytest.raises(PluginError, match=f"{MAX_HUNG_CALLS} calls still running after --judge-timeout 0.2s"):
+        run_judge_worker(database, judge, config=JudgeWorkerConfig(batch_size=5, **ONCE))
+    assert queued_and_unclaimed(database) == [True] * 5
+    with database.sessions() as s:
+        assert store.get_control(s, key=judge_state_key(judge_labeler_name(judge.spec)))["state"] == "failed"
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -82,7 +82,7 @@ def test_template_fill_is_single_pass_and_validates(tmp_path):
 # --- specs, rules, plugins ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec", ["", "nope", "foo:bar", "rule:", "rule:nonsense", "rule:regex:(",
-                                  "rule:length:x", "hf:/no/such/model/dir", "rm:/no/such/dir",
+                                  "rule:length:x", "rule:say_the_early:x", "hf:/no/such/model/dir", "rm:/no/such/dir",
                                   "openai:@http://x", "py:nomodule_xyz:fn", "py:tests.rules:missing",
                                   "py:tests.rules:NOT_CALLABLE", "py:tests.rules"])
 def test_bad_specs_are_clear_errors(spec):
@@ -103,6 +103,54 @@ def test_rules(name, expected):
     assert [v.choice for v in judge.judge(PROMPTS, LONG, SHORT)] == expected
     assert [v.choice for v in judge.judge(PROMPTS, SHORT, LONG)] == [Verdict(c).swapped().choice for c in expected]
     assert judge.judge(["p"], [" "], [""])[0].choice == "both_bad"
+
+
+def _both_orders(judge, a: str, b: str) -> tuple[str, str]:
+    """(verdict on a vs b, verdict on b vs a swapped back): equal for an order-free rule."""
+    first = judge.judge(["p"], [a], [b])[0].choice
+    second = judge.judge(["p"], [b], [a])[0].swapped().choice
+    return first, second
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ("The cat sat.", "A cat sat on the mat.", "a"),          # "the" at 0 vs 14
+    ("Cats sleep a lot.", "I like the sun.", "b"),          # never saying it loses
+    ("THE END", "so the end", "a"),                        # case-insensitive
+    ("There is a cat.", "Look at the cat.", "b"),          # a word, not a prefix of "There"
+    ("the end", "the start", "tie"),                       # same position
+    ("Cats.", "Dogs.", "tie"),                             # neither says it
+    ("", "  ", "both_bad"),
+])
+def test_say_the_early_rule(a, b, expected):
+    judge = load_judge("rule:say_the_early")
+    assert judge.order_free and judge.spec == "rule:say_the_early"
+    assert _both_orders(judge, a, b) == (expected, expected)
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ("The sky is blue today.", "The sky is", "a"),         # finished beats cut off, even if longer
+    ('He said "stop."', 'He said "stop', "a"),             # a sentence end inside closing quotes
+    ("Yes.", "Yes, it is.", "a"),                          # both finished: the shorter wins
+    ("It was a long and", "It was", "b"),                  # both cut off: the shorter wins
+    ("Yes.  \n", "Yes, it is!", "a"),                     # surrounding whitespace ignored
+    ("Yes.", "No!!", "tie"),                               # same kind, same length
+    ("", "\n", "both_bad"),
+])
+def test_finished_and_short_rule(a, b, expected):
+    judge = load_judge("rule:finished_and_short")
+    assert judge.order_free and judge.spec == "rule:finished_and_short"
+    assert _both_orders(judge, a, b) == (expected, expected)
+
+
+@pytest.mark.parametrize("spec, name", [("py:app.bench.rules:say_the_early", "say_the_early"),
+                                        ("py:odpo.app.bench.rules:finished_and_short", "finished_and_short")])
+def test_old_bench_rule_specs_name_the_rule_judge(spec, name):
+    """The bench's labeler rules were py: plugins; their old specs now fail with the new name."""
+    with pytest.raises(PluginError) as info:
+        load_judge(spec)
+    message = str(info.value)
+    assert "\n" not in message and f"use rule:{name})" in message
+    assert load_judge(f"rule:{name}").spec == f"rule:{name}"
 
 
 def test_random_rule_is_reproducible_and_order_free():

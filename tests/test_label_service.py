@@ -8,8 +8,8 @@ import time
 import pytest
 from sqlalchemy import func, select, update
 
-from odpo.app.context import ServeConfig
-from odpo.app.label_service import (
+from odpo.app.config import ServeConfig
+from odpo.app.services.labeling import (
     DEFAULT_GUIDELINES,
     LabelError,
     LabelService,

@@ -8,9 +8,9 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from odpo.app.context import ServeConfig
-from odpo.app.label_service import LabelError, LabelService
-from odpo.app.label_slots import LabelSlots, SlotBook, SlotState
+from odpo.app.config import ServeConfig
+from odpo.app.services.labeling import LabelError, LabelService
+from odpo.app.ui.slots import LabelSlots, SlotBook, SlotState
 from odpo.db import store
 from odpo.db.models import Assignment, Label
 from tests.concurrency import run_in_threads

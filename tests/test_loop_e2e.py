@@ -14,10 +14,10 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from odpo.app.context import ServeConfig
-from odpo.app.prompt_files import read_prompt_file
+from odpo.app.config import ServeConfig
 from odpo.app.serve import build_sampler, load_policy
-from odpo.app.services import import_prompt_records
+from odpo.app.services.prompt_files import read_prompt_file
+from odpo.app.services.prompts import import_prompt_records
 from odpo.db import store
 from odpo.db.models import Label, Pair, Reload
 from tests.concurrency import wait_until

@@ -15,7 +15,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from odpo.trainer import models
+from odpo.trainer import gguf_cache, models
+from odpo.trainer.gguf_cache import ensure_gguf_cached, gguf_cache_path
 from odpo.trainer.lora import LoraSettings, attach_lora
 from odpo.trainer.models import (
     INSTALL_HINT,
@@ -23,8 +24,6 @@ from odpo.trainer.models import (
     ModelNotFoundError,
     autocast_context,
     cpu_has_native_bf16,
-    ensure_gguf_cached,
-    gguf_cache_path,
     load_model_and_tokenizer,
     pick_device_dtype,
     resolve_model_spec,
@@ -147,7 +146,6 @@ def test_lora_settings_map_to_peft():
         ({"dtype": "int8"}, "dtype"),
         ({"load_in_4bit": "yes"}, "load_in_4bit"),
         ({"cache_dir": None}, "cache_dir"),
-        ({"device": "cpu", "load_in_4bit": True}, "CUDA GPU"),
     ],
 )
 def test_model_config_rejects_bad_values(kwargs, message, tmp_path):
@@ -166,11 +164,14 @@ def test_model_config_for_spec_fills_an_omitted_cache_dir(tmp_path, monkeypatch)
     assert (given.cache_dir, given.device, given.spec) == (tmp_path / "c", "cpu", "x")
 
 
-def test_qlora_on_a_cpu_only_machine_says_it_needs_a_gpu(tiny_model_dir, tmp_path, monkeypatch):
+def test_qlora_loads_on_a_cpu_only_machine(tiny_model_dir, tmp_path, monkeypatch):
+    """--load-in-4bit used to be refused without CUDA; bitsandbytes runs NF4 on CPU (tests/test_qlora.py)."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: no 4-bit path to load")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cfg = ModelConfig(spec=str(tiny_model_dir), cache_dir=tmp_path, load_in_4bit=True)
-    with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        load_model_and_tokenizer(cfg)
+    cfg = ModelConfig(spec=str(tiny_model_dir), cache_dir=tmp_path, load_in_4bit=True)  # device auto: cpu
+    model, _ = load_model_and_tokenizer(cfg)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "cpu"
 
 
 @pytest.mark.parametrize(
@@ -295,7 +296,7 @@ def conversions(monkeypatch, tiny_model_dir) -> list[Path]:
         time.sleep(0.05)  # long enough for a concurrent caller to collide
         shutil.copytree(tiny_model_dir, out_dir, dirs_exist_ok=True)
 
-    monkeypatch.setattr(models, "convert_gguf", convert)
+    monkeypatch.setattr(gguf_cache, "convert_gguf", convert)
     return calls
 
 
@@ -335,7 +336,7 @@ def test_failed_conversion_publishes_nothing(fake_gguf, monkeypatch, tmp_path):
         (out_dir / "model.safetensors").write_bytes(b"half a file")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "convert_gguf", broken)
+    monkeypatch.setattr(gguf_cache, "convert_gguf", broken)
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="disk full"):
         ensure_gguf_cached(fake_gguf, cache)
@@ -350,7 +351,7 @@ def test_another_process_publishing_first_is_fine(fake_gguf, tiny_model_dir, mon
         shutil.copytree(tiny_model_dir, out_dir, dirs_exist_ok=True)
         shutil.copytree(tiny_model_dir, target)  # the other process renames first
 
-    monkeypatch.setattr(models, "convert_gguf", racing)
+    monkeypatch.setattr(gguf_cache, "convert_gguf", racing)
     assert ensure_gguf_cached(fake_gguf, cache) == target
     assert _entries(cache) == [target.name]
 
@@ -398,7 +399,7 @@ def test_default_model_reloads_from_cache_without_converting(default_model, defa
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cached checkpoint should have been used")
 
-    monkeypatch.setattr(models, "convert_gguf", no_conversion)
+    monkeypatch.setattr(gguf_cache, "convert_gguf", no_conversion)
     model, tokenizer = load_model_and_tokenizer(default_model_config)
     cached = gguf_cache_path(Path(resolve_model_spec("smollm2-135m").location), default_model_config.cache_dir)
     assert (cached / "model.safetensors").is_file() and (cached / "chat_template.jinja").is_file()

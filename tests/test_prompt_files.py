@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from odpo.app.prompt_files import (
+from odpo.app.services.prompt_files import (
     PromptFileError,
     PromptRecord,
     dedupe,

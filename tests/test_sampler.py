@@ -2,6 +2,7 @@
 real SQLite database: queue filling, typed prompts, staleness, in-place adapter swaps, rollback."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -14,7 +15,8 @@ from safetensors import SafetensorError
 from sqlalchemy import select
 
 from odpo.db import store
-from odpo.db.models import Pair, Reload, Sample
+from odpo.db.models import Pair, Prompt, Reload, Sample
+from odpo.trainer.batching import MAX_PROMPT_TOKENS, prompt_token_ids
 from odpo.trainer.generation import SamplingParams
 from odpo.trainer.lora import LoraSettings, attach_lora
 from odpo.trainer.models import load_model_and_tokenizer
@@ -96,6 +98,7 @@ def base_weight(peft_model) -> torch.Tensor:
 
 
 def test_fills_the_queue_to_queue_size_and_stops(database, tiny_model_and_tokenizer):
+    tokenizer = tiny_model_and_tokenizer[1]
     add_prompts(database)
     sampler = make_sampler(database, *tiny_model_and_tokenizer, overlap=2)
     assert fill(sampler) == 4
@@ -112,7 +115,13 @@ def test_fills_the_queue_to_queue_size_and_stops(database, tiny_model_and_tokeni
         assert smp.adapter_version == 0 and smp.tokens == 6 and smp.finish_reason == "length"
         assert smp.gen_seconds > 0
         assert smp.params == {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 6, "batch_rows": 4,
-                              "seed": smp.params["seed"]}
+                              "seed": smp.params["seed"], "max_prompt_tokens": MAX_PROMPT_TOKENS}
+        # the exact ids it was drawn with: the prompt as fed, the 6 tokens emitted (cut: no eos)
+        with database.sessions() as s:
+            prompt_text = s.get(Prompt, smp.prompt_id).text
+        assert smp.prompt_token_ids == prompt_token_ids(tokenizer, prompt_text)
+        assert len(smp.token_ids) == 6 and tokenizer.eos_token_id not in smp.token_ids
+        assert smp.text == tokenizer.decode(smp.token_ids, skip_special_tokens=True)
     assert sorted({smp.params["seed"] for smp in samples}) == [0, 1]  # one seed per batch, as recorded
     by_pair = {(a.text, b.text) for a, b in zip(samples[0::2], samples[1::2], strict=True)}
     assert all(a != b for a, b in by_pair)  # two different draws per pair
@@ -302,6 +311,47 @@ def test_a_failing_batch_is_reported_and_the_sampler_carries_on(database, tiny_m
             assert os.getpriority(os.PRIO_PROCESS, watching.native_id) == mine
     finally:
         sampler.stop()
+
+
+def test_nul_in_a_sample_is_stripped_counted_and_stored(database, tiny_model_and_tokenizer, monkeypatch, caplog):
+    """A model can emit a token that decodes to NUL; PostgreSQL text cannot hold it (the insert
+    failed the whole batch). The sampler drops it from the text, counts it and logs it; the ids,
+    which the trainer uses, stay exactly as emitted."""
+    import odpo.trainer.sampler as sampler_module
+
+    add_prompts(database)
+    sampler = make_sampler(database, *tiny_model_and_tokenizer)
+    real = sampler_module.generate
+
+    def with_nul(*args, **kwargs):
+        out = real(*args, **kwargs)
+        first = out[0][0]
+        out[0][0] = dataclasses.replace(first, text="\x00" + first.text + "\x00 end")
+        return out
+
+    monkeypatch.setattr(sampler_module, "generate", with_nul)
+    with caplog.at_level("WARNING", logger="odpo.trainer.sampler"):
+        assert sampler.step() == 2 and sampler.step() == 2
+    assert sampler.state()["nul_stripped"] == 2  # one sample per batch
+    assert "stripped 2 NUL character(s)" in caplog.text
+    with database.sessions() as s:
+        samples = list(s.scalars(select(Sample).order_by(Sample.id)))
+    assert len(samples) == 8 and not any("\x00" in smp.text for smp in samples)
+    for smp in (samples[0], samples[4]):
+        assert smp.text.endswith(" end") and len(smp.token_ids) == 6
+
+
+def test_a_pair_of_samples_from_different_prompt_ids_is_refused(database):
+    add_prompts(database)
+    with database.sessions.begin() as s:
+        prompt = store.pick_prompts_for_sampling(s, n=1)[0]
+        a = store.NewSample(text="a", tokens=1, finish_reason="stop", params={}, gen_seconds=0.0,
+                            prompt_token_ids=[1, 2, 3], token_ids=[7, 2])
+        with pytest.raises(store.StoreError, match="different prompt token ids"):
+            store.add_pair(s, prompt_id=prompt.id, version=0, a=a, b=dataclasses.replace(a, prompt_token_ids=[2, 3]))
+        with pytest.raises(store.StoreError, match="different prompt token ids"):
+            store.add_pair(s, prompt_id=prompt.id, version=0, a=a, b=dataclasses.replace(a, prompt_token_ids=None))
+    assert pairs(database) == []
 
 
 def _sample(text: str) -> store.NewSample:

@@ -406,8 +406,8 @@ def test_cli_train_bad_option_is_one_line(common_config):
 
 
 def test_trainer_publishes_its_update_size_for_the_ui(make_trainer, database):
-    from odpo.app.context import ServeConfig
-    from odpo.app.label_service import LabelService
+    from odpo.app.config import ServeConfig
+    from odpo.app.services.labeling import LabelService
 
     make_trainer(batch_size=3, save_every=2, sources="human")
     with database.sessions() as s:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from odpo.app.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
-STARTED = re.compile(r"^\[up\] started (\w+) \(pid (\d+)")
+STARTED = re.compile(r"^\[up\] (?:re)?started (\w+) \(pid (\d+)")  # the latest pid of each child wins
 
 
 class UpProcess:
@@ -117,8 +117,8 @@ def test_ctrl_c_stops_every_child(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_a_dying_child_stops_the_others_and_up_fails_with_its_code(tmp_path):
-    from odpo.app.up import ChildSpec, Supervisor
+def test_with_restarts_off_a_dying_child_stops_the_others_and_up_fails_with_its_code(tmp_path):
+    from odpo.app.up import ChildSpec, RestartPolicy, Supervisor
 
     out = tmp_path / "log.txt"
     script = "import time, sys; print('hello', flush=True); time.sleep(float(sys.argv[1])); sys.exit(int(sys.argv[2]))"
@@ -128,13 +128,14 @@ def test_a_dying_child_stops_the_others_and_up_fails_with_its_code(tmp_path):
             return [sys.executable, "-c", script, *spec.args]
 
     with out.open("w") as fh:
-        sup = Scripted([ChildSpec("serve", ("60", "0")), ChildSpec("train", ("0.5", "3"))], grace_s=5, out=fh)
+        sup = Scripted([ChildSpec("serve", ("60", "0")), ChildSpec("train", ("0.5", "3"))], grace_s=5, out=fh,
+                       restart=RestartPolicy(max_restarts=0))
         started = time.monotonic()
         code = sup.run()
     text = out.read_text()
     assert code == 3 and time.monotonic() - started < 20
     assert "[serve] hello" in text and "[train] hello" in text
-    assert "[up] train exited with code 3; stopping serve" in text
+    assert "[up] giving up on train (exited with code 3; restarts are off); stopping serve" in text
     assert all(c.proc.poll() is not None for c in sup._running)
 
 
@@ -158,7 +159,7 @@ def test_background_children_run_at_a_lower_priority(tmp_path):
 
 
 def test_up_passes_options_to_its_children():
-    from odpo.app.cli_serve import serve, up_children
+    from odpo.app.cli.serve import serve, up_children
 
     options = {name: None for name in ("batch_size", "save_every", "max_steps", "until_version")}
     options.update(model="m", run="default", device="cpu", dtype="auto", load_in_4bit=False, seed=0, host="0.0.0.0",
@@ -222,7 +223,9 @@ def test_serve_with_the_web_app_fills_the_queue_answers_http_and_stops_on_sigter
             assert time.monotonic() < deadline
             time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        stopping = time.monotonic()
+        assert proc.wait(timeout=60) == 0
+        assert time.monotonic() - stopping < 15  # inside `up`'s default grace (--grace 15)
     finally:
         if proc.poll() is None:
             proc.kill()

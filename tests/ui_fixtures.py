@@ -64,7 +64,7 @@ class LiveApp:
 
 def launch_app(ctx, *, port: Optional[int] = None):
     """Build and launch the real app without blocking; returns (demo, url)."""
-    from odpo.app.ui import build_app, launch_kwargs
+    from odpo.app.ui.app import build_app, launch_kwargs
 
     port = port or free_port()
     demo = build_app(ctx)
@@ -81,7 +81,8 @@ def write_users(path: Path, users: dict[str, tuple[str, bool]]) -> Path:
 
 
 def _live(common_config, database, *, serve_kwargs: dict, users: Optional[dict] = None):
-    from odpo.app.context import AppContext, ServeConfig
+    from odpo.app.config import ServeConfig
+    from odpo.app.serve import AppContext
 
     sampler = FakeSampler(database)
     auth_file = None

@@ -1,11 +1,19 @@
 """Preference pairs -> padded token tensors -> sequence log-probs.
 
-The prompt and each completion are tokenised *separately* and their ids concatenated. That makes the
-prompt/completion boundary exact (no guessing where a joint tokenisation diverges) and reproduces
-what the sampler did: it fed ``encode_prompt`` ids to the model and the model produced completion
-tokens after them. ``render_prompt``/``encode_prompt`` are therefore the single source of truth for
-prompt formatting; the sampler must use them too, or training would score a context the policy
-never saw.
+Exact on-policy data: a sample stores the prompt ids the sampler fed the model and the ids the
+model emitted (trainer/generation.py), and a pair built from them is scored on exactly those ids.
+An EOS is part of a completion only when the model emitted it (finish_reason "stop"); a completion
+cut at max_new_tokens ("length") has none, so DPO never teaches the model to stop where it did
+not. Whether such pairs are trained at all is the trainer's `length_cut` setting.
+
+Samples stored before the ids were (no ids in the row) go through the old path: the prompt and
+each completion text are tokenised *separately* and their ids concatenated, which makes the
+prompt/completion boundary exact but may give other ids than the model produced (decode then
+re-encode is not the identity); an EOS is appended only for finish_reason "stop".
+
+``render_prompt``/``encode_prompt`` are the single source of truth for prompt formatting and
+``cut_prompt``/``MAX_PROMPT_TOKENS`` the single prompt-length rule; sampling uses both through
+``prompt_token_ids``, so training never scores a context the policy never saw.
 
 Batch layout (as TRL's DPO collator): rows ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``
 so one forward pass serves both halves, right padded (training never generates from these rows).
@@ -14,7 +22,7 @@ so one forward pass serves both halves, right padded (training never generates f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -23,14 +31,41 @@ from torch.autograd.function import once_differentiable
 # tensors to 16 MB, small enough to stay in cache on CPU (measured faster than 100 MB chunks).
 _CHUNK_ELEMENTS = 1 << 22
 
+# A prompt keeps its last this many tokens, when sampled and when trained (its end, the question
+# and the generation prompt, matters most). The trainer's --max-prompt-tokens defaults to it.
+MAX_PROMPT_TOKENS = 256
+FINISH_STOP = "stop"      # the model ended the completion itself (its EOS, if any, is in the ids)
+FINISH_LENGTH = "length"  # cut at max_new_tokens: no EOS belongs to it
+
 
 @dataclass
 class PairExample:
-    """One labelled comparison: ``chosen`` was preferred over ``rejected`` for ``prompt``."""
+    """One labelled comparison: ``chosen`` was preferred over ``rejected`` for ``prompt``.
+
+    With ``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (what the sampler stored) the batch
+    holds exactly those ids; without them the texts are re-tokenised (samples from before ids were
+    stored, hand-made examples). The finish reasons decide the EOS on the re-tokenising path and
+    which pairs count as length-cut.
+    """
 
     prompt: str
     chosen: str
     rejected: str
+    prompt_ids: Optional[Sequence[int]] = None
+    chosen_ids: Optional[Sequence[int]] = None
+    rejected_ids: Optional[Sequence[int]] = None
+    chosen_finish: str = FINISH_STOP
+    rejected_finish: str = FINISH_STOP
+
+    @property
+    def exact(self) -> bool:
+        """Whether this pair carries the sampled ids (else it is re-tokenised)."""
+        return self.prompt_ids is not None and self.chosen_ids is not None and self.rejected_ids is not None
+
+    @property
+    def length_cut(self) -> bool:
+        """Whether either completion was cut at max_new_tokens."""
+        return FINISH_LENGTH in (self.chosen_finish, self.rejected_finish)
 
 
 def _has_chat_template(tokenizer: Any) -> bool:
@@ -50,12 +85,24 @@ def render_prompt(tokenizer: Any, prompt: str) -> str:
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of ``render_prompt``; use these for generation too.
+    """Token ids of ``render_prompt``, uncut (judges use it with templates of their own).
 
     A chat template already writes any BOS it wants, so special tokens are added only for raw
     text (where e.g. Llama tokenizers need their BOS); this matches ``apply_chat_template(tokenize=True)``.
     """
     return _encode_prompts(tokenizer, [prompt])[0]
+
+
+def cut_prompt(ids: Sequence[int], max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
+    """The prompt-length rule, shared by sampling and training: keep the last `max_tokens` ids."""
+    if max_tokens < 1:
+        raise ValueError("max_prompt_tokens must be >= 1")
+    return list(ids[-max_tokens:])
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str, *, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
+    """The ids a prompt is sampled with: ``encode_prompt`` cut by ``cut_prompt``."""
+    return cut_prompt(encode_prompt(tokenizer, prompt), max_tokens)
 
 
 def _encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
@@ -64,15 +111,26 @@ def _encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=add_special)["input_ids"]
 
 
-def _encode_completions(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Response ids followed by exactly one EOS: the model learns where a good answer stops."""
+def _retokenise(tokenizer: Any, text: str, finish_reason: str) -> list[int]:
+    """Old samples without stored ids: response ids, plus one EOS only if the model stopped itself."""
     eos_id, eos_text = tokenizer.eos_token_id, tokenizer.eos_token
-    if eos_id is None:
-        raise ValueError("the tokenizer has no eos_token; DPO completions must end with one")
+    if finish_reason != FINISH_LENGTH and eos_id is None:
+        raise ValueError("the tokenizer has no eos_token; a completion that stopped must end with one")
     # A sampler that kept special tokens may hand us text that already ends with EOS: don't double it.
-    stripped = [t[: -len(eos_text)] if eos_text and t.endswith(eos_text) else t for t in texts]
-    ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
-    return [list(row) + [eos_id] for row in ids]
+    if eos_text and text.endswith(eos_text):
+        text = text[: -len(eos_text)]
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids if finish_reason == FINISH_LENGTH else ids + [eos_id]
+
+
+def _example_rows(tokenizer: Any, ex: PairExample, prompt_ids: list[int],
+                  max_prompt_tokens: int) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) ids of one pair: the stored ids when it has them."""
+    if ex.exact:
+        return (cut_prompt(ex.prompt_ids, max_prompt_tokens), list(ex.chosen_ids),  # type: ignore[arg-type]
+                list(ex.rejected_ids))  # type: ignore[arg-type]
+    return (cut_prompt(prompt_ids, max_prompt_tokens), _retokenise(tokenizer, ex.chosen, ex.chosen_finish),
+            _retokenise(tokenizer, ex.rejected, ex.rejected_finish))
 
 
 def _pad_right(rows: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -91,30 +149,33 @@ def build_pair_batch(
     tokenizer: Any,
     examples: list[PairExample],
     *,
-    max_prompt_tokens: int = 256,
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS,
     max_completion_tokens: int = 256,
 ) -> dict[str, torch.Tensor]:
     """Tokenise B pairs into one right-padded batch of 2B rows (chosen rows first).
 
-    Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on response tokens and the
-    EOS that ends them). The prompt is truncated from the left, since its end (the question and the
-    generation prompt) matters most; completions from the right, since the model produced them
-    left to right (a cut completion loses its EOS, which is right: it did not end there).
+    Returns ``input_ids``, ``attention_mask`` and ``completion_mask`` (1 on response tokens and
+    the EOS that ends them, when there is one). Prompts are cut by ``cut_prompt`` (a no-op on
+    stored ids, which the sampler cut by the same rule, unless ``max_prompt_tokens`` is set lower
+    than the sampler's); completions from the right, since the model produced them left to right
+    (a cut completion loses its EOS, which is right: it did not end there).
     """
     if not examples:
         raise ValueError("build_pair_batch needs at least one example")
     if max_prompt_tokens < 1 or max_completion_tokens < 1:
         raise ValueError("max_prompt_tokens and max_completion_tokens must be >= 1")
-    prompts = [p[-max_prompt_tokens:] for p in _encode_prompts(tokenizer, [e.prompt for e in examples])]
-    chosen = _encode_completions(tokenizer, [e.chosen for e in examples])
-    rejected = _encode_completions(tokenizer, [e.rejected for e in examples])
+    retokenise = [e for e in examples if not e.exact]
+    encoded = iter(_encode_prompts(tokenizer, [e.prompt for e in retokenise]) if retokenise else [])
+    triples = [_example_rows(tokenizer, e, [] if e.exact else next(encoded), max_prompt_tokens) for e in examples]
     rows, masks = [], []
-    for completions in (chosen, rejected):
-        for prompt_ids, completion_ids in zip(prompts, completions, strict=True):
-            completion_ids = completion_ids[:max_completion_tokens]
-            rows.append(list(prompt_ids) + completion_ids)
+    for side in (1, 2):  # chosen rows, then rejected rows
+        for triple in triples:
+            prompt_ids, completion_ids = triple[0], triple[side][:max_completion_tokens]
+            rows.append(prompt_ids + completion_ids)
             masks.append([0] * len(prompt_ids) + [1] * len(completion_ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token; cannot pad a batch")
     return _pad_right(rows, masks, pad_id)
 
 

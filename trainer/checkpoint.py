@@ -15,7 +15,6 @@ import math
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -69,7 +68,6 @@ def write_version(*, model: Any, optimizer: torch.optim.Optimizer, adapters_dir:
     torch.save(_rng_snapshot(), tmp / RNG_STATE)
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
     fsync_tree(tmp)
-    crash_hook_pause("ODPO_TEST_SLOW_SAVE", f"v{version}.tmp written, before the rename")
     if final.exists():
         log.warning("replacing %s: a version directory that was never committed", final)
         shutil.rmtree(final)
@@ -133,19 +131,6 @@ def _fsync_path(path: Path, *, directory: bool) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def crash_hook_pause(env_name: str, what: str) -> None:
-    """Crash-test hook: sleep `$env_name` seconds at a named moment, announcing it in the log first
-    so a test can kill the process exactly there. Unset (always, outside tests) it does nothing."""
-    raw = os.environ.get(env_name)
-    if not raw:
-        return
-    seconds = float(raw)
-    log.info("test hook %s: %s; sleeping %.1fs", env_name, what, seconds)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    time.sleep(seconds)
 
 
 # --- reading -----------------------------------------------------------------------------------

@@ -239,15 +239,17 @@ def maybe_auto_eval(db: Database, *, policy: Any, tokenizer: Any, version: int, 
 
 
 def load_eval_policy(*, model_spec: str, adapter_dir: Path, cache_dir: Optional[Path] = None,
-                     device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, Any]:
-    """(PeftModel holding `adapter_dir`, tokenizer, autocast dtype): one base copy for both policies."""
+                     device: str = "auto", dtype: str = "auto", load_in_4bit: bool = False) -> tuple[Any, Any, Any]:
+    """(PeftModel holding `adapter_dir`, tokenizer, autocast dtype): one base copy for both policies;
+    `load_in_4bit` evaluates on the 4-bit NF4 base a QLoRA trainer trained against."""
     from peft import PeftModel
 
     from odpo.trainer.models import ModelConfig, load_model_and_tokenizer, pick_device_dtype
 
     try:
         base, tokenizer = load_model_and_tokenizer(ModelConfig.for_spec(model_spec, cache_dir=cache_dir,
-                                                                        device=device, dtype=dtype))
+                                                                        device=device, dtype=dtype,
+                                                                        load_in_4bit=load_in_4bit))
     except (OSError, ValueError) as exc:
         raise EvalError(f"cannot load the base model {model_spec!r}: {exc}") from None
     policy = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)

@@ -153,7 +153,13 @@ def export_merged(db: Database, *, out: Path, version: Optional[int] = None, run
                   base_model: Optional[str] = None, cache_dir: Optional[Path] = None,
                   base_dir: Optional[Path] = None) -> Path:
     """Write the base model with the version's LoRA merged in (fp32), plus tokenizer and chat
-    template: a plain checkpoint for AutoModelForCausalLM.from_pretrained."""
+    template: a plain checkpoint for AutoModelForCausalLM.from_pretrained.
+
+    The base is always reloaded at full precision, also for a version trained with --load-in-4bit:
+    merging into dequantized NF4 weights would bake the quantization error into every weight of
+    the export. W + BA on the original W is what a full-precision user of the adapter computes; it
+    differs from the 4-bit policy that was sampled and trained by exactly that quantization error
+    (README, "QLoRA on CPU and GPU")."""
     from peft import PeftModel
 
     from odpo.trainer.models import ModelConfig, load_model_and_tokenizer
@@ -164,7 +170,7 @@ def export_merged(db: Database, *, out: Path, version: Optional[int] = None, run
         raise ExportError(f"{out} already exists and is not an empty directory; choose a new path")
     try:
         base, tokenizer = load_model_and_tokenizer(ModelConfig.for_spec(spec, cache_dir=cache_dir, device="cpu",
-                                                                        dtype="fp32"))
+                                                                        dtype="fp32", load_in_4bit=False))
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot load the base model {spec!r}: {exc}; pass --base-model") from None
     merged = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
@@ -261,7 +267,8 @@ def render_model_card(*, kind: str, base_spec: str, lora: dict[str, Any], versio
     if hub:
         front.append(f"base_model: {hub}")
     front += ["tags: [odpo, dpo, online-dpo, lora]", "---", ""]
-    what = "LoRA adapter" if kind == "adapter" else "Model with a LoRA adapter merged in (fp32)"
+    what = ("LoRA adapter" if kind == "adapter"
+            else "Model with a LoRA adapter merged into the base model's full-precision (fp32) weights")
     targets = lora.get("target_modules")
     targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
     lines = [f"# odpo {kind} v{version} (run {run})", "",

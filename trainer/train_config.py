@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from odpo.db.errors import OdpoError
-from odpo.trainer.dpo import LOSS_TYPES
+from odpo.trainer.dpo import LOSS_TYPES, SIMPO_DEFAULT_GAMMA, default_beta
+from odpo.trainer.batching import MAX_PROMPT_TOKENS
 from odpo.trainer.lora import LoraSettings
 from odpo.trainer.models import DEFAULT_SPEC, ModelConfig
+from odpo.trainer.on_policy import LENGTH_CUT_MODES
 
 # AdamW learning rate for the LoRA weights (r=16, all-linear), measured on SmolLM2-135M with the
 # sigmoid loss, beta 0.1, batch 8, a fixed synthetic preference ("the shorter answer wins"), 10 steps,
@@ -29,6 +31,10 @@ from odpo.trainer.models import DEFAULT_SPEC, ModelConfig
 # and noisily, so the default stays at the careful end of the usual LoRA range (1e-4..5e-4).
 DEFAULT_LR = 1e-4
 SOURCES = ("human", "judge", "all")
+# Pairs with a completion cut at max_new_tokens: "keep" trains them as cut (no EOS: the model did
+# not stop there), "drop" leaves them out. Keep, because dropping throws most labels away at
+# default lengths: MEASUREMENT_PLACEHOLDER
+DEFAULT_LENGTH_CUT = "keep"
 
 
 class TrainConfigError(OdpoError, ValueError):
@@ -51,13 +57,15 @@ class TrainConfig:
     lr: float = DEFAULT_LR
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = 1.0
-    beta: float = 0.1
+    beta: Optional[float] = None  # None: the loss's own default (trainer.dpo.default_beta)
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    simpo_gamma: Optional[float] = None  # SimPO's target margin; None: SIMPO_DEFAULT_GAMMA with simpo
     max_staleness_train: Optional[int] = None
     save_every: int = 1
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = MAX_PROMPT_TOKENS  # the sampler's rule too (trainer.batching.cut_prompt)
     max_completion_tokens: int = 256
+    length_cut: str = DEFAULT_LENGTH_CUT
     sources: str = "all"
     poll_seconds: float = 2.0
     max_steps: Optional[int] = None
@@ -74,6 +82,12 @@ class TrainConfig:
     eval_max_new_tokens: int = 128
 
     def __post_init__(self) -> None:
+        # Defaults that depend on the loss are filled in here, so every reader sees plain numbers.
+        # (dataclasses.replace() passes the resolved beta on: give beta anew when changing loss.)
+        if self.beta is None:
+            object.__setattr__(self, "beta", default_beta(self.loss_type))
+        if self.simpo_gamma is None and self.loss_type == "simpo":
+            object.__setattr__(self, "simpo_gamma", SIMPO_DEFAULT_GAMMA)
         for ok, message in self._checks():
             if not ok:
                 raise TrainConfigError(message)
@@ -96,11 +110,16 @@ class TrainConfig:
              "label_smoothing must be in [0, 0.5)"),
             (self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust"),
              "label_smoothing only applies to the sigmoid and robust losses"),
+            (self.simpo_gamma is None or (_finite(self.simpo_gamma) and self.simpo_gamma >= 0),
+             f"simpo_gamma must be >= 0, got {self.simpo_gamma!r}"),
+            (self.simpo_gamma is None or self.loss_type == "simpo", "simpo_gamma only applies to the simpo loss"),
             (self.max_staleness_train is None or _nonneg_int(self.max_staleness_train),
              "max_staleness_train must be an integer >= 0 (or None for no limit)"),
             (_pos_int(self.save_every), "save_every must be an integer >= 1"),
             (_pos_int(self.max_prompt_tokens), "max_prompt_tokens must be an integer >= 1"),
             (_pos_int(self.max_completion_tokens), "max_completion_tokens must be an integer >= 1"),
+            (self.length_cut in LENGTH_CUT_MODES,
+             f"length_cut must be one of {', '.join(LENGTH_CUT_MODES)}, got {self.length_cut!r}"),
             (self.sources in SOURCES, f"sources must be one of {', '.join(SOURCES)}, got {self.sources!r}"),
             (_finite(self.poll_seconds) and self.poll_seconds > 0, "poll_seconds must be > 0"),
             (self.max_steps is None or _pos_int(self.max_steps), "max_steps must be an integer >= 1"),
@@ -129,11 +148,18 @@ class TrainConfig:
                 "label_smoothing", "max_staleness_train", "max_prompt_tokens", "max_completion_tokens",
                 "sources", "seed")
         out = {k: getattr(self, k) for k in keys}
+        out.update(self.loss_options())  # only when set, so older runs keep their hash
+        if self.length_cut != DEFAULT_LENGTH_CUT:
+            out["length_cut"] = self.length_cut
         lora = asdict(self.lora)
         lora["target_modules"] = (lora["target_modules"] if isinstance(lora["target_modules"], str)
                                   else list(lora["target_modules"]))
         out["lora"] = lora
         return out
+
+    def loss_options(self) -> dict[str, float]:
+        """Extra keyword arguments of `dpo_loss` that only some losses take."""
+        return {} if self.simpo_gamma is None else {"simpo_gamma": self.simpo_gamma}
 
     def hyperparameter_hash(self) -> str:
         blob = json.dumps(self.hyperparameters(), sort_keys=True, default=str)

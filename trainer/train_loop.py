@@ -24,7 +24,7 @@ from odpo.db.errors import OdpoError
 from odpo.db.models import Adapter
 from odpo.db.store import skip_stale_labels
 from odpo.trainer import checkpoint as ckpt
-from odpo.trainer.batching import PairExample
+from odpo.trainer.on_policy import drop_length_cut, training_examples
 from odpo.trainer.train_config import TrainConfig
 from odpo.trainer.train_step import apply_hyperparameters, dpo_step, make_optimizer
 
@@ -220,7 +220,6 @@ class DPOTrainer:
                  "hyperparameter_hash": self.cfg.hyperparameter_hash(), "created_at": time.time()}
         path = ckpt.write_version(model=self.model, optimizer=self.optimizer, adapters_dir=self.adapters_dir,
                                   version=version, state=state)
-        ckpt.crash_hook_pause("ODPO_TEST_SLOW_COMMIT", f"v{version}/ renamed, before the DB commit")
         try:
             self._commit_row(version=version, parent=parent, path=path, label_steps=label_steps)
         except VersionConflict as exc:
@@ -273,6 +272,8 @@ class DPOTrainer:
             with self.db.sessions() as s:
                 rows = store.unconsumed_labels(s, limit=need + len(taken), sources=self.cfg.sources)
             fresh = [r for r in rows if r.label_id not in taken]
+            if drop_length_cut(self.db, fresh, length_cut=self.cfg.length_cut, version=self.version):
+                continue  # --length-cut drop marked some skipped (trainer/on_policy.py): fetch again
             stale = [r.label_id for r in fresh if self._is_stale(r)]
             if not stale:
                 return fresh[:need] if len(fresh) >= need else None
@@ -298,7 +299,7 @@ class DPOTrainer:
         if self.pending_version is None:
             with self.db.sessions() as s:
                 self.pending_version = store.next_version_number(s, run=self.cfg.run)
-        examples = [PairExample(prompt=lb.prompt, chosen=lb.chosen, rejected=lb.rejected) for lb in labels]
+        examples = training_examples(self.db, labels)  # the sampled ids, exactly (trainer/on_policy.py)
         metrics = dpo_step(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
                            examples=examples, cfg=self.cfg, autocast=self._autocast)
         metrics["version_lag"] = sum(self.version - lb.pair_version for lb in labels) / len(labels)

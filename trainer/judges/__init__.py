@@ -44,6 +44,7 @@ class Verdict:
     confidence: float = 1.0
     p_a: Optional[float] = None
     reason: str = ""
+    failed: bool = False  # an abstention because the judge broke (raised, timed out), not because it was unsure
 
     def __post_init__(self) -> None:
         if self.choice not in VERDICT_CHOICES:
@@ -57,8 +58,8 @@ class Verdict:
         return replace(self, choice=choice, p_a=p_a)
 
 
-def abstain(reason: str) -> Verdict:
-    return Verdict("abstain", confidence=0.0, reason=reason)
+def abstain(reason: str, *, failed: bool = False) -> Verdict:
+    return Verdict("abstain", confidence=0.0, reason=reason, failed=failed)
 
 
 @runtime_checkable
@@ -82,12 +83,14 @@ class JudgeOptions:
 
     abstain_threshold: LM judges abstain when the two orders point different ways and their
     P(a better) differ by more than this. tie_margin: |P(a better) - 0.5| below it is a tie.
+    timeout_s: seconds per HTTP request (openai:) and per call of a py: plugin (`--judge-timeout`).
     """
 
     template: Optional[Path] = None
     cache_dir: Optional[Path] = None
     device: str = "auto"
     dtype: str = "auto"
+    load_in_4bit: bool = False  # hf: judges: the judge model's linear layers in 4-bit NF4 (QLoRA's format)
     abstain_threshold: float = 0.5
     tie_margin: float = 0.05
     batch_size: int = 8

@@ -59,7 +59,8 @@ class HFJudge(BothOrdersJudge):
 
         try:
             model, tokenizer = load_model_and_tokenizer(ModelConfig.for_spec(
-                model_spec, cache_dir=options.cache_dir, device=options.device, dtype=options.dtype))
+                model_spec, cache_dir=options.cache_dir, device=options.device, dtype=options.dtype,
+                load_in_4bit=options.load_in_4bit))
         except (OSError, ValueError) as exc:  # ModelNotFoundError is an OSError
             raise JudgeError(f"cannot load judge model {model_spec!r}: {exc}") from None
         _, _, autocast_dtype = pick_device_dtype(options.device, options.dtype)

@@ -4,9 +4,18 @@ The function is called as ``function(prompt, response_a, response_b)`` and retur
   - a choice string: "a", "b", "tie", "both_bad" or "abstain" (case-insensitive);
   - a number in [0, 1]: the probability that response a is better;
   - a (choice, confidence) tuple, or a trainer.judges.Verdict.
-A plugin that raises or returns anything else on one pair costs only that pair (it becomes an
-abstention with the reason attached, logged once per kind); a plugin that fails on
-`max_consecutive_errors` pairs in a row is broken, and the judge stops with a PluginError.
+A plugin that raises, returns anything else, or takes longer than `timeout_s` (`--judge-timeout`)
+on one pair costs only that pair (it becomes a failed abstention with the reason attached, logged
+once per kind); a plugin that fails on `max_consecutive_errors` pairs in a row is broken, and the
+judge stops with a PluginError.
+
+Timeouts: each call runs in a daemon thread and the judge waits for it at most `timeout_s`. A
+Python thread cannot be killed, so a hung call is abandoned, not stopped: it keeps its thread
+until it returns or the process exits (daemon threads do not hold up the exit). A subprocess per
+plugin could be killed, but would lose what users rely on (module state such as a loaded model or
+a client, no pickling of inputs, microseconds per call); abandoning is bounded instead: when
+`MAX_HUNG_CALLS` abandoned calls are still running, the judge stops with a PluginError and the
+process exit (`odpo judge`, restarted by `odpo up`) reclaims them.
 Set ``function.order_free = True`` when the function ignores which response comes first; then
 evaluation does not ask it twice.
 """
@@ -16,12 +25,15 @@ import importlib
 import logging
 import math
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from odpo.trainer.judges import JudgeError, JudgeOptions, Verdict, abstain, check_batch
 
 log = logging.getLogger(__name__)
+
+MAX_HUNG_CALLS = 3  # abandoned calls still running before the judge gives up on the plugin
 
 _ALIASES = {"a": "a", "b": "b", "tie": "tie", "both_bad": "both_bad", "both bad": "both_bad",
             "both-bad": "both_bad", "abstain": "abstain"}
@@ -56,7 +68,8 @@ def import_function(path: str) -> Callable[..., Any]:
 # Import names odpo had before everything moved under `odpo.` (a user's own `app` module is
 # imported first, so these hints only show when nothing of that name exists any more).
 _OLD_TOP_LEVEL = ("app", "trainer", "db")
-_MOVED_SPECS = {"app.bench.rules": "rule:{attr}"}
+# The bench's labeler rules became built-in rule judges (trainer/judges/rule.py).
+_MOVED_SPECS = {"app.bench.rules": "rule:{attr}", "odpo.app.bench.rules": "rule:{attr}"}
 
 
 def _moved_hint(module_name: str, attr: str) -> str:
@@ -102,6 +115,7 @@ class PluginJudge:
         self.order_free = bool(getattr(fn, "order_free", False))
         self.consecutive_errors = 0
         self.last_error = ""
+        self._hung: list[_Call] = []
 
     @classmethod
     def from_path(cls, path: str, *, spec: str, options: JudgeOptions) -> "PluginJudge":
@@ -113,10 +127,21 @@ class PluginJudge:
         return [self._one(p, a, b) for p, a, b in zip(prompts, responses_a, responses_b, strict=True)]
 
     def _one(self, prompt: str, a: str, b: str) -> Verdict:
-        try:
-            value = self.fn(prompt, a, b)
-        except Exception as exc:  # noqa: BLE001 - a plugin bug must not take the worker down
-            return self._failed(f"plugin raised {type(exc).__name__}: {exc}")
+        call = _Call(self.fn, (prompt, a, b))
+        if not call.done.wait(self.options.timeout_s):
+            self._hung = [c for c in self._hung if not c.done.is_set()] + [call]
+            verdict = self._failed(f"plugin call took longer than {self.options.timeout_s:g}s (--judge-timeout); "
+                                   "abandoned")
+            if len(self._hung) >= MAX_HUNG_CALLS:
+                raise PluginError(f"judge {self.spec}: {len(self._hung)} calls still running after "
+                                  f"--judge-timeout {self.options.timeout_s:g}s; stopping (a hung Python call "
+                                  "cannot be cancelled: fix the plugin or raise --judge-timeout)")
+            return verdict
+        if call.error is not None:
+            if not isinstance(call.error, Exception):
+                raise call.error  # SystemExit / KeyboardInterrupt from the plugin: as if called directly
+            return self._failed(f"plugin raised {type(call.error).__name__}: {call.error}")
+        value = call.value
         verdict = to_verdict(value, tie_margin=self.options.tie_margin)
         if verdict is None:
             return self._failed(f"plugin returned {value!r:.80}; expected a/b/tie/both_bad/abstain "
@@ -132,7 +157,25 @@ class PluginJudge:
         if self.consecutive_errors >= self.options.max_consecutive_errors:
             raise PluginError(f"judge {self.spec} failed on {self.consecutive_errors} pairs in a row; "
                               f"last: {reason}")
-        return abstain(reason)
+        return abstain(reason, failed=True)
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+class _Call:
+    """One plugin call in its own daemon thread, so that the judge can stop waiting for it."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: Optional[BaseException] = None
+        threading.Thread(target=self._run, args=(fn, args), name="odpo-py-judge", daemon=True).start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self.value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the judge's thread, which decides
+            self.error = exc
+        finally:
+            self.done.set()

@@ -6,13 +6,24 @@
     rule:regex:<pattern>  the response matching <pattern> (re.search) wins
     rule:length:<n>       the word count closer to <n> wins (a target length to learn)
     rule:random[:<seed>]  a reproducible coin flip (the noise floor of a benchmark)
+    rule:say_the_early    the response that says "the" earlier (in characters) wins; never saying
+                          it loses
+    rule:finished_and_short  a response that ends its sentence beats one cut off mid-sentence;
+                          between two of the same kind the shorter wins
 
 Every rule says both_bad when both responses are empty and tie when it cannot separate them.
 Rules only look at content, never at position, so they are order-free.
+
+The last two label the learning benchmark (`bench learn`); they were `py:` plugins inside the
+harness once, and are built in so the product never imports it. A learning benchmark needs a
+preference whose effect shows inside the generation length (a pure length rule does not once both
+samples hit max_new_tokens) and that decides most pairs (a tie is a label spent without a training
+signal, since odpo does not train on ties by default).
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from typing import Callable, Sequence
 
@@ -21,7 +32,51 @@ from odpo.trainer.judges import JudgeError, Verdict, check_batch
 # A rule maps (prompt, a, b) to a signed preference: > 0 a wins, < 0 b wins, 0 tie.
 Rule = Callable[[str, str, str], float]
 RULE_NAMES = ("shorter", "longer", "contains:<word>", "avoid:<word>", "regex:<pattern>", "length:<n>",
-              "random[:<seed>]")
+              "random[:<seed>]", "say_the_early", "finished_and_short")
+
+_THE = re.compile(r"\bthe\b", re.IGNORECASE)
+_ENDS = re.compile(r"[.!?](\s*[\"')\]]*)?\s*$")  # a sentence end, maybe inside closing quotes/brackets
+
+
+def _sign(difference: float) -> float:
+    return float((difference > 0) - (difference < 0))
+
+
+def _first_the(text: str) -> float:
+    match = _THE.search(text)
+    return float(match.start()) if match else math.inf
+
+
+def say_the_early(_prompt: str, a: str, b: str) -> float:
+    """The response that says "the" earlier (in characters) wins; one that never does loses.
+
+    Graded, so nearly every pair of different responses is decided, and the best a policy can do
+    is to open with "The": a style a 135M model picks up within a few DPO steps, visible in the
+    first token whatever max_new_tokens is."""
+    pa, pb = _first_the(a), _first_the(b)
+    return 0.0 if pa == pb else _sign(pb - pa)  # compared first: inf - inf would be nan
+
+
+def finished_and_short(_prompt: str, a: str, b: str) -> float:
+    """A response that ends a sentence beats one cut off mid-sentence; between two of the same kind
+    the shorter wins.
+
+    Ending a sentence stands in for finish_reason "stop" (rules see text only). Needs a generation
+    length where some answers end (e.g. --max-new-tokens 96 or more)."""
+    a, b = a.strip(), b.strip()
+    ends_a, ends_b = bool(_ENDS.search(a)), bool(_ENDS.search(b))
+    if ends_a != ends_b:
+        return 1.0 if ends_a else -1.0
+    return _sign(len(b) - len(a))
+
+
+# Rules that take no argument, by name.
+_PLAIN: dict[str, Rule] = {
+    "shorter": lambda _p, a, b: float(len(b.strip()) - len(a.strip())),
+    "longer": lambda _p, a, b: float(len(a.strip()) - len(b.strip())),
+    "say_the_early": say_the_early,
+    "finished_and_short": finished_and_short,
+}
 
 
 def _has(word: str) -> Rule:
@@ -47,11 +102,9 @@ def _coin(seed: str) -> Rule:
 
 def build_rule(name: str) -> Rule:
     """The rule a name selects; a JudgeError listing the valid names otherwise."""
+    if name in _PLAIN:
+        return _PLAIN[name]
     head, _, arg = name.partition(":")
-    if head == "shorter" and not arg:
-        return lambda _p, a, b: float(len(b.strip()) - len(a.strip()))
-    if head == "longer" and not arg:
-        return lambda _p, a, b: float(len(a.strip()) - len(b.strip()))
     if head == "contains" and arg:
         return _has(arg)
     if head == "avoid" and arg:

@@ -1,0 +1,151 @@
+"""Dashboard data and admin actions for the web UI, as plain data (no gradio here).
+
+Admin rights are checked HERE, not only by hiding the Admin tab: a hidden tab is not a security
+boundary, and every admin call can also arrive over the HTTP API.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from odpo.app.config import ServeConfig
+from odpo.app.services.labeling import LabelService
+from odpo.app.ui.auth import AuthConfig
+from odpo.app.up import up_state_key
+from odpo.db import store
+from odpo.db.engine import Database
+from odpo.db.errors import OdpoError
+from odpo.db.models import utcnow
+from odpo.trainer.judge_worker import JUDGE_STATE_PREFIX
+
+log = logging.getLogger(__name__)
+
+PAUSE_KEY = "train.paused"
+HOURS_SHOWN = 48
+
+
+class AdminError(OdpoError):
+    """An admin action refused or failed in a way the admin can fix."""
+
+
+class NotAdminError(AdminError):
+    """The signed-in user is not listed as admin in the users file."""
+
+
+class AdminService:
+    def __init__(self, *, db: Database, config: ServeConfig, labels: LabelService,
+                 auth: Optional[AuthConfig] = None, extra_admins: frozenset[str] = frozenset(),
+                 data_dir: Optional[Path] = None) -> None:
+        self.db, self.config, self.labels, self.auth = db, config, labels, auth
+        self.extra_admins = set(extra_admins)
+        self.data_dir = data_dir  # adapter rows may hold paths relative to it
+
+    # -- who may ------------------------------------------------------------------------------
+    def is_admin(self, username: Optional[str]) -> bool:
+        """Without auth everyone who can open the page is trusted (it binds to 127.0.0.1 by
+        default); with auth only users marked admin (or ctx.admins) are."""
+        if self.auth is None:
+            return True
+        return bool(username) and (self.auth.is_admin(username) or username in self.extra_admins)
+
+    def require_admin(self, username: Optional[str]) -> None:
+        if not self.is_admin(username):
+            raise NotAdminError("admins only: ask an admin to mark you `admin = true` in the users file")
+
+    # -- dashboard ----------------------------------------------------------------------------
+    def dashboard(self) -> dict[str, Any]:
+        """Every series and table the Dashboard tab shows, in one read transaction."""
+        run = self.config.run
+        with self.db.sessions() as s:
+            data = {
+                "train": store.train_series(s, run=run),
+                "evals": store.eval_series(s),
+                "labels_per_hour": store.labels_per_hour(s, since=utcnow() - dt.timedelta(hours=HOURS_SHOWN)),
+                "labelers": store.labeler_stats(s),
+                "agreement": store.judge_agreement(s),
+                "last_step": store.last_train_step(s, run=run),
+                "status": store.status_counts(s, run=run),
+                "paused": _paused(s),
+                "processes": store.get_control(s, key=up_state_key(run)),
+                "judges": list(store.controls_with_prefix(s, prefix=JUDGE_STATE_PREFIX).values()),
+            }
+        data["now"] = time.time()  # the reports carry wall-clock times: their age is shown
+        data["sampler"] = self.labels.sampler_state()
+        return data
+
+    # -- actions --------------------------------------------------------------------------------
+    def import_prompts(self, *, username: Optional[str], data: bytes, filename: str,
+                       held_out_fraction: float = 0.0) -> store.ImportResult:
+        """Parse an uploaded prompt file and store it in one transaction (all or nothing)."""
+        from odpo.app.services.prompt_files import PromptFileError, parse_prompt_bytes
+        from odpo.app.services.prompts import import_prompt_records
+
+        self.require_admin(username)
+        if not 0.0 <= held_out_fraction < 1.0:
+            raise AdminError("held-out fraction must be in [0, 1)")
+        name = Path(filename or "upload.txt").name
+        try:
+            records = parse_prompt_bytes(data, name=name, suffix=Path(name).suffix.lower())
+        except PromptFileError as exc:  # may not subclass OdpoError yet: translate explicitly
+            raise AdminError(str(exc)) from None
+        result = import_prompt_records(self.db, records, held_out_fraction=held_out_fraction)
+        log.info("%s imported %s: %d added, %d duplicates", username or "admin", name, result.added,
+                 result.duplicates)
+        return result
+
+    def set_paused(self, *, username: Optional[str], paused: bool) -> bool:
+        self.require_admin(username)
+        with self.db.sessions.begin() as s:
+            store.set_control(s, key=PAUSE_KEY, value={"paused": bool(paused), "by": username or "admin"})
+        log.info("training %s by %s", "paused" if paused else "resumed", username or "admin")
+        return bool(paused)
+
+    def is_paused(self) -> bool:
+        with self.db.sessions() as s:
+            return _paused(s)
+
+    def versions(self) -> list[dict[str, Any]]:
+        with self.db.sessions() as s:
+            return store.adapter_versions(s, run=self.config.run)
+
+    def rollback(self, *, username: Optional[str], version: int, retire_newer: bool = True) -> dict[str, int]:
+        """Serve and train from `version` again (the sampler notices the new latest row); queued
+        pairs sampled by the discarded versions are retired so nobody labels them."""
+        self.require_admin(username)
+        version = int(version)
+        with self.db.sessions.begin() as s:
+            released = store.rollback_to(s, version=version, run=self.config.run)
+            retired = store.retire_pairs_newer_than(s, version=version) if retire_newer else 0
+        log.warning("rollback to v%d by %s: %d labels released, %d pairs retired", version,
+                    username or "admin", released, retired)
+        return {"version": version, "released_labels": released, "retired_pairs": retired}
+
+    def retire_queue(self, *, username: Optional[str]) -> int:
+        self.require_admin(username)
+        with self.db.sessions.begin() as s:
+            return store.retire_queue(s)
+
+    # -- exports --------------------------------------------------------------------------------
+    def export_available(self) -> bool:
+        return importlib.util.find_spec("odpo.trainer.export") is not None
+
+    def export(self, *, username: Optional[str], fmt: str, out_dir: Path) -> Path:
+        """Write an export file via trainer/export.py (when that feature is installed)."""
+        self.require_admin(username)
+        if not self.export_available():
+            raise AdminError("exports are not available in this version of odpo (trainer/export.py missing)")
+        module = importlib.import_module("odpo.trainer.export")
+        fn = getattr(module, "export_for_ui", None)
+        if fn is None:
+            raise AdminError("this odpo's trainer/export.py has no export_for_ui(); use `odpo export`")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return Path(fn(db=self.db, fmt=fmt, out_dir=out_dir, run=self.config.run, base_dir=self.data_dir))
+
+
+def _paused(s) -> bool:
+    return bool((store.get_control(s, key=PAUSE_KEY) or {}).get("paused", False))

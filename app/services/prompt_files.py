@@ -1,0 +1,337 @@
+"""Read prompt files (JSONL, JSON, CSV/TSV, Parquet, plain text) into validated records.
+
+Why this module is strict: the admin imports a file in ONE database transaction, so every line is
+validated here before anything is returned. A bad file fails as a whole with a single-line
+`PromptFileError` that names the file and the line/row, which the UI can show as is.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from odpo.db.errors import OdpoError
+from odpo.db.store import normalise_prompt, prompt_hash
+
+logger = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+STARTER_PACKAGE = "odpo.app"
+STARTER_PATH = "data/starter_prompts.jsonl"
+
+# One prompt location: (kind, number), e.g. ("line", 3) or ("row", 2); None for the whole file.
+Where = tuple[str, int] | None
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One prompt ready to insert. `source` is keyword-only so it cannot be confused with tags."""
+
+    text: str
+    tags: tuple[str, ...] = ()
+    source: str = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        # Callers may pass a list; a frozen record must stay hashable.
+        object.__setattr__(self, "tags", tuple(self.tags))
+
+
+class PromptFileError(OdpoError):
+    """A prompt file could not be imported; str() is one human line naming file and line/row."""
+
+    def __init__(self, file_name: str, problem: str, *, where: Where = None) -> None:
+        self.file_name = file_name
+        self.problem = " ".join(str(problem).split())  # one line, whatever the cause said
+        self.where = where
+        place = f", {where[0]} {where[1]}" if where else ""
+        super().__init__(f"{file_name}{place}: {self.problem}")
+
+
+# One normalisation for duplicate detection, the DB's unique key and the held-out hash: all three
+# must agree, so the file reader uses the store's definition.
+prompt_key = normalise_prompt
+
+
+def held_out_split(text: str, fraction: float) -> bool:
+    """True if the prompt belongs to the held-out (eval) split.
+
+    A sha256 of the normalised text, not Python's salted `hash()`, so the same prompt lands in the
+    same split on every machine, process and re-import.
+    """
+    if not 0.0 <= fraction < 1.0:  # also rejects NaN
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction!r}")
+    return int(prompt_hash(text)[:16], 16) / 2**64 < fraction
+
+
+def dedupe(records: Iterable[PromptRecord]) -> tuple[list[PromptRecord], int]:
+    """Drop repeated prompts (by `prompt_key`), keeping the first; return (unique, n_duplicates)."""
+    seen: set[str] = set()
+    unique: list[PromptRecord] = []
+    duplicates = 0
+    for record in records:
+        key = prompt_key(record.text)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        unique.append(record)
+    return unique, duplicates
+
+
+def read_prompt_file(path: Path, *, max_chars: int = 8000) -> list[PromptRecord]:
+    """Read and fully validate a prompt file; the format is chosen by the file's suffix.
+
+    Raises PromptFileError for every problem with the file; ValueError only for a bad max_chars.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be positive, got {max_chars}")
+    path = Path(path)
+    data = _read_bytes(path)
+    records = parse_prompt_bytes(data, name=path.name, suffix=path.suffix.lower(), max_chars=max_chars)
+    logger.info("read %d prompts from %s", len(records), path)
+    return records
+
+
+def read_starter_prompts() -> list[PromptRecord]:
+    """The bundled starter prompts, read through importlib.resources so it works when installed."""
+    resource = resources.files(STARTER_PACKAGE).joinpath(STARTER_PATH)
+    return parse_prompt_bytes(resource.read_bytes(), name=Path(STARTER_PATH).name, suffix=".jsonl",
+                              source="starter")
+
+
+def parse_prompt_bytes(data: bytes, *, name: str, suffix: str, max_chars: int = 8000,
+                       source: str | None = None) -> list[PromptRecord]:
+    """Parse file content already in memory (uploads arrive as bytes); `name` is used in errors."""
+    if suffix == ".parquet":
+        rows = _parquet_rows(data, name)
+    else:
+        text = _decode_text(data, name)
+        if suffix in JSONL_SUFFIXES:
+            rows = _jsonl_rows(text, name)
+        elif suffix == ".json":
+            rows = _json_rows(text, name)
+        elif suffix in CSV_DELIMITERS:
+            rows = _csv_rows(text, name, CSV_DELIMITERS[suffix])
+        else:
+            rows = _text_rows(text)
+    src = source if source is not None else name
+    records = [PromptRecord(_check_prompt(value, name, where, max_chars), _check_tags(tags, name, where),
+                            source=src)
+               for where, value, tags in rows]
+    if not records:
+        raise PromptFileError(name, "the file is empty: no prompts found")
+    return records
+
+
+# --- reading bytes -----------------------------------------------------------------------------
+
+def _read_bytes(path: Path) -> bytes:
+    name = path.name or str(path)
+    if not path.exists():
+        raise PromptFileError(name, f"file not found ({path})")
+    if path.is_dir():
+        raise PromptFileError(name, f"is a directory, not a file ({path})")
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise PromptFileError(name, f"permission denied: cannot read {path}") from None
+    except OSError as exc:
+        raise PromptFileError(name, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _decode_text(data: bytes, name: str) -> str:
+    """UTF-8 text with \\r\\n and \\r normalised; binary content is refused with a hint."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise PromptFileError(name, "the file is UTF-16 encoded; save it as UTF-8")
+    if data.startswith(b"PK\x03\x04"):
+        raise PromptFileError(name, "looks like a ZIP or Excel file, not text; export it as CSV")
+    if data.startswith(b"PAR1"):
+        raise PromptFileError(name, "looks like a Parquet file; give it a .parquet extension")
+    if b"\x00" in data:
+        offset = data.index(b"\x00")
+        raise PromptFileError(name, f"contains a NUL byte (0x00) at byte offset {offset}, which databases "
+                                    "cannot store in text; expected a text file",
+                              where=("line", data.count(b"\n", 0, offset) + 1))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        offset = exc.start + bom
+        line = data.count(b"\n", 0, offset) + 1
+        raise PromptFileError(name, f"invalid UTF-8 at byte offset {offset} (byte 0x{data[offset]:02x}); "
+                                    "save the file as UTF-8", where=("line", line)) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+# --- per-format row iterators: each yields (where, prompt value, tags value) -------------------
+
+def _text_rows(text: str) -> Iterator[tuple[Where, Any, Any]]:
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield ("line", number), line, None
+
+
+def _jsonl_rows(text: str, name: str) -> Iterator[tuple[Where, Any, Any]]:
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = ("line", number)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptFileError(name, f"malformed JSON: {exc.msg} (column {exc.colno})", where=where) from None
+        yield where, _object_prompt(obj, name, where), obj.get("tags")
+
+
+def _json_rows(text: str, name: str) -> Iterator[tuple[Where, Any, Any]]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = "; for one object per line use a .jsonl file" if exc.msg == "Extra data" else ""
+        raise PromptFileError(name, f"malformed JSON: {exc.msg} (column {exc.colno}){hint}",
+                              where=("line", exc.lineno)) from None
+    if not isinstance(doc, list):
+        raise PromptFileError(name, f"expected a JSON list of prompt objects, got {_json_type(doc)}")
+    for number, obj in enumerate(doc, start=1):
+        where = ("item", number)
+        yield where, _object_prompt(obj, name, where), obj.get("tags")
+
+
+def _csv_rows(text: str, name: str, delimiter: str) -> Iterator[tuple[Where, Any, Any]]:
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        columns = [column.strip().lower() for column in header]
+        prompt_col = _require_column(columns, name, header)
+        tags_col = columns.index("tags") if "tags" in columns else None
+        # Row numbers as a spreadsheet shows them: the header is row 1.
+        for number, row in enumerate(reader, start=2):
+            if not any(row):  # a blank line or an empty spreadsheet row (",,"), not a prompt
+                continue
+            value = row[prompt_col] if prompt_col < len(row) else ""
+            tags = row[tags_col] if tags_col is not None and tags_col < len(row) else None
+            yield ("row", number), value, tags
+    except csv.Error as exc:
+        raise PromptFileError(name, f"malformed CSV: {exc}", where=("line", reader.line_num)) from None
+
+
+def _parquet_rows(data: bytes, name: str) -> Iterator[tuple[Where, Any, Any]]:
+    try:
+        import pandas as pd  # deferred: pandas is slow to import and only Parquet needs it
+    except ImportError:
+        raise PromptFileError(name, "reading Parquet needs pandas and pyarrow installed") from None
+    try:
+        frame = pd.read_parquet(io.BytesIO(data))
+    # pyarrow raises many types (ArrowInvalid, OSError, ...); all mean "bad file" and callers rely on
+    # PromptFileError being the only exception a bad file produces.
+    except Exception as exc:  # noqa: BLE001
+        raise PromptFileError(name, f"not a readable Parquet file: {exc}") from None
+    columns = [str(column).strip().lower() for column in frame.columns]
+    prompt_col = _require_column(columns, name, [str(column) for column in frame.columns])
+    tags_col = columns.index("tags") if "tags" in columns else None
+    for number, row in enumerate(frame.itertuples(index=False, name=None), start=1):
+        tags = row[tags_col] if tags_col is not None else None
+        yield ("row", number), _unbox(row[prompt_col]), _unbox(tags)
+
+
+# --- shared validation ---------------------------------------------------------------------------
+
+def _require_column(columns: list[str], name: str, original: list[str]) -> int:
+    if "prompt" not in columns:
+        found = ", ".join(repr(column) for column in original) or "none"
+        raise PromptFileError(name, f"no 'prompt' column (found columns: {found})")
+    return columns.index("prompt")
+
+
+def _object_prompt(obj: Any, name: str, where: Where) -> Any:
+    """The prompt of one JSON object: its `prompt` field, else the last user turn of `messages`."""
+    if not isinstance(obj, dict):
+        raise PromptFileError(name, f"expected a JSON object, got {_json_type(obj)}", where=where)
+    if "prompt" in obj:
+        return obj["prompt"]
+    if "messages" in obj:
+        return _last_user_message(obj["messages"], name, where)
+    found = ", ".join(repr(key) for key in obj) or "none"
+    raise PromptFileError(name, f"no 'prompt' field or chat 'messages' (found fields: {found})", where=where)
+
+
+def _last_user_message(messages: Any, name: str, where: Where) -> Any:
+    if not isinstance(messages, list):
+        raise PromptFileError(name, f"'messages' must be a list, got {_json_type(messages)}", where=where)
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise PromptFileError(name, "'messages' has no message with role 'user'", where=where)
+    content = users[-1].get("content")
+    if isinstance(content, list):  # OpenAI-style content parts: keep the text parts
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if texts and all(isinstance(t, str) for t in texts):
+            return "\n".join(texts)
+    return content
+
+
+def _check_prompt(value: Any, name: str, where: Where, max_chars: int) -> str:
+    if value is None:
+        raise PromptFileError(name, "prompt is missing (null)", where=where)
+    if not isinstance(value, str):
+        raise PromptFileError(name, f"prompt must be a string, got {_json_type(value)}", where=where)
+    _check_no_nul(value, "prompt", name, where)
+    text = value.replace("\r\n", "\n").replace("\r", "\n").strip()
+    if not text:
+        raise PromptFileError(name, "prompt is empty or only whitespace", where=where)
+    if len(text) > max_chars:
+        raise PromptFileError(name, f"prompt is {len(text)} characters, over the limit of {max_chars}",
+                              where=where)
+    return text
+
+
+def _check_tags(value: Any, name: str, where: Where) -> tuple[str, ...]:
+    """Tags as a list of strings or one comma-separated string; blanks dropped, order kept."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        parts = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(tag, str) for tag in value):
+        parts = list(value)
+    else:
+        raise PromptFileError(name, "tags must be a list of strings or a comma-separated string, "
+                                    f"got {_json_type(value)}", where=where)
+    for tag in parts:
+        _check_no_nul(tag, "a tag", name, where)
+    return tuple(dict.fromkeys(tag.strip() for tag in parts if tag.strip()))
+
+
+def _check_no_nul(value: str, what: str, name: str, where: Where) -> None:
+    """PostgreSQL text cannot hold NUL (0x00); a JSON file can still carry one escaped as \\u0000
+    (json.loads turns it into a raw NUL), and so can Parquet cells. Refused like any bad value, so
+    the whole file fails before anything is imported."""
+    if "\x00" in value:
+        raise PromptFileError(name, f"{what} contains a NUL character (\\u0000 or a 0x00 byte), which "
+                                    "databases cannot store in text; remove it", where=where)
+
+
+def _unbox(value: Any) -> Any:
+    """Plain Python values from a pandas cell: NaN/NA -> None, numpy arrays -> lists."""
+    if hasattr(value, "tolist") and not isinstance(value, str):
+        value = value.tolist()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if type(value).__name__ in {"NAType", "NaTType"}:
+        return None
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+             int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

@@ -1,0 +1,192 @@
+"""The Dashboard tab: training curves, win rate per version, labeling throughput, labelers, judge
+agreement, version lag and the live state of trainer and sampler.
+
+It refreshes with a gr.Timer that only runs while the tab is selected, so an idle dashboard costs
+the database nothing.
+"""
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import gradio as gr
+import pandas as pd
+
+from odpo.app.services.admin import AdminService
+from odpo.app.ui.common import guarded
+
+log = logging.getLogger(__name__)
+
+REFRESH_SECONDS = 5.0
+QUIET = {"queue": True, "concurrency_limit": 4, "api_visibility": "private", "show_progress": "hidden"}
+TRAIN_COLUMNS = ["step", "version", "loss", "reward_accuracy", "reward_margin", "version_lag"]
+
+
+@dataclass
+class DashboardTab:
+    timer: gr.Timer
+    outputs: list
+
+
+def build_dashboard_tab(*, admin: AdminService, tab: gr.Tab, other_tabs: list) -> DashboardTab:
+    state = gr.Markdown("Loading…", elem_id="odpo-dash-state", sanitize_html=True, latex_delimiters=[])
+    with gr.Row():
+        loss = gr.LinePlot(x="step", y="loss", title="DPO loss per step", height=240)
+        acc = gr.LinePlot(x="step", y="reward_accuracy", title="Reward accuracy", y_lim=[0, 1], height=240)
+    with gr.Row():
+        margin = gr.LinePlot(x="step", y="reward_margin", title="Reward margin", height=240)
+        lag = gr.LinePlot(x="step", y="version_lag", title="Version lag of trained pairs", height=240)
+    with gr.Row():
+        win = gr.LinePlot(x="version", y="win_rate", color="judge", title="Win rate vs base per version",
+                          y_lim=[0, 1], height=240)
+        per_hour = gr.BarPlot(x="hour", y="labels", color="source", title="Labels per hour (48 h)", height=240)
+    with gr.Row():
+        labelers = gr.Dataframe(label="Labelers", interactive=False, elem_id="odpo-dash-labelers")
+        agreement = gr.Dataframe(label="Human–judge agreement (pairs both labeled A/B)", interactive=False)
+    outputs = [state, loss, acc, margin, lag, win, per_hour, labelers, agreement]
+    timer = gr.Timer(REFRESH_SECONDS, active=False)
+
+    @guarded(outputs=len(outputs))
+    def refresh():
+        return dashboard_outputs(admin.dashboard())
+
+    timer.tick(refresh, None, outputs, **QUIET)
+    tab.select(refresh, None, outputs, **QUIET).then(lambda: gr.Timer(active=True), None, timer,
+                                                      api_visibility="private", queue=False)
+    for other in other_tabs:  # stop polling when the dashboard is not on screen
+        other.select(lambda: gr.Timer(active=False), None, timer, api_visibility="private", queue=False)
+    return DashboardTab(timer=timer, outputs=outputs)
+
+
+def dashboard_outputs(data: dict[str, Any]) -> tuple:
+    """Plain dashboard data -> (markdown, DataFrames...) in the order of the tab's outputs."""
+    train = pd.DataFrame(data["train"], columns=TRAIN_COLUMNS + ["seconds", "committed", "at"])
+    train = train[TRAIN_COLUMNS]
+    evals = pd.DataFrame(data["evals"], columns=["version", "vs", "judge", "win_rate", "ci_low", "ci_high", "n", "at"])
+    evals = evals[evals["vs"] == 0][["version", "win_rate", "judge"]] if len(evals) else \
+        pd.DataFrame(columns=["version", "win_rate", "judge"])
+    hours = pd.DataFrame(data["labels_per_hour"], columns=["hour", "source", "labels"])
+    if len(hours):
+        hours["hour"] = hours["hour"].map(lambda h: h.strftime("%m-%d %H:00"))
+    labelers = pd.DataFrame([{"labeler": r["labeler"], "labels": r["labels"],
+                              "median s/label": r["median_seconds"]} for r in data["labelers"]],
+                            columns=["labeler", "labels", "median s/label"])
+    agreement = pd.DataFrame([{"judge": r["judge"], "pairs": r["n"], "agree": r["agree"],
+                               "agreement": r["rate"]} for r in data["agreement"]],
+                             columns=["judge", "pairs", "agree", "agreement"])
+    return (state_markdown(data), train[["step", "loss"]], train[["step", "reward_accuracy"]],
+            train[["step", "reward_margin"]], train[["step", "version_lag"]], evals, hours, labelers, agreement)
+
+
+def state_markdown(data: dict[str, Any]) -> str:
+    """Trainer and sampler at a glance. Values that come from other processes are escaped."""
+    status, step, sampler = data["status"], data.get("last_step"), data.get("sampler") or {}
+    e = html.escape
+    trainer = "**paused**" if data.get("paused") else "running"
+    last = (f"step {step['step']} → v{step['version']}, loss {step['loss']:.4f}, {_ago(step['age_s'])}"
+            if step else "no training step yet")
+    lines = [
+        f"**Trainer** — {trainer}; last step: {e(last)}; latest version v{status['latest_version']}; "
+        f"{status['unconsumed_trainable']} trainable labels waiting",
+        f"**Sampler** — {_sampler_line(sampler)}",
+        *_process_lines(data.get("processes"), data.get("now")),
+        *_judge_lines(data.get("judges") or [], data.get("now")),
+        f"**Data** — {status['prompts']} prompts ({status['held_out']} held out); pairs "
+        + ", ".join(f"{k} {v}" for k, v in status["pairs"].items())
+        + "; labels " + (", ".join(f"{e(k)} {v}" for k, v in status["labels"].items()) or "none"),
+    ]
+    return "\n\n".join(lines)
+
+
+def _sampler_line(state: dict[str, Any]) -> str:
+    if not state:
+        return "not running in this process"
+    parts = [f"serving v{state.get('serving_version', '?')}", f"queue {state.get('queue', '?')}",
+             "generating" if state.get("generating") else "idle"]
+    if state.get("pairs_per_minute") is not None:
+        parts.append(f"{_num(state['pairs_per_minute'])} pairs/min")
+    if state.get("last_batch_seconds") is not None:
+        parts.append(f"last batch {_num(state['last_batch_seconds'])} s")
+    if state.get("swap_ms") is not None:
+        parts.append(f"last swap {_num(state['swap_ms'])} ms")
+    parts = [html.escape(p) for p in parts]
+    if state.get("last_error"):
+        parts.append("**error:** " + html.escape(str(state["last_error"])[:300]))
+    return "; ".join(parts)
+
+
+STALE_REPORT_S = 60.0  # reports refresh every 10 s; older than this, their writer is gone
+JUDGES_SHOWN_FOR_S = 24 * 3600.0  # a judge that stopped long ago is no news
+
+
+def _process_lines(state: Optional[dict[str, Any]], now: Optional[float]) -> list[str]:
+    """`odpo up`'s children: pid, state, restarts and last exit code, from its control row."""
+    if not state:
+        return []
+    e = html.escape
+    age = _age(state, now)
+    header = f"odpo up (pid {e(str(state.get('pid', '?')))}) {e(str(state.get('state', '?')))}, reported {_ago(age)}"
+    if state.get("state") not in ("stopped",) and age is not None and age > STALE_REPORT_S:
+        header += " — **no longer reporting** (killed?)"
+    parts = []
+    for child in state.get("children") or []:
+        text = f"{child.get('name', '?')} {child.get('state', '?')}"
+        details = [f"pid {child['pid']}"] if child.get("pid") else []
+        if child.get("restarts"):
+            details.append(f"restarted {child['restarts']}×")
+        if child.get("last_exit") is not None:
+            details.append(f"last exit code {child['last_exit']}")
+        if child.get("last_error"):
+            details.append(str(child["last_error"])[:200])
+        text = e(text + (f" ({', '.join(details)})" if details else ""))
+        parts.append(f"**{text}**" if child.get("state") in ("given up", "restarting") else text)
+    return [f"**Processes** — {e(header)}: " + "; ".join(parts)]
+
+
+def _judge_lines(judges: list[dict[str, Any]], now: Optional[float]) -> list[str]:
+    """One line per judge worker that reported recently; a failing one says why, in bold."""
+    lines = []
+    for judge in judges:
+        age = _age(judge, now)
+        if age is not None and age > JUDGES_SHOWN_FOR_S:
+            continue
+        state = str(judge.get("state", "?"))
+        text = (f"{judge.get('judge', '?')}: {state}, reported {_ago(age)}; labeled {judge.get('labeled', 0)}, "
+                f"abstained {judge.get('abstained', 0)} (failed {judge.get('failed', 0)})")
+        if state not in ("stopped", "failed") and age is not None and age > STALE_REPORT_S:
+            text += "; no longer reporting"
+        line = html.escape(text)
+        if state == "failing":
+            line += (" — **failing:** " + html.escape(f"{judge.get('failed_in_a_row', 0)} pairs in a row failed; "
+                                                      f"last: {str(judge.get('last_failure', ''))[:200]}")
+                     + "; those pairs wait for people")
+        elif state == "failed":
+            line += " — **stopped by an error:** " + html.escape(str(judge.get("error", ""))[:300])
+        lines.append(f"**Judge** — {line}")
+    return lines
+
+
+def _age(report: dict[str, Any], now: Optional[float]) -> Optional[float]:
+    try:
+        return max(0.0, float(now) - float(report["at"]))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _num(value: Any) -> str:
+    try:
+        return f"{float(value):.1f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _ago(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"

@@ -1,0 +1,257 @@
+"""The Label tab: prompt, two responses side by side, vote buttons with shortcuts, undo, typed
+prompts, guidelines, and a sampling state that resolves by itself (gr.Timer).
+
+Speed (DESIGN budget: next pair p50 <= 50 ms after a vote): the page renders TWO slots, the pair
+on screen and the next one, hidden. A vote flips the visible slot in the browser at once
+(static/odpo.js) and the server refills the hidden slot in the same request that records the vote
+(app/label_slots.py). The server's answer carries a small sync element (active slot, hidden slot
+ready, sequence number) that the page obeys, so a refused vote snaps back to the truth.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import gradio as gr
+
+from odpo.app.services.labeling import LabelService, guest_name, normalise_labeler
+from odpo.app.ui.common import Identity, counters_html, guarded, pair_outputs, skips
+from odpo.app.ui.slots import LabelSlots, SlotBook, SlotState, SlotUpdate
+from odpo.db.errors import OdpoError
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 1.0
+FAST = {"queue": True, "concurrency_limit": None, "api_visibility": "private", "show_progress": "hidden"}
+BUTTONS = [  # (side, label, elem_id, variant)
+    ("left", "A is better  ⟨1 / ←⟩", "odpo-btn-left", "primary"),
+    ("right", "B is better  ⟨2 / →⟩", "odpo-btn-right", "primary"),
+    ("tie", "Tie  ⟨3⟩", "odpo-btn-tie", "secondary"),
+    ("both_bad", "Both bad  ⟨4⟩", "odpo-btn-bad", "secondary"),
+    ("skip", "Skip  ⟨S⟩", "odpo-btn-skip", "secondary"),
+]
+MD = {"latex_delimiters": [], "sanitize_html": True}
+# Runs in the browser before a vote is sent: adds what the person was looking at, "slot:seq" (odpo.js).
+VOTE_JS = "(name, reason, seen) => [name, reason, window.odpo ? window.odpo.voted : '']"
+
+
+@dataclass
+class LabelTab:
+    saved_name: gr.BrowserState
+    name: gr.Textbox
+    slots: list  # [prompt0, left0, right0, prompt1, left1, right1, sync]
+    seen: gr.Textbox  # hidden: "slot:seq" the page showed at the vote (filled by VOTE_JS)
+    reason: gr.Textbox
+    judge: gr.Markdown
+    counters: gr.HTML
+    timer: gr.Timer
+    buttons: dict
+    undo: gr.Button
+    ask_box: gr.Textbox
+    ask_btn: gr.Button
+
+
+class LabelHandlers:
+    """Server side of the tab: one SlotState per page (Gradio session)."""
+
+    def __init__(self, svc: LabelService, identity: Identity) -> None:
+        self.svc, self.identity = svc, identity
+        self.slots, self.book = LabelSlots(svc), SlotBook()
+
+    def state(self, request: Optional[gr.Request]) -> SlotState:
+        return self.book.get(getattr(request, "session_hash", None) or "anonymous")
+
+    def labeler(self, name: Optional[str], request: Optional[gr.Request]) -> str:
+        return self.identity.labeler(name, request)
+
+    def counters(self, st: SlotState, *, refresh: bool, skip_same: bool = False):
+        """The counters strip; with skip_same, gr.skip() when the page already shows it."""
+        c = self.slots.counters(st) if refresh or st.counters is None else st.counters
+        text = counters_html(c, session_labels=st.session_labels, labeler=st.labeler)
+        if skip_same and text == st.counters_html:
+            return gr.skip()
+        st.counters_html = text
+        return text
+
+
+def parse_seen(seen: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """"slot:seq" from the page (VOTE_JS) -> (slot, seq); (None, None) when absent (no JS)."""
+    slot, _, seq = (seen or "").strip().partition(":")
+    return (int(slot) if slot in ("0", "1") else None, int(seq) if seq.isdigit() else None)
+
+
+def slot_outputs(update: Optional[SlotUpdate]) -> tuple:
+    """7 outputs: both slots (gr.skip() where unchanged) and the sync element."""
+    if update is None:
+        return skips(7)
+    out: list = []
+    for slot in (0, 1):
+        out += list(pair_outputs(update.changed[slot])) if slot in update.changed else [gr.skip()] * 3
+    sync = (f'<div class="odpo-sync-data" data-active="{update.active}" data-ready="{int(update.ready)}" '
+            f'data-seq="{update.seq}"></div>')
+    return (*out, sync)
+
+
+def build_label_tab(*, svc: LabelService, identity: Identity, guidelines: str, counters: gr.HTML,
+                    name_secret: str) -> tuple:
+    """`name_secret` must be stable across restarts, or browsers forget the remembered name."""
+    t = _layout(identity=identity, guidelines=guidelines, counters=counters, name_secret=name_secret)
+    h = LabelHandlers(svc, identity)
+    _wire_votes(t, h)
+    _wire_tick(t, h)
+    _wire_ask(t, h)
+    if not identity.auth_on:
+        _wire_name(t, h)
+    return t, h
+
+
+def _layout(*, identity: Identity, guidelines: str, counters: gr.HTML, name_secret: str) -> LabelTab:
+    with gr.Row(elem_classes="odpo-namerow", visible=not identity.auth_on):
+        gr.HTML('<span class="odpo-name-label">Labeling as</span>', scale=0, min_width=90)
+        name = gr.Textbox(show_label=False, placeholder="your name", max_length=100, container=False,
+                          elem_id="odpo-name", min_width=160, scale=1)
+    slots: list = []
+    for i in (0, 1):  # slot 1 starts hidden (CSS keyed on <html data-odpo-slot>)
+        with gr.Column(elem_id=f"odpo-slot-{i}", elem_classes="odpo-slot"):
+            prompt = gr.Markdown("### Loading…", elem_id=f"odpo-prompt-{i}", elem_classes="odpo-prompt", **MD)
+            with gr.Row(equal_height=True, elem_classes="odpo-pair"):
+                with gr.Column(elem_classes="odpo-resp"):
+                    gr.HTML('<div class="odpo-resp-title">Response A</div>')
+                    left = gr.Markdown(elem_id=f"odpo-left-{i}", elem_classes="odpo-text", line_breaks=True, **MD)
+                with gr.Column(elem_classes="odpo-resp"):
+                    gr.HTML('<div class="odpo-resp-title">Response B</div>')
+                    right = gr.Markdown(elem_id=f"odpo-right-{i}", elem_classes="odpo-text", line_breaks=True, **MD)
+        slots += [prompt, left, right]
+    slots.append(gr.HTML("", elem_id="odpo-sync", container=False, padding=False))
+    seen = gr.Textbox(visible=False, elem_id="odpo-seen")
+    with gr.Row(elem_classes="odpo-actions", elem_id="odpo-actions"):
+        buttons = {side: gr.Button(label, variant=variant, elem_id=elem_id, min_width=110)
+                   for side, label, elem_id, variant in BUTTONS}
+        undo = gr.Button("Undo  ⟨U⟩", elem_id="odpo-btn-undo", variant="secondary", min_width=90)
+    reason = gr.Textbox(show_label=False, placeholder="Optional: why? (one line, Esc to leave the field)",
+                        max_length=500, elem_id="odpo-reason", lines=1)
+    judge = gr.Markdown(elem_id="odpo-judge", **MD)
+    with gr.Accordion("Ask your own prompt", open=False, elem_id="odpo-ask"):
+        ask_box = gr.Textbox(show_label=False, lines=3, max_length=8000, elem_id="odpo-ask-box",
+                             placeholder="Type a prompt: odpo samples two responses from the current policy "
+                                         "and shows them to you for labeling.")
+        ask_btn = gr.Button("Sample a pair for this prompt", elem_id="odpo-ask-btn", size="sm")
+    with gr.Accordion("Labeling guidelines", open=False, elem_id="odpo-guidelines"):
+        gr.Markdown(guidelines, **MD)
+    saved = gr.BrowserState("", storage_key="odpo-labeler", secret=name_secret)
+    return LabelTab(saved_name=saved, name=name, slots=slots, seen=seen,
+                    reason=reason, judge=judge, counters=counters, timer=gr.Timer(TICK_SECONDS),
+                    buttons=buttons, undo=undo, ask_box=ask_box, ask_btn=ask_btn)
+
+
+def _wire_votes(t: LabelTab, h: LabelHandlers) -> None:
+    outputs = t.slots + [t.reason, t.counters, t.judge]
+
+    def resync(name, reason, *rest, request: Optional[gr.Request] = None):
+        """After a refused vote: redraw both slots from the server's truth, keep the reason.
+        Gets the failed handler's arguments (the request may come positionally)."""
+        request = request or next((a for a in rest if isinstance(a, gr.Request)), None)
+        st = h.state(request)
+        update = h.slots.resync(st, labeler=h.labeler(name, request))
+        return (*slot_outputs(update), gr.skip(), h.counters(st, refresh=False), "")
+
+    def make_vote(side: str):
+        @guarded(outputs=len(outputs), on_error=resync)
+        def ui_vote(name: str, reason: str, seen: str, request: gr.Request):
+            st = h.state(request)
+            seen_slot, seen_seq = parse_seen(seen)
+            update = h.slots.vote(st, labeler=h.labeler(name, request), side=side, reason=reason,
+                                  seen_slot=seen_slot, seen_seq=seen_seq)
+            note = f"Judge, for the pair you just labeled: {update.judge_note}" if update.judge_note else ""
+            return (*slot_outputs(update), "", h.counters(st, refresh=False), note)
+        ui_vote.__name__ = f"ui_vote_{side}"
+        return ui_vote
+
+    for side, button in t.buttons.items():
+        button.click(make_vote(side), [t.name, t.reason, t.seen], outputs, js=VOTE_JS, **FAST)
+
+    @guarded(outputs=len(outputs), on_error=resync)
+    def ui_undo(name: str, reason: str, request: gr.Request):
+        st = h.state(request)
+        update = h.slots.undo(st, labeler=h.labeler(name, request))
+        gr.Info("Vote taken back: label this pair again.")
+        return (*slot_outputs(update), "", h.counters(st, refresh=False), "")
+
+    t.undo.click(ui_undo, [t.name, t.reason], outputs, **FAST)
+
+
+def _wire_tick(t: LabelTab, h: LabelHandlers) -> None:
+    """Every second: fill an empty slot (the queue was empty), bring the pair for a typed prompt
+    to the front when it is ready, drop expired claims, and refresh the counters."""
+    outputs = t.slots + [t.counters]
+
+    @guarded(outputs=len(outputs))
+    def tick(name: str, request: gr.Request):
+        try:
+            labeler = h.labeler(name, request)
+        except OdpoError:  # no name yet: nothing to claim (typing one loads a pair)
+            return skips(len(outputs))
+        st = h.state(request)
+        if st.labeler is None:  # page load has not finished
+            return skips(len(outputs))
+        update = h.slots.refresh(st, labeler=labeler)
+        if update is not None and update.typed_arrived:
+            gr.Info("The pair for your prompt is ready.")
+        if update is not None and not update.changed:
+            update = None  # nothing new on screen: send no slot updates at all
+        return (*slot_outputs(update), h.counters(st, refresh=True, skip_same=True))
+
+    t.timer.tick(tick, [t.name], outputs, **FAST)
+
+
+def _wire_ask(t: LabelTab, h: LabelHandlers) -> None:
+    @guarded(outputs=1)
+    def ui_ask(text: str, name: str, request: gr.Request):
+        h.svc.ask(labeler=h.labeler(name, request), text=text)
+        h.state(request).typed_pending = True
+        gr.Info("Sampling a pair for your prompt; it will appear here when ready.")
+        return ""
+
+    t.ask_btn.click(ui_ask, [t.ask_box, t.name], [t.ask_box], **FAST)
+
+
+def _wire_name(t: LabelTab, h: LabelHandlers) -> None:
+    """No auth: the typed name is the labeler id, remembered in this browser (BrowserState)."""
+    outputs = [t.saved_name] + t.slots + [t.counters]
+
+    @guarded(outputs=len(outputs))
+    def rename(name: str, request: gr.Request):
+        new = normalise_labeler(name)
+        st = h.state(request)
+        if new == st.labeler:
+            return skips(len(outputs))
+        update = h.slots.open(st, labeler=new)  # gives the old name's claims back to the queue
+        return (new, *slot_outputs(update), h.counters(st, refresh=False))
+
+    for event in (t.name.submit, t.name.blur):
+        event(rename, [t.name], outputs, **FAST)
+
+
+def wire_page_load(demo: gr.Blocks, t: LabelTab, h: LabelHandlers) -> None:
+    """On page open: restore (or invent) the labeler name and fill both slots."""
+    outputs = [t.name, t.saved_name] + t.slots + [t.counters]
+
+    @guarded(outputs=len(outputs))
+    def load(saved: str, request: gr.Request):
+        if h.identity.auth_on:
+            name = h.labeler(None, request)
+        else:
+            try:
+                name = normalise_labeler(saved)
+            except OdpoError:  # nothing (or something unusable) remembered in this browser
+                name = guest_name()
+        st = h.state(request)
+        update = h.slots.open(st, labeler=name)
+        return (name, name, *slot_outputs(update), h.counters(st, refresh=True))
+
+    def unload(request: gr.Request):
+        h.book.drop(getattr(request, "session_hash", None) or "anonymous")  # claims stay: a reload re-shows them
+
+    demo.load(load, [t.saved_name], outputs, **FAST)
+    demo.unload(unload)

@@ -1,0 +1,219 @@
+"""`odpo bench <name>`: run a benchmark, write its JSON result, print a short table.
+
+    odpo bench sampling --quick            one bench, small enough for a laptop CPU
+    odpo bench all --quick                 every bench in sequence, then the summary table
+    odpo bench report                      the README table from the result files in --out
+
+Defaults are sized for a GPU; --quick runs each bench in a few minutes on 2 CPU cores. Benches work
+in scratch data directories (the model cache is shared), never in your own database.
+
+The product never imports this package: the main CLI loads the `bench` group lazily, by name, only
+when `odpo bench` runs. The `bench` extra (TRL, datasets) adds the train-step comparison with TRL.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from odpo.app.config import CommonConfig
+from odpo.bench.common import default_out_dir
+from odpo.bench.learn import DEFAULT_RULE as LEARN_RULE
+
+log = logging.getLogger(__name__)
+
+RUNNERS = {"sampling": "odpo.bench.sampling", "train-step": "odpo.bench.train_step", "reload": "odpo.bench.reload",
+           "labelers": "odpo.bench.labelers", "learn": "odpo.bench.learn", "memory": "odpo.bench.memory"}
+OUT_DIR_HELP = "bench/results"  # what --help shows; default_out_dir() says where that is
+
+
+def _shared(fn: Callable) -> Callable:
+    options = [
+        click.option("--quick", is_flag=True, help="Small sizes: a few minutes on 2 CPU cores."),
+        click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+                     default=default_out_dir, show_default=OUT_DIR_HELP, help="Where result JSON files go."),
+        click.option("--model", default="smollm2-135m", show_default=True, help="Model spec (as for odpo serve)."),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--dtype", default="auto", show_default=True),
+        click.option("--threads", type=click.IntRange(1), default=None,
+                     help="torch CPU threads here and in child processes [default: torch's choice]."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--keep-scratch", is_flag=True, help="Keep the scratch data directories (logs, DB)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def bench_context(common: CommonConfig, opts: dict[str, Any]) -> Any:
+    """Pop the shared options into a BenchContext; what is left are the bench's own options."""
+    from odpo.bench.common import BenchContext
+
+    keys = ("quick", "out_dir", "model", "device", "dtype", "threads", "seed", "keep_scratch")
+    return BenchContext(common=common, **{k: opts.pop(k) for k in keys})
+
+
+def apply_threads(threads: int | None) -> None:
+    """One thread count for this process and its children (OMP_NUM_THREADS is inherited)."""
+    if not threads:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
+def execute(name: str, ctx: Any, options: dict[str, Any]) -> Any:
+    """Run one bench; a crash becomes a "failed" result (with the reason) rather than no file."""
+    from odpo.bench.common import BenchResult, machine_description, result_table, utc_now_iso
+
+    apply_threads(ctx.threads)
+    for noisy in ("httpx", "gradio_client", "urllib3"):  # one line per HTTP request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    started, t0 = utc_now_iso(), time.perf_counter()
+    machine = machine_description()
+    runner = importlib.import_module(RUNNERS[name]).run
+    try:
+        result = runner(ctx, **options)
+    except Exception as exc:  # noqa: BLE001 - recorded in the result and reported in one line
+        log.error("bench %s failed: %s", name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        result = BenchResult(bench=name, quick=ctx.quick, params=dict(options), status="failed",
+                             notes=[f"{type(exc).__name__}: {exc}"])
+    result.started_at, result.seconds, result.machine = started, time.perf_counter() - t0, machine
+    path = result.write(ctx.out_dir)
+    click.echo(result_table(result.to_dict()))
+    click.echo(f"\nwrote {path} ({result.seconds:.0f} s)\n")
+    return result
+
+
+def _finish(result: Any) -> None:
+    if result.status == "failed":
+        raise click.ClickException(f"bench {result.bench} failed: {result.notes[0] if result.notes else ''}")
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: sampling, train-step, reload, labelers, learn, memory (or all)."""
+
+
+@bench.command()
+@_shared
+@click.option("--prompts-per-batch", type=click.IntRange(1), default=None)
+@click.option("--rounds", type=click.IntRange(1), default=None)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None)
+@click.pass_obj
+def sampling(common: CommonConfig, **opts: Any) -> None:
+    """Pairs/minute: batched sampling vs one pair at a time."""
+    _finish(execute("sampling", bench_context(common, opts), opts))
+
+
+@bench.command("train-step")
+@_shared
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None)
+@click.option("--rounds", type=click.IntRange(1), default=None)
+@click.option("--rule", default="rule:shorter", show_default=True, help="Judge for both odpo and TRL.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=2e-4, show_default=True)
+@click.option("--load-in-4bit", is_flag=True,
+              help="Also run odpo's rounds on a 4-bit NF4 base (QLoRA), reported beside full precision.")
+@click.pass_obj
+def train_step(common: CommonConfig, **opts: Any) -> None:
+    """Seconds per judged pair: odpo vs TRL's OnlineDPOTrainer, same model/LoRA/batch/length."""
+    _finish(execute("train-step", bench_context(common, opts), opts))
+
+
+@bench.command()
+@_shared
+@click.option("--versions", type=click.IntRange(1), default=None)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None)
+@click.option("--prompts-per-batch", type=click.IntRange(1), default=None)
+@click.option("--interval", "interval_s", type=click.FloatRange(0), default=None,
+              help="Mean seconds between commits (the trainer's step time).")
+@click.pass_obj
+def reload(common: CommonConfig, **opts: Any) -> None:
+    """Hot-swap ms and commit-to-serving latency over committed versions."""
+    _finish(execute("reload", bench_context(common, opts), opts))
+
+
+@bench.command()
+@_shared
+@click.option("--labelers", type=click.IntRange(1), default=None)
+@click.option("--seconds", type=click.FloatRange(1), default=None)
+@click.option("--think", "think_s", type=click.FloatRange(0), default=None, help="Seconds each labeler reads a pair.")
+@click.option("--queue-size", type=click.IntRange(1), default=None)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None)
+@click.option("--prompts-per-batch", type=click.IntRange(1), default=None)
+@click.option("--rule", default="rule:shorter", show_default=True, help="Judge deciding the labelers' votes.")
+@click.pass_obj
+def labelers(common: CommonConfig, **opts: Any) -> None:
+    """The real app (odpo up) under simulated labelers voting over HTTP."""
+    _finish(execute("labelers", bench_context(common, opts), opts))
+
+
+@bench.command()
+@_shared
+@click.option("--rule", default=LEARN_RULE, show_default=True,
+              help="The labeler: a rule: or py: judge.")
+@click.option("--budget", type=click.IntRange(1), default=None, help="Labels per arm.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None)
+@click.option("--eval-n", type=click.IntRange(1), default=None, help="Held-out comparisons per arm.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="Learning rate of both arms. [default: 1e-3 with --quick, else 5e-4]")
+@click.option("--beta", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True)
+@click.option("--load-in-4bit", is_flag=True,
+              help="Both arms on a 4-bit NF4 base (QLoRA). Writes learn[-quick].json like a full-precision "
+                   "run: give it its own --out to keep both.")
+@click.pass_obj
+def learn(common: CommonConfig, **opts: Any) -> None:
+    """Win rate vs base after a label budget spent online vs offline."""
+    _finish(execute("learn", bench_context(common, opts), opts))
+
+
+@bench.command()
+@_shared
+@click.option("--steps", type=click.IntRange(1), default=None, help="Train steps before stopping.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=None)
+@click.option("--prompts-per-batch", type=click.IntRange(1), default=None)
+@click.option("--load-in-4bit", is_flag=True,
+              help="Run odpo up again with --load-in-4bit and report its peaks beside full precision's.")
+@click.pass_obj
+def memory(common: CommonConfig, **opts: Any) -> None:
+    """Peak RSS (and GPU memory) of serve and train."""
+    _finish(execute("memory", bench_context(common, opts), opts))
+
+
+@bench.command("all")
+@_shared
+@click.pass_obj
+def all_benches(common: CommonConfig, **opts: Any) -> None:
+    """Every bench in sequence with its default (or --quick) sizes, then the summary table."""
+    from odpo.bench.common import readme_table
+
+    ctx = bench_context(common, opts)
+    results = [execute(name, ctx, {}) for name in RUNNERS]
+    click.echo(readme_table([r.to_dict() for r in results]))
+    failed = [r.bench for r in results if r.status == "failed"]
+    if failed:
+        raise click.ClickException(f"failed: {', '.join(failed)}")
+
+
+@bench.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=default_out_dir,
+              show_default=OUT_DIR_HELP)
+def report(out_dir: Path) -> None:
+    """The Markdown table of every result file in --out (for the README)."""
+    from odpo.bench.common import load_results, readme_table
+
+    results = load_results(out_dir)
+    if not results:
+        raise click.ClickException(f"no bench results in {out_dir}; run `odpo bench all --quick` first")
+    click.echo(readme_table(results))
+    machine = results[0]["machine"]
+    click.echo(f"\nMachine: {machine.get('cpu_model')}, {machine.get('cores')} cores, {machine.get('device')}, "
+               f"torch {machine['versions'].get('torch')}, transformers {machine['versions'].get('transformers')}")

@@ -1,0 +1,97 @@
+"""`odpo bench sampling`: pairs/minute of the sampler's batched generation vs one pair at a time.
+
+Both modes call `trainer.generation.generate` exactly as the sampler does (the LoRA-wrapped policy,
+serve's default sampling params, two samples per prompt), on the SAME prompts: each round generates
+`prompts_per_batch` prompts in one call, then the same prompts again one pair per call. Rounds
+interleave the two modes so that load from other processes on a shared machine hits both alike.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+from odpo.bench.common import BenchContext, BenchResult, Target, per_minute, ratio, summarize
+from odpo.bench.models import cycle, load_policy, starter_prompts
+
+log = logging.getLogger(__name__)
+
+TARGETS = (Target("sampling: batched / one pair at a time", "speedup", ">=", 3.0),)
+SIZES = {  # (prompts_per_batch, rounds, max_new_tokens); quick batches like `odpo serve` does by default
+    "full": (16, 4, 96),
+    "quick": (8, 2, 32),
+}
+
+
+def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: Optional[int] = None,
+        max_new_tokens: Optional[int] = None) -> BenchResult:
+    """Measure both modes and their ratio; see the module docstring."""
+    from odpo.trainer.generation import SamplingParams
+
+    size_b, size_r, size_t = SIZES["quick" if ctx.quick else "full"]
+    batch, rounds, tokens = prompts_per_batch or size_b, rounds or size_r, max_new_tokens or size_t
+    result = BenchResult(bench="sampling", quick=ctx.quick,
+                         params={"model": ctx.model, "prompts_per_batch": batch, "rounds": rounds,
+                                 "max_new_tokens": tokens, "temperature": 0.9, "top_p": 0.95,
+                                 "samples_per_prompt": 2, "seed": ctx.seed})
+    policy = load_policy(ctx)
+    prompts = starter_prompts(held_out=False)
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=tokens, seed=ctx.seed)
+    _timed(policy, prompts[:1], params)  # warm-up: first-call allocations are not sampling speed
+    batched: list[dict[str, float]] = []
+    single: list[dict[str, float]] = []
+    for r in range(rounds):
+        chosen = cycle(prompts, r * batch, batch)
+        batched.append(_timed(policy, chosen, _seeded(params, 1000 * r)))
+        for i, prompt in enumerate(chosen):
+            single.append(_timed(policy, [prompt], _seeded(params, 1000 * r + i)))
+    _fill(result, batched=batched, single=single)
+    result.check(TARGETS)
+    return result
+
+
+def _seeded(params: Any, offset: int) -> Any:
+    from odpo.trainer.generation import SamplingParams
+
+    return SamplingParams(temperature=params.temperature, top_p=params.top_p,
+                          max_new_tokens=params.max_new_tokens, seed=params.seed + offset)
+
+
+def _timed(policy: Any, prompts: list[str], params: Any) -> dict[str, float]:
+    """One generate call as the sampler makes it: pairs, seconds, generated tokens."""
+    from odpo.trainer.generation import generate
+
+    started = time.perf_counter()
+    out = generate(policy.model, policy.tokenizer, prompts, params=params, n_per_prompt=2)
+    seconds = time.perf_counter() - started
+    return {"pairs": float(len(prompts)), "seconds": seconds,
+            "tokens": float(sum(g.tokens for pair in out for g in pair)),
+            "hit_limit": float(sum(g.finish_reason == "length" for pair in out for g in pair))}
+
+
+def mode_metrics(calls: list[dict[str, float]]) -> dict[str, Any]:
+    """Totals of one mode: pairs/minute, tokens/second, seconds per call."""
+    pairs = sum(c["pairs"] for c in calls)
+    seconds = sum(c["seconds"] for c in calls)
+    tokens = sum(c["tokens"] for c in calls)
+    return {"calls": len(calls), "pairs": pairs, "seconds": seconds,
+            "pairs_per_minute": per_minute(pairs, seconds), "tokens_per_second": ratio(tokens, seconds),
+            "mean_tokens_per_sample": ratio(tokens, 2 * pairs),
+            "share_hit_max_new_tokens": ratio(sum(c["hit_limit"] for c in calls), 2 * pairs),
+            "seconds_per_call": summarize([c["seconds"] for c in calls])}
+
+
+def _fill(result: BenchResult, *, batched: list[dict[str, float]], single: list[dict[str, float]]) -> None:
+    b, s = mode_metrics(batched), mode_metrics(single)
+    speedup = ratio(b["pairs_per_minute"], s["pairs_per_minute"])
+    result.metrics = {"batched": b, "one_pair_at_a_time": s, "speedup": speedup,
+                      "batched_pairs_per_minute": b["pairs_per_minute"],
+                      "single_pairs_per_minute": s["pairs_per_minute"]}
+    result.row("batched pairs/minute", b["pairs_per_minute"])
+    result.row("one-pair-at-a-time pairs/minute", s["pairs_per_minute"])
+    result.row("speedup (batched / one pair)", speedup, "x")
+    result.row("tokens/s batched vs one pair", f"{b['tokens_per_second']:.1f} vs {s['tokens_per_second']:.1f}")
+    result.row("mean tokens/sample batched vs one pair",
+               f"{b['mean_tokens_per_sample']:.1f} vs {s['mean_tokens_per_sample']:.1f}")
+    result.notes.append("Both modes sample the same prompts with the same params; a batch lasts as long as "
+                        "its longest row, so the batched pairs/minute already pays for length variance.")
