@@ -98,9 +98,10 @@ class Child:
         """Count a crash and decide: restart (after a delay) or give up."""
         self.last_exit = code
         error = self.last_line[len("Error: "):] if self.last_line.startswith("Error: ") else ""
-        repeated = bool(error) and error == self.last_error
+        quick = now - self.started_at < policy.stable_s
+        repeated = quick and bool(error) and error == self.last_error
         self.last_error = error
-        self.failures = 1 if now - self.started_at >= policy.stable_s else self.failures + 1
+        self.failures = self.failures + 1 if quick else 1
         if repeated:
             return _Decision(True, f"the same error twice: {error}")
         if policy.max_restarts == 0:
@@ -293,21 +294,22 @@ class Supervisor:
         return ", ".join(c.spec.name for c in self._running if c is not child and c.state == "running") or "nothing"
 
     def stop_all(self) -> None:
-        """SIGTERM every live child's process group, wait up to grace_s, then SIGKILL the rest."""
+        """SIGTERM every live child's process group, wait up to grace_s, then SIGKILL the rest;
+        one line says how long each took (what --grace has to cover)."""
         for child in self._running:
             if child.state == "restarting":
                 child.state = "stopped"
         live = [c for c in self._running if c.proc is not None and c.proc.poll() is None]
         for child in live:
             _signal_group(child.proc, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
+        started = time.monotonic()
+        took = self._wait_for(live, started + self.grace_s)
         for child in live:
-            try:
-                child.proc.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
+            if child.spec.name not in took:
                 self._emit(f"[up] {child.spec.name} did not stop within {self.grace_s:.0f}s; killing it")
                 _signal_group(child.proc, signal.SIGKILL)
                 child.proc.wait()
+                took[child.spec.name] = time.monotonic() - started
             child.last_exit = child.proc.returncode
             if child.state == "running":
                 child.state = "stopped"
@@ -316,6 +318,19 @@ class Supervisor:
                 _signal_group(child.proc, signal.SIGKILL)
             if child.reader is not None:
                 child.reader.join(2.0)
+        if took:
+            self._emit("[up] stopped " + ", ".join(f"{name} in {s:.1f} s" for name, s in took.items()))
+
+    @staticmethod
+    def _wait_for(children: list[Child], deadline: float) -> dict[str, float]:
+        """Seconds until each child exited, for those that did before the deadline."""
+        started, took = time.monotonic(), {}
+        while len(took) < len(children) and time.monotonic() < deadline:
+            for child in children:
+                if child.spec.name not in took and child.proc.poll() is not None:
+                    took[child.spec.name] = time.monotonic() - started
+            time.sleep(0.05)
+        return took
 
     # -- reporting --------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

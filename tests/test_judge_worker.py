@@ -270,6 +270,18 @@ def test_a_py_judge_with_too_many_hung_calls_stops_and_hands_everything_back(dat
         assert store.get_control(s, key=judge_state_key(judge_labeler_name(judge.spec)))["state"] == "failed"
 
 
+def test_a_restarted_judge_hands_back_the_claims_a_killed_run_left_open(database):
+    ids = add_text_pairs(database, length_pairs(3))
+    for _ in range(2):  # what a judge killed with SIGKILL mid-batch leaves behind
+        with database.sessions.begin() as s:
+            store.claim_next_pair(s, labeler=SHORTER)
+    stats = run_judge_worker(database, load_judge("rule:shorter"), config=JudgeWorkerConfig(**ONCE))
+    assert stats.labeled == 1 and [lb.pair_id for lb in labels(database)] == [ids[2]]
+    assert queued_and_unclaimed(database) == [True, True, False]  # back with people at once
+    with database.sessions.begin() as s:
+        assert store.claim_next_pair(s, labeler="bob").pair_id == ids[0]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(shadow=True, only_skipped=True), "one of"), (dict(fraction=0.5, shadow=True), "queued pairs only"),
     (dict(fraction=0.0), "fraction"), (dict(batch_size=0), "batch size")])

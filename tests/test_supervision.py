@@ -194,8 +194,6 @@ def test_a_judge_stopped_by_sigterm_hands_its_claims_back_at_once(common_config,
     from odpo.db.models import Assignment, Pair
     from tests.test_judge_worker import add_text_pairs, length_pairs
 
-    if not common_config.db_url.startswith("sqlite"):
-        pytest.skip("the child process opens the same SQLite file")
     add_text_pairs(database, length_pairs(4))
     labeler = "judge:py:tests.test_supervision:hang"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -337,3 +335,25 @@ def test_a_missing_model_path_is_one_line(tmp_path):
                                       "--device", "cpu"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     assert result.output.strip().splitlines()[-1] == f"Error: model path {missing} does not exist"
+
+
+# -- the dashboard -------------------------------------------------------------------------------
+
+def test_the_dashboard_shows_ups_children_from_its_report(database):
+    from odpo.app.up import database_report
+    from odpo.app.ui.dashboard import state_markdown
+    from tests.test_admin_service import admin_service
+
+    report = database_report(database, run="default")
+    report({"pid": 4242, "state": "running", "at": time.time() - 120, "children": [
+        {"name": "serve", "pid": 11, "state": "running", "restarts": 0, "last_exit": None, "last_error": ""},
+        {"name": "train", "pid": 12, "state": "restarting", "restarts": 2, "last_exit": -9, "last_error": ""},
+        {"name": "judge", "pid": 13, "state": "given up", "restarts": 5, "last_exit": 1,
+         "last_error": "cannot import plugin module '<b>x</b>'"}]})
+    md = state_markdown(admin_service(database).dashboard())
+    line = next(x for x in md.split("\n\n") if x.startswith("**Processes**"))
+    assert "odpo up (pid 4242) running, reported 2 min ago — **no longer reporting** (killed?)" in line
+    assert "serve running (pid 11)" in line
+    assert "**train restarting (pid 12, restarted 2×, last exit code -9)**" in line
+    assert "**judge given up (pid 13, restarted 5×, last exit code 1, cannot import plugin module " \
+           "&#x27;&lt;b&gt;x&lt;/b&gt;&#x27;)**" in line

@@ -168,6 +168,8 @@ def run_judge_worker(db: Database, judge: Judge, *, config: JudgeWorkerConfig,
     labeler = judge_labeler_name(judge.spec)
     reporter = _Reporter(db, judge, labeler=labeler, mode=config.mode)
     log.info("judge %s labeling in %s mode as %r", judge.spec, config.mode, labeler)
+    if config.mode == "queue":
+        _release_leftovers(db, judge, labeler)
     reporter.update(stats)
     try:
         with _sigterm_as_interrupt():
@@ -296,6 +298,21 @@ def _judge_claims(db: Database, judge: Judge, claims: list[store.ClaimedPair], *
                 log.warning("judge %s: pair %d not labeled: %s", judge.spec, claimed.pair_id, exc)
                 continue
         stats.count(verdict)
+
+
+def _release_leftovers(db: Database, judge: Judge, labeler: str) -> None:
+    """Hand back the claims an earlier run of this judge left open: a judge killed with SIGKILL
+    (a crash, the OOM killer) cannot clean up, and `odpo up` restarts it within seconds, long
+    before those claims expire. (Two workers of one spec at once would hand back each other's
+    claims here; the pairs then go back to the queue, nothing is labeled twice.)"""
+    seen: list[int] = []
+    with db.sessions.begin() as s:
+        while (claim := store.oldest_open_claim(s, labeler=labeler, exclude=seen)) is not None:
+            seen.append(claim.assignment_id)
+            store.release_assignment(s, assignment_id=claim.assignment_id, labeler=labeler)
+    released = len(seen)
+    if released:
+        log.warning("judge %s: handed back %d claims an earlier run left open", judge.spec, released)
 
 
 def _release_open(db: Database, claims: list[store.ClaimedPair], labeler: str) -> None:
