@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RUNNERS = {"sampling": "odpo.bench.sampling", "train-step": "odpo.bench.train_step", "reload": "odpo.bench.reload",
            "labelers": "odpo.bench.labelers", "learn": "odpo.bench.learn", "memory": "odpo.bench.memory"}
+SOAKS = {"chaos": "odpo.bench.chaos"}  # long fault soaks: run by name only, never by `bench all`
 OUT_DIR_HELP = "bench/results"  # what --help shows; default_out_dir() says where that is
 
 
@@ -77,7 +78,7 @@ def execute(name: str, ctx: Any, options: dict[str, Any]) -> Any:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     started, t0 = utc_now_iso(), time.perf_counter()
     machine = machine_description()
-    runner = importlib.import_module(RUNNERS[name]).run
+    runner = importlib.import_module({**RUNNERS, **SOAKS}[name]).run
     try:
         result = runner(ctx, **options)
     except Exception as exc:  # noqa: BLE001 - recorded in the result and reported in one line
@@ -186,6 +187,18 @@ def learn(common: CommonConfig, **opts: Any) -> None:
 def memory(common: CommonConfig, **opts: Any) -> None:
     """Peak RSS (and GPU memory) of serve and train."""
     _finish(execute("memory", bench_context(common, opts), opts))
+
+
+@bench.command()
+@_shared
+@click.option("--minutes", type=click.FloatRange(0.5), default=None,
+              help="How long to soak. [default: 6 with --quick, else 30]")
+@click.option("--labelers", type=click.IntRange(0), default=None, help="Simulated labelers over HTTP.")
+@click.option("--rule", default="rule:say_the_early", show_default=True, help="The auto-labeling judge.")
+@click.pass_obj
+def chaos(common: CommonConfig, **opts: Any) -> None:
+    """odpo up under SIGKILLs (serve, train, judge, up) and racing labelers; then the ledger invariants."""
+    _finish(execute("chaos", bench_context(common, opts), opts))
 
 
 @bench.command("all")

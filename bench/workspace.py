@@ -42,7 +42,7 @@ def odpo_command(cfg: CommonConfig, args: Sequence[str]) -> list[str]:
 def child_env(threads: Optional[int] = None) -> dict[str, str]:
     """This checkout on the path, offline hub, unbuffered logs; a thread count when asked."""
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
+    root = str(Path(__file__).resolve().parents[1])  # the checkout holding bench/
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
