@@ -47,17 +47,24 @@ class ApiError(RuntimeError):
 
 
 class ApiClient:
-    """`predict(*inputs, api_name="/vote")` over plain HTTP, returning the endpoint's output."""
+    """`predict(*inputs, api_name="/vote")` over plain HTTP, returning the endpoint's output.
+
+    Sends one session hash on every call, as gradio_client does: odpo keys a labeler's claims by
+    client, so a script whose calls each came from a fresh session could not vote on its own pair."""
 
     def __init__(self, url: str, *, timeout_s: float = 60.0) -> None:
+        import uuid
+
         import httpx
 
         self.url = url.rstrip("/")
         self.http = httpx.Client(timeout=timeout_s)
+        self.session_hash = uuid.uuid4().hex[:12]
 
     def predict(self, *inputs: Any, api_name: str) -> Any:
         name = api_name.strip("/")
-        posted = self.http.post(f"{self.url}/gradio_api/call/{name}", json={"data": list(inputs)})
+        body = {"data": list(inputs), "session_hash": self.session_hash}
+        posted = self.http.post(f"{self.url}/gradio_api/call/{name}", json=body)
         posted.raise_for_status()
         event_id = posted.json()["event_id"]
         event = ""

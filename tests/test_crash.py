@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from odpo.db import store
 from odpo.db.models import Adapter, Label, TrainStep
 from odpo.trainer import checkpoint as ckpt
 from tests.db_helpers import label_all, make_pairs
@@ -106,20 +107,19 @@ def _assert_committed_state_consistent(database, adapters: Path) -> None:
     are exactly the labels its directory says it was trained on; no label in two committed steps."""
     rows = _rows(database)
     with database.sessions() as s:
-        labels = list(s.scalars(select(Label)))
+        uses = store.label_uses(s, run="default")  # the run's ledger: label id -> (version, step)
         steps = [st for st in s.scalars(select(TrainStep)) if st.committed]
     for version, row in rows.items():
         assert ckpt.committed_dir_problem(row.path) is None, ckpt.committed_dir_problem(row.path)
         assert Path(row.path) == adapters / f"v{version}"
         state_ids = set(ckpt.read_trainer_state(Path(row.path))["label_ids"])
-        assert state_ids == {lb.id for lb in labels if lb.consumed_version == version}, version
+        assert state_ids == {lid for lid, (v, _) in uses.items() if v == version}, version
     assert sorted(rows) == list(range(1, len(rows) + 1))
     assert all(rows[v].parent == v - 1 for v in rows)
     trained = [lid for st in steps for lid in st.label_ids]
     assert len(trained) == len(set(trained)), "a label was trained into two committed steps"
     by_label = {lid: (st.version, st.step) for st in steps for lid in st.label_ids}
-    consumed = {lb.id: (lb.consumed_version, lb.consumed_step) for lb in labels if lb.consumed_version}
-    assert consumed == by_label
+    assert uses == by_label
 
 
 def test_kill9_at_any_moment_loses_and_doubles_nothing(crash_setup, database):
@@ -163,7 +163,7 @@ def test_kill9_at_any_moment_loses_and_doubles_nothing(crash_setup, database):
     rows = _rows(database)
     assert len(rows) == N_LABELS // BATCH and len(rows) > committed_so_far
     with database.sessions() as s:
-        assert all(lb.consumed_version is not None for lb in s.scalars(select(Label)))
+        assert set(store.label_uses(s, run="default")) == set(s.scalars(select(Label.id)))
     names = sorted(p.name for p in adapters.iterdir())
     assert names == sorted(f"v{v}" for v in rows), names
 

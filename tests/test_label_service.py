@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from odpo.app.config import ServeConfig
 from odpo.app.services.labeling import (
@@ -99,8 +99,9 @@ def test_undo_reshows_the_pair_until_it_is_consumed(database):
     assert labels(database)[0].undone
     res = svc.vote(labeler="ann", assignment_id=again.assignment_id, side="right")
     assert res.next.pair_id == second.pair_id  # the pair displaced by the undo comes back
-    with database.sessions.begin() as s:
-        s.execute(update(Label).values(consumed_version=1))
+    with database.sessions.begin() as s:  # training consumes every vote
+        store.commit_adapter_version(s, run="default", version=1, path="/v1", parent=0, step=1, metrics={},
+                                     label_steps={lb.id: 1 for lb in s.scalars(select(Label).where(~Label.undone))})
     with pytest.raises(LabelError, match="nothing to undo"):
         svc.undo(labeler="ann")
     live = [lb for lb in labels(database) if not lb.undone]

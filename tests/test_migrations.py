@@ -98,51 +98,44 @@ def test_fresh_database_gets_every_revision_and_matches_the_models(engine):
     assert migrate(engine) == []
 
 
-def named_rows(engine: Engine, table: str, *, drop: tuple[str, ...] = ()) -> list[dict]:
-    """A table's rows as {column: value} without the `drop` columns, by their first column."""
+def named_rows(engine: Engine, table: str) -> dict[int, dict]:
+    """A table's rows by id, each as {column: value}."""
     meta = MetaData()
     meta.reflect(engine, only=[table])
     with engine.connect() as conn:
-        rows = [{k: v for k, v in row._mapping.items() if k not in drop} for row in conn.execute(select(meta.tables[table]))]
-    return sorted(rows, key=lambda r: tuple(str(v) for v in r.values()))
+        return {row.id: dict(row._mapping) for row in conn.execute(select(meta.tables[table]))}
 
 
-# What revision 0003 changed: labels lost their one-consumption columns (now the label_uses ledger)
-# and gained `uses`; assignments gained `client`; runs and label_uses are new.
-CHANGED_BY_0003 = {"labels", "assignments", "runs", "label_uses"}
+CONSUMED = ("consumed_version", "consumed_step")  # labels' one-consumption columns, moved to label_uses by 0003
 
 
 def test_database_of_the_release_before_alembic_is_upgraded_in_place(db_url):
     restore_pre_alembic_dump(db_url)
     old = make_engine(db_url)
     before = all_rows(old)
-    old_labels = named_rows(old, "labels")
-    old_assignments = named_rows(old, "assignments")
+    consumed = {lid: (r["consumed_version"], r["consumed_step"]) for lid, r in named_rows(old, "labels").items()}
     assert LEGACY_TABLE in schema_tables(old) and revision_of(old) is None
-    assert len(before["labels"]) == 4 and len(before["adapters"]) == 1
+    assert len(before["labels"]["rows"]) == 4 and len(before["adapters"]["rows"]) == 1
+    kept = [c for c in before["labels"]["columns"] if c not in CONSUMED]
+    before["labels"] = all_rows(old, {"labels": kept})["labels"]
     old.dispose()
 
     db = Database(db_url)  # what every odpo process does on start
     try:
         assert revision_of(db.engine) == head_revision()
         assert LEGACY_TABLE not in schema_tables(db.engine)
-        after = all_rows(db.engine)
-        assert {k: v for k, v in after.items() if k not in CHANGED_BY_0003} == \
-            {k: v for k, v in before.items() if k not in CHANGED_BY_0003}  # every other row, unchanged
-        consumed = {r["id"]: (r["consumed_version"], r["consumed_step"]) for r in old_labels}
-        assert named_rows(db.engine, "labels", drop=("uses",)) == \
-            [{k: v for k, v in r.items() if k not in ("consumed_version", "consumed_step")} for r in old_labels]
-        assert named_rows(db.engine, "assignments", drop=("client",)) == old_assignments
-        with db.sessions() as s:  # the consumption moved into the ledger of the run that consumed it
-            assert store.label_uses(s, run="default") == {lid: c for lid, c in consumed.items() if c[0] is not None}
+        # every row of every old table, unchanged (labels: all but the columns 0003 moved into the ledger)
+        assert all_rows(db.engine, {name: t["columns"] for name, t in before.items()}) == before
+        with db.sessions() as s:  # the consumption moved into the ledger of the run of the version that made it
+            assert store.label_uses(s, run="default") == {i: c for i, c in consumed.items() if c[0] is not None}
             assert store.run_head(s, run="default") == 1
-            assert {r["id"]: r["uses"] for r in named_rows(db.engine, "labels")} == {1: 1, 2: 1, 3: 0, 4: 0}
+        assert {i: r["uses"] for i, r in named_rows(db.engine, "labels").items()} == {1: 1, 2: 1, 3: 0, 4: 0}
         assert model_drift(db.engine) == []  # the same schema a fresh database gets
         with db.sessions.begin() as s:  # and today's store works on it: the 4th pair is still queued
             assert store.latest_adapter(s).version == 1
             claim = store.claim_next_pair(s, labeler="grace")
             label = store.record_label(s, assignment_id=claim.assignment_id, labeler="grace", choice="b")
-            assert [t.label_id for t in store.unconsumed_labels(s, limit=10)] == [4, label.id]
+            assert [t.label_id for t in store.unconsumed_labels(s, limit=10)] == [label.id]  # 4: a judge, overridden
         assert claim.pair_id == 4 and label.id == 5  # ids go on after the old rows (PostgreSQL sequences)
     finally:
         db.close()
@@ -173,7 +166,7 @@ def test_0003_gives_each_consumed_label_to_the_run_that_consumed_it(engine):
             conn.execute(text("INSERT INTO adapters (id, run, version, path, parent, step, rolled_back, created_at, "
                               "metrics) VALUES (:id, :run, :v, 'x', NULL, 1, :rb, :now, '{}')"),
                          {"id": aid, "run": run, "v": version, "rb": rolled_back, "now": now})
-    assert migrate(engine) == ALL_REVISIONS[2:]
+    assert migrate(engine) == all_revisions()[2:]
     factory = Database.__new__(Database)  # the store on this engine, without migrating again
     from odpo.db.engine import session_factory
 
@@ -182,10 +175,10 @@ def test_0003_gives_each_consumed_label_to_the_run_that_consumed_it(engine):
         assert store.label_uses(s, run="default") == {1: (1, 1), 4: (0, -1)}
         assert store.label_uses(s, run="other") == {2: (2, 2), 3: (7, 3)}  # v2 of "other" is the live one
         assert (store.run_head(s, run="default"), store.run_head(s, run="other")) == (1, 7)
-        assert {r["id"]: r["uses"] for r in named_rows(engine, "labels")} == {1: 1, 2: 1, 3: 1, 4: 1, 5: 0}
+        assert {i: r["uses"] for i, r in named_rows(engine, "labels").items()} == {1: 1, 2: 1, 3: 1, 4: 1, 5: 0}
     with migration_transaction(engine) as conn:
         command.downgrade(alembic_config(conn), "0002")
-    assert {r["id"]: (r["consumed_version"], r["consumed_step"]) for r in named_rows(engine, "labels")} == \
+    assert {i: (r["consumed_version"], r["consumed_step"]) for i, r in named_rows(engine, "labels").items()} == \
         {1: (1, 1), 2: (2, 2), 3: (7, 3), 4: (0, -1), 5: (None, None)}
 
 

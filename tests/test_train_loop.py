@@ -64,9 +64,11 @@ def _lora(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def _consumed(database) -> dict[int, tuple]:
+def _consumed(database, run: str = "default") -> dict[int, tuple]:
+    """label id -> (version, step) of `run`'s ledger, (None, None) for labels it has not used."""
     with database.sessions() as s:
-        return {lb.id: (lb.consumed_version, lb.consumed_step) for lb in s.scalars(select(Label))}
+        used = store.label_uses(s, run=run)
+        return {lid: used.get(lid, (None, None)) for lid in s.scalars(select(Label.id))}
 
 
 def _adapters(database) -> dict[int, Adapter]:

@@ -3,8 +3,10 @@
 Read top to bottom: `start` loads the model and resumes from the latest committed version;
 `run` loops `train_available` until a limit is reached; each step records its metrics at once and
 joins `pending`; every `save_every` steps `commit_pending` writes the version directory and, in ONE
-transaction, inserts the adapters row and marks the labels consumed. A kill at any moment
-therefore replays exactly the uncommitted steps' labels and never trains a label into two versions.
+transaction, moves the run's head from the parent to it, inserts the adapters row and writes the
+labels into the run's ledger. A kill at any moment therefore replays exactly the uncommitted steps'
+labels and never trains a label twice into one run; a rollback that lands while a version trains
+makes its commit refused, and the steps replay from the new head.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import Adapter
-from odpo.db.store import skip_stale_labels
 from odpo.trainer import checkpoint as ckpt
 from odpo.trainer.on_policy import drop_length_cut, training_examples
 from odpo.trainer.train_config import TrainConfig
@@ -35,10 +36,6 @@ PAUSE_KEY = "train.paused"
 
 class TrainerBusyError(OdpoError):
     """Another `odpo train` holds this run; two trainers would race for the same labels."""
-
-
-class VersionConflict(Exception):
-    """The latest committed version changed under the trainer (a rollback): do not commit on top."""
 
 
 @dataclass
@@ -222,15 +219,13 @@ class DPOTrainer:
                                   version=version, state=state)
         try:
             self._commit_row(version=version, parent=parent, path=path, label_steps=label_steps)
-        except VersionConflict as exc:
+        except (store.HeadMoved, store.LabelsRetracted) as exc:
+            # HeadMoved: a rollback (or another trainer) moved the run's head off our parent.
+            # LabelsRetracted: the weights hold a taken-back vote. Either way the steps are thrown
+            # away, the head is loaded again and their labels replay on top of it.
             ckpt.remove_version_dir(path)
-            log.warning("not committing v%d: %s", version, exc)
-            self.sync_with_db()
-            return None
-        except store.LabelsRetracted as exc:  # the weights hold a taken-back vote: throw the steps away
-            ckpt.remove_version_dir(path)
-            log.warning("not committing v%d: %s; replaying its %d step(s) without them from v%d", version, exc,
-                        len(self.pending), parent)
+            log.warning("not committing v%d: %s; replaying its %d step(s) from the run's head", version, exc,
+                        len(self.pending))
             self.sync_with_db(force=True)
             return None
         except BaseException:
@@ -245,11 +240,7 @@ class DPOTrainer:
     def _commit_row(self, *, version: int, parent: int, path: Path, label_steps: dict[int, int]) -> None:
         metrics = _mean_metrics([p.metrics for p in self.pending])
         metrics.update(labels=len(label_steps), steps=len(self.pending))
-        with self.db.sessions.begin() as s:
-            latest = store.latest_adapter(s, run=self.cfg.run)
-            if (latest.version if latest is not None else 0) != parent:
-                raise VersionConflict(f"the latest version is now v{latest.version if latest else 0}, "
-                                      f"not v{parent}")
+        with self.db.writes.begin() as s:  # the store moves the run's head from parent, or raises HeadMoved
             store.commit_adapter_version(s, run=self.cfg.run, version=version, path=str(path), parent=parent,
                                          step=self.step, label_steps=label_steps, metrics=metrics,
                                          step_ids=[p.row_id for p in self.pending])
@@ -270,15 +261,17 @@ class DPOTrainer:
         taken = {lid for p in self.pending for lid in p.label_ids}
         while True:
             with self.db.sessions() as s:
-                rows = store.unconsumed_labels(s, limit=need + len(taken), sources=self.cfg.sources)
+                rows = store.unconsumed_labels(s, limit=need + len(taken), run=self.cfg.run,
+                                               sources=self.cfg.sources)
             fresh = [r for r in rows if r.label_id not in taken]
-            if drop_length_cut(self.db, fresh, length_cut=self.cfg.length_cut, version=self.version):
+            if drop_length_cut(self.db, fresh, length_cut=self.cfg.length_cut, version=self.version,
+                               run=self.cfg.run):
                 continue  # --length-cut drop marked some skipped (trainer/on_policy.py): fetch again
             stale = [r.label_id for r in fresh if self._is_stale(r)]
             if not stale:
                 return fresh[:need] if len(fresh) >= need else None
-            with self.db.sessions.begin() as s:
-                n = skip_stale_labels(s, label_ids=stale, version=self.version)
+            with self.db.writes.begin() as s:
+                n = store.skip_stale_labels(s, label_ids=stale, version=self.version, run=self.cfg.run)
             self.stats.stale_skipped += n
             log.info("skipped %d label(s) of pairs more than %d versions older than v%d (%d so far)",
                      n, self.cfg.max_staleness_train, self.version, self.stats.stale_skipped)

@@ -6,6 +6,13 @@ and never touches the database itself. Every method takes plain values, opens it
 transaction, returns plain data and raises LabelError (one readable line) for anything the labeler
 can fix, so the whole flow is tested without a browser. Left/right is what the labeler saw; the
 store speaks absolute a/b, and the mapping happens in exactly one place: `absolute_choice`.
+
+`client` says which client of a labeler asks (the page's Gradio session, an API client's session):
+an open claim is held by one client, and only that one may vote on it (store/claims.py). Asking
+for "the pair already on my screen" (`current_pair`, a page load) takes the labeler's open claims
+over from their other clients, so a reloaded page or a restarted script gets its pairs back and
+the old one can no longer vote on them; every other path keeps to the client's own claims and new
+ones, so two live clients of one name never fight over a pair.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
 MAX_PROMPT_CHARS = 8000
+DEFAULT_CLIENT = "default"  # the client of callers that name none (one client per labeler, as before)
 
 
 class SamplerHandle(Protocol):
@@ -96,29 +104,34 @@ class LabelService:
         self._last_release = float("-inf")
 
     # -- claims ---------------------------------------------------------------------------------
-    def current_pair(self, *, labeler: str) -> Optional[PairView]:
+    def current_pair(self, *, labeler: str, client: str = DEFAULT_CLIENT) -> Optional[PairView]:
         """The pair to show this labeler now (the HTTP API's `next_pair`): a pair for a prompt they
-        typed when one is ready, else the pair they were already shown, else the next queued pair."""
+        typed when one is ready, else the pair they were already shown (taken over from another
+        client of theirs), else the next queued pair."""
         self.release_expired_claims()
-        return self.next_pair(labeler=labeler)
+        return self.next_pair(labeler=labeler, client=client, take_over=True)
 
-    def next_pair(self, *, labeler: str, exclude: Sequence[int] = ()) -> Optional[PairView]:
-        """The claim path: typed pair first; else a claim of theirs not in `exclude` (what the page
-        already holds), oldest first; else a new claim. None while the queue is empty."""
+    def next_pair(self, *, labeler: str, exclude: Sequence[int] = (), client: str = DEFAULT_CLIENT,
+                  take_over: bool = False) -> Optional[PairView]:
+        """The claim path: typed pair first; else a claim of this client's not in `exclude` (what the
+        page already holds), oldest first (with `take_over`, the labeler's other clients' claims
+        too); else a new claim. None while the queue is empty. Its writes are conditional UPDATEs, so
+        it needs no IMMEDIATE transaction (an idle page polling an empty queue takes no write lock)."""
         with self.db.sessions.begin() as s:
-            return self._next_for(s, labeler=labeler, exclude=exclude)
+            return self._next_for(s, labeler=labeler, client=client, exclude=exclude, take_over=take_over)
 
-    def open_claims(self, *, labeler: str, ids: Sequence[int]) -> set[int]:
-        """Which of these assignments are still this labeler's open claims (others expired)."""
+    def open_claims(self, *, labeler: str, ids: Sequence[int], client: str = DEFAULT_CLIENT) -> set[int]:
+        """Which of these assignments this client still holds open (others expired or moved)."""
         with self.db.sessions() as s:
-            return set(store.open_claim_ids(s, labeler=labeler, ids=list(ids)))
+            return set(store.open_claim_ids(s, labeler=labeler, ids=list(ids), client=client))
 
-    def views(self, *, labeler: str, ids: Sequence[Optional[int]]) -> dict[int, PairView]:
-        """PairViews of those ids that are still this labeler's open claims (to redraw a page)."""
+    def views(self, *, labeler: str, ids: Sequence[Optional[int]],
+              client: str = DEFAULT_CLIENT) -> dict[int, PairView]:
+        """PairViews of those ids this client still holds open (to redraw a page)."""
         out: dict[int, PairView] = {}
         with self.db.sessions() as s:
             for aid in (i for i in ids if i is not None):
-                claimed = store.open_claim(s, assignment_id=int(aid), labeler=labeler)
+                claimed = store.open_claim(s, assignment_id=int(aid), labeler=labeler, client=client)
                 if claimed is not None:
                     out[int(aid)] = _view(s, claimed)
         return out
@@ -135,73 +148,77 @@ class LabelService:
         if released:
             log.info("released %d expired claim(s)", released)
 
-    def release(self, *, labeler: str, assignment_id: Optional[int]) -> None:
-        """Give back a pair the labeler will not answer (they switched name)."""
+    def release(self, *, labeler: str, assignment_id: Optional[int], client: str = DEFAULT_CLIENT) -> None:
+        """Give back a pair the labeler will not answer (they switched name); one another client of
+        theirs holds now stays with that client."""
         if assignment_id is None:
             return
         with self.db.sessions.begin() as s:
-            store.release_assignment(s, assignment_id=int(assignment_id), labeler=labeler)
+            store.release_assignment(s, assignment_id=int(assignment_id), labeler=labeler, client=client)
 
     # -- votes ------------------------------------------------------------------------------------
     def vote(self, *, labeler: str, assignment_id: Optional[int], side: str, reason: Optional[str] = None,
-             prefetched: Optional[int] = None, prefetch: bool = False) -> VoteResult:
+             prefetched: Optional[int] = None, prefetch: bool = False,
+             client: str = DEFAULT_CLIENT) -> VoteResult:
         """The vote path: record the vote and pick what shows next, in ONE short transaction.
 
         `prefetched` is a claim the caller already holds for the next screen (the page's hidden
         slot): it is shown next when still open, else the next claim is. With `prefetch`, one more
-        pair is claimed for the caller to hold. The HTTP API passes neither.
+        pair is claimed for the caller to hold. The HTTP API passes neither. A second vote on the
+        same claim (double click, retry, another tab) raises AlreadyAnswered and writes nothing.
         """
         side, reason = check_vote(side, reason)
         if assignment_id is None:
             raise LabelError("no pair on screen yet: wait for the next pair to appear")
         self.release_expired_claims()
-        with self.db.sessions.begin() as s:
-            label_id, choice, note = self._record(s, labeler=labeler, assignment_id=assignment_id, side=side,
-                                                  reason=reason)
-            nxt = self._promote(s, labeler=labeler, assignment_id=prefetched)
+        mine = {"labeler": labeler, "client": client}
+        with self.db.writes.begin() as s:
+            label_id, choice, note = self._record(s, assignment_id=assignment_id, side=side, reason=reason, **mine)
+            nxt = self._promote(s, assignment_id=prefetched, **mine)
             if nxt is None:
-                nxt = self._next_for(s, labeler=labeler, exclude=[i for i in (prefetched,) if i is not None])
-            after = self._next_for(s, labeler=labeler, exclude=[nxt.assignment_id] if nxt else []) \
-                if prefetch else None
+                nxt = self._next_for(s, exclude=[i for i in (prefetched,) if i is not None], **mine)
+            after = self._next_for(s, exclude=[nxt.assignment_id] if nxt else [], **mine) if prefetch else None
         log.debug("label %d by %s: %s", label_id, labeler, choice)
         return VoteResult(label_id=label_id, choice=choice, next=nxt, judge_note=note, prefetch=after)
 
-    def undo(self, *, labeler: str) -> PairView:
-        """The undo path: take back this labeler's last vote that training has not consumed, and
-        claim that pair for them again."""
-        with self.db.sessions.begin() as s:
+    def undo(self, *, labeler: str, client: str = DEFAULT_CLIENT) -> PairView:
+        """The undo path: take back this labeler's last vote that no run has used yet, and claim
+        that pair for this client again."""
+        with self.db.writes.begin() as s:
             label = store.last_undoable_label(s, labeler=labeler)
             if label is None:
                 raise LabelError("nothing to undo: no vote of yours is waiting for training")
-            claimed = store.undo_label(s, label_id=label.id, labeler=labeler,
+            claimed = store.undo_label(s, label_id=label.id, labeler=labeler, client=client,
                                        timeout_s=self.config.claim_timeout_s)
             return _view(s, claimed)
 
     # -- inside one transaction -------------------------------------------------------------------
-    def _next_for(self, s, *, labeler: str, exclude: Sequence[int] = ()) -> Optional[PairView]:
+    def _next_for(self, s, *, labeler: str, client: str, exclude: Sequence[int] = (),
+                  take_over: bool = False) -> Optional[PairView]:
         if not store.typed_pair_waiting(s, labeler=labeler):
-            shown = store.oldest_open_claim(s, labeler=labeler, exclude=exclude)
+            shown = store.oldest_open_claim(s, labeler=labeler, client=client, exclude=exclude, take_over=take_over)
             if shown is not None:
                 return _view(s, shown)
-        claimed = store.claim_next_pair(s, labeler=labeler, timeout_s=self.config.claim_timeout_s)
+        claimed = store.claim_next_pair(s, labeler=labeler, client=client, timeout_s=self.config.claim_timeout_s)
         return None if claimed is None else _view(s, claimed)
 
-    def _promote(self, s, *, labeler: str, assignment_id: Optional[int]) -> Optional[PairView]:
+    def _promote(self, s, *, labeler: str, client: str, assignment_id: Optional[int]) -> Optional[PairView]:
         """A held prefetch goes on screen (its claim restarts as shown), or None when it died."""
         if assignment_id is None or not store.mark_shown(s, assignment_id=int(assignment_id), labeler=labeler,
-                                                         timeout_s=self.config.claim_timeout_s):
+                                                         client=client, timeout_s=self.config.claim_timeout_s):
             return None
-        claimed = store.open_claim(s, assignment_id=int(assignment_id), labeler=labeler)
+        claimed = store.open_claim(s, assignment_id=int(assignment_id), labeler=labeler, client=client)
         return None if claimed is None else _view(s, claimed)
 
-    def _record(self, s, *, labeler: str, assignment_id: int, side: str,
+    def _record(self, s, *, labeler: str, client: str, assignment_id: int, side: str,
                 reason: Optional[str]) -> tuple[int, str, Optional[str]]:
-        """Store one vote: (label id, absolute choice, judge note)."""
+        """Store one vote: (label id, absolute choice, judge note). The store's conditional UPDATE
+        decides; this read only maps left/right (shown_left never changes on a claim)."""
         asg = s.get(Assignment, int(assignment_id))
         if asg is None or asg.labeler != labeler:
             raise LabelError("this pair is not assigned to you (it may have expired); showing the next one")
         shown_left = asg.shown_left
-        label = store.record_label(s, assignment_id=asg.id, labeler=labeler,
+        label = store.record_label(s, assignment_id=asg.id, labeler=labeler, client=client,
                                    choice=absolute_choice(side, shown_left), reason=reason)
         note = self._judge_note(s, label.pair_id, shown_left) if self.config.show_judge_after_vote else None
         return label.id, label.choice, note
@@ -247,7 +264,8 @@ class LabelService:
             train_cfg = store.get_control(s, key="train.config") or {}
             per_update = _per_update(train_cfg)
             sources = train_cfg.get("sources", "all")
-            unconsumed = store.count_unconsumed(s, sources=sources if sources in ("human", "judge") else "all")
+            unconsumed = store.count_unconsumed(s, run=self.config.run,
+                                                sources=sources if sources in ("human", "judge") else "all")
             paused = bool((store.get_control(s, key="train.paused") or {}).get("paused", False))
             queue = store.count_pairs(s, status="queued")
             serving = state.get("serving_version")

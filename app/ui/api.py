@@ -2,7 +2,10 @@
 
 A public interface (scripts and the labelers bench drive it; the README documents it): names and
 arguments stay stable. Each endpoint calls the same LabelService methods as the page, so a script
-labels exactly like a person does:
+labels exactly like a person does. The client key is the caller's Gradio session (one per `Client`
+object): `next_pair` takes the labeler's open pair over from their other clients (a restarted script
+gets it back), and only the client holding a pair may vote on it, so two scripts sharing one name
+never both answer one pair (they should use a name each, or they take pairs from one another):
 
     c = Client("http://127.0.0.1:7860/")
     pair = c.predict("alice", api_name="/next_pair")["pair"]
@@ -12,11 +15,11 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from odpo.app.services.labeling import LabelService
+from odpo.app.services.labeling import DEFAULT_CLIENT, LabelService
 from odpo.app.ui.common import INTERNAL_ERROR, Identity
 from odpo.db.errors import OdpoError
 
@@ -32,7 +35,7 @@ def register_api(labels: LabelService, identity: Identity) -> None:
     def next_pair(labeler: str = "", request: gr.Request = None) -> dict:
         """The pair to label now (the one already on your screen, else the next queued pair);
         {"pair": null} while the sampler is still filling the queue."""
-        view = labels.current_pair(labeler=identity.labeler(labeler, request))
+        view = labels.current_pair(labeler=identity.labeler(labeler, request), client=client_key(request))
         return {"pair": view.to_dict() if view else None}
 
     @_api_guard
@@ -41,14 +44,15 @@ def register_api(labels: LabelService, identity: Identity) -> None:
         """Vote on the pair with this assignment_id. choice: left | right | tie | both_bad | skip
         (left/right as returned by next_pair). Returns the label id and the next pair."""
         res = labels.vote(labeler=identity.labeler(labeler, request), assignment_id=assignment_id,
-                          side=choice, reason=reason)
+                          side=choice, reason=reason, client=client_key(request))
         return {"label_id": res.label_id, "choice": res.choice, "judge": res.judge_note,
                 "pair": res.next.to_dict() if res.next else None}
 
     @_api_guard
     def undo(labeler: str = "", request: gr.Request = None) -> dict:
         """Take back your last vote not yet used by training; returns that pair to label again."""
-        return {"pair": labels.undo(labeler=identity.labeler(labeler, request)).to_dict()}
+        view = labels.undo(labeler=identity.labeler(labeler, request), client=client_key(request))
+        return {"pair": view.to_dict()}
 
     @_api_guard
     def ask_prompt(prompt: str, labeler: str = "", request: gr.Request = None) -> dict:
@@ -65,6 +69,11 @@ def register_api(labels: LabelService, identity: Identity) -> None:
 
     for fn in (next_pair, vote, undo, ask_prompt, counters):
         gr.api(fn, api_name=fn.__name__, **API)
+
+
+def client_key(request: Optional[gr.Request]) -> str:
+    """Which client asks: its Gradio session hash (stable per page load or gradio_client Client)."""
+    return getattr(request, "session_hash", None) or DEFAULT_CLIENT
 
 
 def _api_guard(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,6 +16,7 @@ from typing import Optional
 import gradio as gr
 
 from odpo.app.services.labeling import LabelService, guest_name, normalise_labeler
+from odpo.app.ui.api import client_key
 from odpo.app.ui.common import Identity, counters_html, guarded, pair_outputs, skips
 from odpo.app.ui.slots import LabelSlots, SlotBook, SlotState, SlotUpdate
 from odpo.db.errors import OdpoError
@@ -60,7 +61,8 @@ class LabelHandlers:
         self.slots, self.book = LabelSlots(svc), SlotBook()
 
     def state(self, request: Optional[gr.Request]) -> SlotState:
-        return self.book.get(getattr(request, "session_hash", None) or "anonymous")
+        """This page's slots; its key (the Gradio session) is also the client that holds its claims."""
+        return self.book.get(client_key(request))
 
     def labeler(self, name: Optional[str], request: Optional[gr.Request]) -> str:
         return self.identity.labeler(name, request)
@@ -251,7 +253,7 @@ def wire_page_load(demo: gr.Blocks, t: LabelTab, h: LabelHandlers) -> None:
         return (name, name, *slot_outputs(update), h.counters(st, refresh=True))
 
     def unload(request: gr.Request):
-        h.book.drop(getattr(request, "session_hash", None) or "anonymous")  # claims stay: a reload re-shows them
+        h.book.drop(client_key(request))  # claims stay: a reload takes them over (LabelSlots.open)
 
     demo.load(load, [t.saved_name], outputs, **FAST)
     demo.unload(unload)

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from odpo.app.services.labeling import Counters, LabelError, LabelService, PairView, check_vote
+from odpo.app.services.labeling import DEFAULT_CLIENT, Counters, LabelError, LabelService, PairView, check_vote
 
 MAX_SESSIONS = 5000
 
@@ -30,6 +30,7 @@ class SlotState:
     """One page's view: which slot shows, the assignment id in each slot, counters of the page."""
 
     labeler: Optional[str] = None
+    client: str = DEFAULT_CLIENT  # this page's key (its Gradio session): the holder of its claims
     active: int = 0
     ids: list = field(default_factory=lambda: [None, None])
     seq: int = 0
@@ -70,7 +71,7 @@ class SlotBook:
         with self._lock:
             state = self._states.get(key)
             if state is None:
-                state = self._states[key] = SlotState()
+                state = self._states[key] = SlotState(client=key)
                 while len(self._states) > self.max_sessions:
                     self._states.popitem(last=False)
             self._states.move_to_end(key)
@@ -88,12 +89,13 @@ class LabelSlots:
         self.svc = svc
 
     def open(self, st: SlotState, *, labeler: str) -> SlotUpdate:
-        """Page load or new name: start from this labeler's open claims, then new ones."""
+        """Page load or new name: start from this labeler's open claims (taken over from another
+        page of theirs: a reload gets its pairs back), then new ones."""
         with st.lock:
             if st.labeler is not None and st.labeler != labeler:
                 self._release(st)
             st.labeler, st.active, st.ids, st.session_labels = labeler, 0, [None, None], 0
-            update = self._fill(st, changed={})
+            update = self._fill(st, changed={}, take_over=True)
             return replace(update, changed={0: None, 1: None, **update.changed})  # the page draws both
 
     def refresh(self, st: SlotState, *, labeler: str) -> Optional[SlotUpdate]:
@@ -106,12 +108,13 @@ class LabelSlots:
                 return None
             changed: dict = {}
             arrived = st.typed_pending and self.svc.typed_ready(labeler=labeler)
-            alive = self.svc.open_claims(labeler=labeler, ids=self._ids(st))
+            alive = self.svc.open_claims(labeler=labeler, ids=self._ids(st), client=st.client)
             for slot in (0, 1):
-                if st.ids[slot] is not None and st.ids[slot] not in alive:  # expired meanwhile
+                if st.ids[slot] is not None and st.ids[slot] not in alive:  # expired or moved meanwhile
                     self._put(st, slot, None, changed)
             if arrived:
-                self._push_front(st, changed, self.svc.next_pair(labeler=labeler, exclude=self._ids(st)))
+                self._push_front(st, changed, self.svc.next_pair(labeler=labeler, exclude=self._ids(st),
+                                                                 client=st.client))
                 st.typed_pending = False
             return self._fill(st, changed=changed, typed_arrived=arrived)
         finally:
@@ -134,7 +137,7 @@ class LabelSlots:
             if voted is None:
                 raise LabelError("no pair on screen yet: wait for the next pair to appear")
             res = self.svc.vote(labeler=labeler, assignment_id=voted, side=side, reason=reason,
-                                prefetched=st.ids[st.hidden], prefetch=True)
+                                prefetched=st.ids[st.hidden], prefetch=True, client=st.client)
             changed: dict = {}
             self._put(st, st.active, None, changed)
             st.active = st.hidden
@@ -148,7 +151,7 @@ class LabelSlots:
         prefetch stays claimed and comes back later (never lost)."""
         with st.lock:
             self._check_owner(st, labeler)
-            view = self.svc.undo(labeler=labeler)
+            view = self.svc.undo(labeler=labeler, client=st.client)
             changed: dict = {}
             self._push_front(st, changed, view)
             st.session_labels = max(0, st.session_labels - 1)
@@ -160,7 +163,7 @@ class LabelSlots:
         with st.lock:
             if st.labeler != labeler:
                 st.labeler, st.ids = labeler, [None, None]
-            views = self.svc.views(labeler=labeler, ids=st.ids)
+            views = self.svc.views(labeler=labeler, ids=st.ids, client=st.client)
             st.ids = [i if i in views else None for i in st.ids]
             drawn = {slot: views.get(st.ids[slot]) for slot in (0, 1)}
             update = self._fill(st, changed={})
@@ -177,10 +180,13 @@ class LabelSlots:
         return st.counters
 
     # -- internals (caller holds st.lock) --------------------------------------------------
-    def _fill(self, st: SlotState, *, changed: dict, typed_arrived: bool = False) -> SlotUpdate:
+    def _fill(self, st: SlotState, *, changed: dict, typed_arrived: bool = False,
+              take_over: bool = False) -> SlotUpdate:
         for slot in (st.active, st.hidden):
             if st.ids[slot] is None:
-                self._put(st, slot, self.svc.next_pair(labeler=st.labeler, exclude=self._ids(st)), changed)
+                view = self.svc.next_pair(labeler=st.labeler, exclude=self._ids(st), client=st.client,
+                                          take_over=take_over)
+                self._put(st, slot, view, changed)
         return self._update(st, changed, typed_arrived=typed_arrived)
 
     def _push_front(self, st: SlotState, changed: dict, view: Optional[PairView]) -> None:
@@ -190,7 +196,7 @@ class LabelSlots:
         self._put(st, st.hidden, None, changed)  # the old prefetch stays claimed; it comes back later
         self._put(st, st.active, view, changed)
         if displaced is not None and displaced != view.assignment_id:
-            shown = self.svc.views(labeler=st.labeler, ids=[displaced]).get(displaced)
+            shown = self.svc.views(labeler=st.labeler, ids=[displaced], client=st.client).get(displaced)
             self._put(st, st.hidden, shown, changed)
 
     @staticmethod
@@ -220,5 +226,5 @@ class LabelSlots:
 
     def _release(self, st: SlotState) -> None:
         for aid in self._ids(st):
-            self.svc.release(labeler=st.labeler, assignment_id=aid)
+            self.svc.release(labeler=st.labeler, assignment_id=aid, client=st.client)
         st.ids = [None, None]

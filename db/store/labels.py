@@ -53,16 +53,12 @@ def record_label(session: Session, *, assignment_id: int, labeler: str, choice: 
                                .values(state="answered").execution_options(synchronize_session=False)).rowcount
     if answered != 1:
         raise _vote_refusal(session, assignment_id=assignment_id, labeler=labeler, client=client)
-    pair_id, shown_left, shown_at = session.execute(
-        select(Assignment.pair_id, Assignment.shown_left, Assignment.shown_at)
-        .where(Assignment.id == assignment_id)).one()
-    cached = session.get(Assignment, assignment_id)  # in the identity map already: no query
-    set_committed_value(cached, "state", "answered")
-    label = Label(pair_id=pair_id, choice=choice, shown_left=shown_left, labeler=labeler, source=source,
-                  judge_confidence=confidence, reason=(reason or None), shown_at=shown_at, answered_at=utcnow())
+    asg = session.get(Assignment, assignment_id, populate_existing=True)  # the row as answered, read once
+    label = Label(pair_id=asg.pair_id, choice=choice, shown_left=asg.shown_left, labeler=labeler, source=source,
+                  judge_confidence=confidence, reason=(reason or None), shown_at=asg.shown_at, answered_at=utcnow())
     session.add(label)
     session.flush()
-    _refresh_pair_status(session, pair_id)
+    _refresh_pair_status(session, asg.pair_id)
     return label
 
 
@@ -129,8 +125,7 @@ def undo_label(session: Session, *, label_id: int, labeler: str, timeout_s: floa
         .execution_options(synchronize_session=False)).rowcount
     if reopened != 1:
         raise StoreError("nothing to undo")  # the caller's transaction rolls the undone flag back
-    session.execute(update(Pair).where(Pair.id == label.pair_id).values(
-        status=case((Pair.claims >= Pair.labels_wanted, "shown"), else_="queued")))
+    session.execute(update(Pair).where(Pair.id == label.pair_id).values(status="shown"))
     asg = session.scalar(select(Assignment).where(Assignment.pair_id == label.pair_id, Assignment.labeler == labeler)
                          .execution_options(populate_existing=True))
     return claimed_view(session, asg)
