@@ -340,8 +340,8 @@ def test_a_missing_model_path_is_one_line(tmp_path):
 # -- the dashboard -------------------------------------------------------------------------------
 
 def test_the_dashboard_shows_ups_children_from_its_report(database):
-    from odpo.app.up import database_report
     from odpo.app.ui.dashboard import state_markdown
+    from odpo.app.up import database_report
     from tests.test_admin_service import admin_service
 
     report = database_report(database, run="default")
