@@ -1,6 +1,7 @@
-"""`odpo export adapter|merged|dataset`: take what odpo learned elsewhere.
+"""`odpo export adapter|merged|gguf|dataset`: take what odpo learned elsewhere.
 
-The functions behind these commands live in trainer/export.py (the admin tab calls them too).
+The functions behind these commands live in trainer/export.py (the admin tab calls them too) and,
+for llama.cpp / Ollama, trainer/export_gguf.py.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ _OUT = click.argument("out", type=click.Path(path_type=Path))
 
 @click.group()
 def export() -> None:
-    """Export an adapter, a merged model, or the preference dataset."""
+    """Export an adapter, a merged model, a GGUF for llama.cpp/Ollama, or the preference dataset."""
 
 
 @export.command("adapter")
@@ -63,6 +64,33 @@ def export_merged_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_
     finally:
         db.close()
     click.echo(f"merged model written to {path}")
+
+
+@export.command("gguf")
+@_VERSION
+@_RUN
+@_BASE
+@click.option("--merged", is_flag=True,
+              help="Merge the adapter into the full-precision base and write the whole model (default: the "
+                   "adapter alone, as a llama.cpp LoRA GGUF).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16"]), default=None,
+              help="Tensor type (1-D tensors stay f32).  [default: f16 with --merged, else f32]")
+@_OUT
+@click.pass_obj
+def export_gguf_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_model: Optional[str], merged: bool,
+                    outtype: Optional[str], out: Path) -> None:
+    """For llama.cpp and Ollama: OUT/odpo-vN-lora-f32.gguf (llama-cli -m BASE.gguf --lora it) or, with
+    --merged, OUT/odpo-vN-f16.gguf (llama-cli -m it), plus an Ollama Modelfile (ollama create NAME -f
+    OUT/Modelfile). Llama-family models. OUT must not exist or be empty."""
+    from odpo.trainer.export_gguf import export_gguf
+
+    db = cfg.open_db()
+    try:
+        path = export_gguf(db, out=out, version=version, run=run, merged=merged, outtype=outtype,
+                           base_model=base_model, cache_dir=cfg.model_cache_dir, base_dir=cfg.data_dir)
+    finally:
+        db.close()
+    click.echo(f"{'merged model' if merged else 'LoRA adapter'} GGUF written to {path} (Ollama Modelfile beside it)")
 
 
 @export.command("dataset")
