@@ -225,7 +225,7 @@ def test_serve_with_the_web_app_fills_the_queue_answers_http_and_stops_on_sigter
         proc.send_signal(signal.SIGTERM)
         stopping = time.monotonic()
         assert proc.wait(timeout=60) == 0
-        assert time.monotonic() - stopping < 15  # inside `up`'s default grace (--grace 15)
+        assert time.monotonic() - stopping < 15  # well inside `up`'s default grace (--grace 30)
     finally:
         if proc.poll() is None:
             proc.kill()
