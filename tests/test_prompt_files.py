@@ -213,6 +213,39 @@ def test_binary_content(tmp_path: Path, content: bytes, expected: str) -> None:
     assert expected in error_of(write(tmp_path, "p.csv", content))
 
 
+@pytest.mark.parametrize(("name", "content", "where"), [
+    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "bad\\u0000 one"}\n', "line 2"),  # JSON escape: a NUL after json.loads
+    ("p.jsonl", '{"prompt": "ok"}\n\n{"prompt": "fine", "tags": ["a\\u0000"]}\n', "line 3"),
+    ("p.jsonl", '{"prompt": "ok"}\n{"messages": [{"role": "user", "content": "x\\u0000"}]}\n', "line 2"),
+    ("p.json", '[{"prompt": "ok"}, {"prompt": "\\u0000"}]', "item 2"),
+    ("p.jsonl", '{"prompt": "ok"}\n{"prompt": "raw \x00 NUL"}\n', "line 2"),
+    ("p.txt", 'one\ntwo\nthree \x00\n', "line 3"),
+    ("p.csv", 'prompt\nfine\n"bad \x00"\n', "line 3"),
+])
+def test_nul_is_rejected_with_its_line(tmp_path: Path, name: str, content: str, where: str) -> None:
+    """PostgreSQL text cannot hold NUL: raw or JSON-escaped (\\u0000), a file with one is refused
+    as a whole, naming the file and the line (or JSON list item)."""
+    message = error_of(write(tmp_path, name, content))
+    assert f"{name}, {where}:" in message and "NUL" in message
+
+
+def test_a_file_with_nul_imports_nothing(tmp_path: Path, common_config) -> None:
+    """Several files, the last one bad: not one prompt of any of them is stored."""
+    from odpo.app.services.prompts import import_prompt_files
+    from odpo.db import store
+
+    good = write(tmp_path, "good.jsonl", '{"prompt": "first"}\n{"prompt": "second"}\n')
+    bad = write(tmp_path, "bad.jsonl", '{"prompt": "third"}\n{"prompt": "fourth\\u0000"}\n')
+    with pytest.raises(PromptFileError, match=r"bad\.jsonl, line 2: .*NUL"):
+        import_prompt_files(common_config, [good, bad], held_out_fraction=0.0, max_chars=8000)
+    db = common_config.open_db()
+    try:
+        with db.sessions() as s:
+            assert store.count_prompts(s) == (0, 0)
+    finally:
+        db.close()
+
+
 def test_bad_max_chars_is_a_caller_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         read_prompt_file(write(tmp_path, "p.txt", "x\n"), max_chars=0)

@@ -63,13 +63,15 @@ def labels_to_drop(db: Database, labels: Sequence[LabelLike], *, length_cut: str
 
 
 
-def drop_length_cut(db: Database, labels: Sequence[LabelLike], *, length_cut: str, version: int) -> int:
-    """Under "drop", mark the length-cut labels among `labels` skipped at `version` (as the trainer
-    marks too-stale ones: not fetched again, released by a rollback); returns how many."""
+def drop_length_cut(db: Database, labels: Sequence[LabelLike], *, length_cut: str, version: int,
+                    run: str = "default") -> int:
+    """Under "drop", record the length-cut labels among `labels` as skipped by `run` at `version`
+    (as the trainer records too-stale ones: not fetched again, released by a rollback); returns
+    how many."""
     cut = labels_to_drop(db, labels, length_cut=length_cut)
     if not cut:
         return 0
-    with db.sessions.begin() as s:
-        n = store.skip_stale_labels(s, label_ids=cut, version=version)
+    with db.writes.begin() as s:
+        n = store.skip_stale_labels(s, label_ids=cut, version=version, run=run)
     log.info("left out %d label(s) of pairs with an answer cut at max_new_tokens (--length-cut drop)", n)
     return n

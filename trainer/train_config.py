@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from odpo.db.errors import OdpoError
-from odpo.trainer.dpo import LOSS_TYPES, SIMPO_DEFAULT_GAMMA, default_beta
 from odpo.trainer.batching import MAX_PROMPT_TOKENS
+from odpo.trainer.dpo import LOSS_TYPES, SIMPO_DEFAULT_GAMMA, default_beta
 from odpo.trainer.lora import LoraSettings
 from odpo.trainer.models import DEFAULT_SPEC, ModelConfig
 from odpo.trainer.on_policy import LENGTH_CUT_MODES
@@ -32,8 +32,13 @@ from odpo.trainer.on_policy import LENGTH_CUT_MODES
 DEFAULT_LR = 1e-4
 SOURCES = ("human", "judge", "all")
 # Pairs with a completion cut at max_new_tokens: "keep" trains them as cut (no EOS: the model did
-# not stop there), "drop" leaves them out. Keep, because dropping throws most labels away at
-# default lengths: MEASUREMENT_PLACEHOLDER
+# not stop there), "drop" leaves them out. Keep, measured on SmolLM2-135M, 2 loaded CPU cores:
+# - starter prompts, 48 prompts x 2 samples, temperature 0.9, top_p 0.95: 56% of samples are cut at
+#   max_new_tokens 96 (serve's default), 69% at 64; a pair holds a cut answer in 69% / 79% of cases,
+#   so "drop" throws most labels away, and with them the finished-vs-unfinished contrast people judge.
+# - the learn bench's online arm (quick: 96 labels, 64 tokens, rule:finished_and_short, seed 0), win
+#   rate vs the base on 32 held-out prompts: keep 1.00 [0.89, 1.00] after 11 steps; drop 0.73
+#   [0.56, 0.86] after 2 steps (80 of 96 labels left out).
 DEFAULT_LENGTH_CUT = "keep"
 
 

@@ -158,8 +158,8 @@ def _decode_text(data: bytes, name: str) -> str:
         raise PromptFileError(name, "looks like a Parquet file; give it a .parquet extension")
     if b"\x00" in data:
         offset = data.index(b"\x00")
-        raise PromptFileError(name, f"contains a NUL byte (0x00) at byte offset {offset}, which databases "
-                                    "cannot store in text; expected a text file",
+        raise PromptFileError(name, f"contains binary content: a NUL byte (0x00) at byte offset {offset}, "
+                                    "which databases cannot store in text; expected a text file",
                               where=("line", data.count(b"\n", 0, offset) + 1))
     try:
         text = data.decode("utf-8-sig")
