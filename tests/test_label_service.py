@@ -126,6 +126,12 @@ def test_typed_prompt_is_sampled_and_shown_first(database):
     assert after.pair_id == on_screen.pair_id  # then back to the pair that was on screen
     with pytest.raises(LabelError, match="type a prompt"):
         svc.ask(labeler="ann", text="   ")
+    with database.sessions() as s:
+        prompts_before = s.query(Prompt).count()
+    with pytest.raises(LabelError, match="NUL"):
+        svc.ask(labeler="ann", text="a prompt with a \x00 inside")
+    with database.sessions() as s:
+        assert s.query(Prompt).count() == prompts_before  # nothing stored
     with pytest.raises(LabelError, match="no sampler"):
         service(database).ask(labeler="ann", text="hello")
 

@@ -243,6 +243,8 @@ class LabelService:
         text = (text or "").strip()
         if not text:
             raise LabelError("type a prompt first")
+        if "\x00" in text:  # PostgreSQL text cannot hold it; imports refuse it the same way
+            raise LabelError("a prompt cannot contain a NUL character")
         if len(text) > MAX_PROMPT_CHARS:
             raise LabelError(f"a prompt can have at most {MAX_PROMPT_CHARS} characters")
         if self.sampler is None:
