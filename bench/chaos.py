@@ -17,6 +17,7 @@ from typing import Any, Optional
 from odpo.bench.chaos_checks import check_all
 from odpo.bench.chaos_labelers import ChaosLabelers
 from odpo.bench.common import BenchContext, BenchResult, Target
+from odpo.bench.labeler_sim import ApiClient
 from odpo.bench.workspace import Child, free_port, wait_http
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,10 @@ ROLES = ("serve", "train", "judge")
 TARGETS = (Target("chaos: kills survived", "kills_survived", ">=", 20.0),
            Target("chaos: invariant violations", "violations", "<=", 0.0))
 # minutes, seconds between kills (uniform range), labelers, max_new_tokens
-SIZES = {"quick": (6.0, (7.0, 13.0), 2, 24), "full": (30.0, (10.0, 40.0), 4, 48)}
+# Gaps long enough for a killed serve to load the model and sample again on 2 CPU cores, so labels
+# are made and trained between kills (a soak that only ever kills starting processes proves nothing).
+SIZES = {"quick": (9.0, (15.0, 25.0), 2, 24), "full": (30.0, (15.0, 45.0), 4, 48)}
+WEIGHTS = {"serve": 3, "train": 3, "judge": 3, "up": 1}
 START_TIMEOUT_S = 600.0
 RECOVER_S = 180.0
 DEFAULT_RULE = "rule:say_the_early"
@@ -127,6 +131,7 @@ def run(ctx: BenchContext, *, minutes: Optional[float] = None, labelers: Optiona
         soak.start()
         url = f"http://127.0.0.1:{port}/"
         startup = wait_http(url, timeout_s=START_TIMEOUT_S, child=soak.up)
+        startup += _wait_for_pairs(url, soak)  # kills start once pairs flow
         crowd = ChaosLabelers(url, n=n_labelers, seed=seed)
         crowd.start()
         try:
@@ -164,7 +169,9 @@ def _kill_loop(soak: Soak, rng: random.Random, *, deadline: float, gap: tuple[fl
         time.sleep(rng.uniform(*gap))
         _note_recoveries(soak, kills)
         live = soak.children()
-        target = rng.choice([*live.keys(), "up"]) if live else "up"
+        if len(live) < len(ROLES):
+            continue  # still (re)starting: let it come up before the next kill
+        target = rng.choices([*WEIGHTS], weights=list(WEIGHTS.values()))[0]
         if target == "up":
             kills.append(Kill("up", soak.kill_up(), time.monotonic()))
         else:
@@ -179,11 +186,46 @@ def _kill_loop(soak: Soak, rng: random.Random, *, deadline: float, gap: tuple[fl
 
 
 def _note_recoveries(soak: Soak, kills: list[Kill]) -> None:
+    """A kill is survived once its role runs again under a new pid (all three after an `up` kill)
+    and, where serve was hit, the web app answers again."""
     live = soak.children()
+    serving = None
     for k in kills:
-        if k.recovered_at is None and (live.get(k.target, k.pid) != k.pid if k.target != "up" else
-                                       soak.up is not None and soak.up.alive() and len(live) == len(ROLES)):
+        if k.recovered_at is not None:
+            continue
+        back = live.get(k.target, k.pid) != k.pid if k.target != "up" else \
+            soak.up is not None and soak.up.alive() and len(live) == len(ROLES)
+        if back and k.target in ("serve", "up"):
+            serving = _answers(soak.port) if serving is None else serving
+            back = serving
+        if back:
             k.recovered_at = time.monotonic()
+
+
+def _wait_for_pairs(url: str, soak: Soak) -> float:
+    """Seconds until the first pair is queued or labeled (the judge may label each one at once)."""
+    client, started = ApiClient(url), time.monotonic()
+    try:
+        while time.monotonic() - started < START_TIMEOUT_S:
+            if soak.up is None or not soak.up.alive():
+                raise RuntimeError(f"odpo up exited before the first pair:\n{soak.up.tail() if soak.up else ''}")
+            counters = client.predict(api_name="/counters")
+            if counters["queue"] or counters["unconsumed"]:
+                return time.monotonic() - started
+            time.sleep(1.0)
+    finally:
+        client.close()
+    raise RuntimeError(f"no pair in {START_TIMEOUT_S:.0f}s")
+
+
+def _answers(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def _restart_trainer(ctx: BenchContext, cfg: Any, rule: str) -> Optional[int]:
@@ -230,8 +272,9 @@ def _fill(result: BenchResult, *, kills: list[Kill], soak: Soak, crowd: ChaosLab
                f"{by_target['judge']} / {by_target['up']}), survived {len(survived)}")
     result.row("children left running by a SIGKILLed up", len(soak.orphans))
     totals = crowd.totals()
-    result.row("labeler votes / double submits refused / undos", f"{totals['votes']} / "
-               f"{totals['double_refused']} of {totals['double_submits']} / {totals['undos']}")
+    result.row("labeler votes / undos", f"{totals['votes']} / {totals['undos']}")
+    result.row("double submits / second vote refused / both counted", f"{totals['double_submits']} / "
+               f"{totals['double_refused']} / {totals['double_both_accepted']}")
     result.row("labels / trained / versions (rolled back)", f"{facts['labels']} / {facts['labels_trained']} / "
                f"{facts['versions']} ({facts['versions_rolled_back']})")
     for name, found in invariants.items():
