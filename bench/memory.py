@@ -78,6 +78,7 @@ class TreeSampler:
     def __init__(self, root: int) -> None:
         self.root = root
         self.peak_kib: dict[str, int] = {}
+        self.last_kib: dict[str, int] = {}  # VmRSS when last seen: the steady state, not a load transient
         self.peak_total_kib = 0
         self.gpu_peak_mib: dict[str, int] = {}
         self.samples = 0
@@ -87,11 +88,15 @@ class TreeSampler:
         total = 0
         gpu = gpu_memory_by_pid()
         for pid in descendants(self.root):
-            role = self._role(pid)
             st = read_status_kib(pid)
+            if not st:  # gone between listing and reading: nothing to file under any role
+                continue
+            role = self._role(pid)
             total += st.get("VmRSS", 0)
             peak = max(st.get("VmHWM", 0), st.get("VmRSS", 0))
             self.peak_kib[role] = max(self.peak_kib.get(role, 0), peak)
+            if st.get("VmRSS"):
+                self.last_kib[role] = st["VmRSS"]
             if pid in gpu:
                 self.gpu_peak_mib[role] = max(self.gpu_peak_mib.get(role, 0), gpu[pid])
         self.peak_total_kib = max(self.peak_total_kib, total)
@@ -178,6 +183,7 @@ def fill(result: BenchResult, tree: TreeSampler, *, seconds: float, finished: bo
     children_mib = children_max / (2**20 if sys.platform == "darwin" else 1024)
     metrics = {"peak_rss_mib": mib, "peak_total_rss_mib": round(tree.peak_total_kib / 1024, 1),
                "serve_peak_rss_mib": mib.get("serve"), "train_peak_rss_mib": mib.get("train"),
+               "serve_last_rss_mib": round(tree.last_kib["serve"] / 1024, 1) if "serve" in tree.last_kib else None,
                "getrusage_children_max_rss_mib": round(children_mib, 1), "gpu_peak_mib": tree.gpu_peak_mib,
                "samples": tree.samples, "seconds": seconds, "finished": finished, "exit_code": code}
     if mode == "4bit":
@@ -186,8 +192,10 @@ def fill(result: BenchResult, tree: TreeSampler, *, seconds: float, finished: bo
         result.metrics.update(metrics)
     label = f" ({MODE_NAMES[mode]})" if mode else ""
     for role, value in mib.items():
-        result.row(f"peak RSS {role}{label}", value, "MiB")
+        if value or role != "other":  # "other": a pid caught before it exec'd, nothing of its own
+            result.row(f"peak RSS {role}{label}", value, "MiB")
     result.row(f"peak RSS of the whole tree at one instant{label}", metrics["peak_total_rss_mib"], "MiB")
+    result.row(f"RSS serve when last seen, after sampling{label}", metrics["serve_last_rss_mib"], "MiB")
     for role, value in sorted(tree.gpu_peak_mib.items()):
         result.row(f"peak GPU memory {role}{label}", value, "MiB")
     if not finished or code not in (0, None):

@@ -83,6 +83,39 @@ def test_every_linear_but_lm_head_loads_as_nf4_on_cpu(tiny_model_dir, tmp_path):
     assert out.shape[1] > 2
 
 
+def test_a_4bit_load_lets_go_of_the_full_precision_checkpoint(tiny_model_dir, tmp_path):
+    """Quantizing reads the whole fp32 file through a memory map; an unquantized weight left as a
+    view into it would keep all those pages resident (1.1 GiB RSS instead of 0.6 on the default model)."""
+    import gc
+    import shutil
+    from pathlib import Path
+
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("no /proc/self/maps to read mappings from")
+    own = shutil.copytree(tiny_model_dir, tmp_path / "own-copy")  # a path no other test maps
+    full, _ = load_model_and_tokenizer(tiny_model_config(own, tmp_path))
+    gc.collect()
+    assert str(own / "model.safetensors") in maps.read_text()  # fp32: the mapping is the storage
+    del full
+    model, tokenizer = load_model_and_tokenizer(four_bit(own, tmp_path))
+    gc.collect()
+    assert str(own / "model.safetensors") not in maps.read_text()
+    assert logits(model, tokenizer).isfinite().all()
+
+
+def test_copying_weights_out_of_the_checkpoint_keeps_tied_ones_tied():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    before = model.lm_head.weight.data_ptr()
+    models.own_unquantized_weights(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr() != before
+
+
 @pytest.mark.parametrize("native, dtype, expected", [(True, "auto", torch.bfloat16), (False, "auto", torch.float32),
                                                      (True, "fp32", torch.float32), (False, "bf16", torch.bfloat16)])
 def test_compute_dtype_follows_the_device(monkeypatch, native, dtype, expected):
@@ -318,11 +351,13 @@ def test_memory_bench_labels_each_mode_and_keeps_both(tmp_path):
     for mode, train_kib in (("full", 4096 * 1024), ("4bit", 3072 * 1024)):
         tree = memory.TreeSampler(0)
         tree.peak_kib, tree.peak_total_kib, tree.samples = {"serve": 1024 * 1024, "train": train_kib}, train_kib, 3
+        tree.last_kib = {"serve": 512 * 1024}
         memory.fill(result, tree, seconds=1.0, finished=True, code=0, tail="", mode=mode)
     assert result.metrics["train_peak_rss_mib"] == 4096.0
     assert result.metrics["load_in_4bit"]["train_peak_rss_mib"] == 3072.0
     assert ["peak RSS train (full precision)", "4,096 MiB"] in result.rows
     assert ["peak RSS train (4-bit NF4)", "3,072 MiB"] in result.rows
+    assert ["RSS serve when last seen, after sampling (4-bit NF4)", "512 MiB"] in result.rows
     result.machine = {"cpu_model": "x", "cores": 2, "device": "cpu", "versions": {}}
     assert validate_result(result.to_dict()) == [] and result.status == "ok"
 
@@ -381,3 +416,9 @@ def test_memory_bench_files_a_child_under_its_role_once_it_has_exec_d(monkeypatc
     assert (tree._role(1), tree._role(2)) == ("up", "train")
     argv[2] = ["odpo", "up"]  # a pid's role, once real, is kept
     assert tree._role(2) == "train"
+    status = {1: {"VmRSS": 100, "VmHWM": 120}, 2: {}}  # pid 2 exited between listing and reading
+    monkeypatch.setattr(memory, "descendants", lambda root: [1, 2])
+    monkeypatch.setattr(memory, "read_status_kib", lambda pid: status[pid])
+    monkeypatch.setattr(memory, "gpu_memory_by_pid", dict)
+    tree.sample()
+    assert tree.peak_kib == {"up": 120} and tree.last_kib == {"up": 100}

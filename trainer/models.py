@@ -253,6 +253,8 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     model = AutoModelForCausalLM.from_pretrained(location, **_model_kwargs(cfg, device, dtype))
     if not cfg.load_in_4bit:
         model.to(device)
+    elif device.type == "cpu":
+        own_unquantized_weights(model)
     _prepare_for_generation(model, tokenizer)
     model.eval()
     log.info(
@@ -278,6 +280,27 @@ def _model_kwargs(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) ->
 
 
 # --- 4-bit (QLoRA) -----------------------------------------------------------------------------
+
+
+def own_unquantized_weights(model: PreTrainedModel) -> None:
+    """Copy the weights bitsandbytes left unquantized (embeddings, norms, lm_head) out of the
+    checkpoint file they are memory-mapped from, on CPU.
+
+    As long as one of them is a view into the mmap, the mapping stays, and with it every page of
+    the full-precision file that quantizing read: the default model measured 1.1 GiB RSS after a
+    4-bit load, more than its fp32 load (0.4 GiB; 0.9 GiB after a forward), and 0.6 GiB with these
+    ~115 MB copied out. (At full precision the mmap is the storage itself, shared by every process
+    that loads the checkpoint, so that path keeps it.)
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+            for tensor in tensors:
+                if id(tensor) in seen or type(tensor).__name__ == "Params4bit" or tensor.device.type != "cpu":
+                    continue
+                seen.add(id(tensor))  # tied weights are one Parameter object: copied once, still tied
+                tensor.data = tensor.data.clone()
 
 
 def four_bit_compute_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
