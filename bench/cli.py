@@ -51,6 +51,21 @@ def _shared(fn: Callable) -> Callable:
     return fn
 
 
+def _csv(_ctx: Any, _param: Any, value: Any) -> tuple[str, ...]:
+    """A comma-separated option as a tuple of its non-empty parts."""
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _ints(values: tuple[str, ...], name: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in values)
+    except ValueError:
+        raise click.BadParameter(f"{','.join(values)} is not a list of label counts", param_hint=name) from None
+    if any(v < 1 for v in out):
+        raise click.BadParameter("label counts are positive", param_hint=name)
+    return out
+
+
 def bench_context(common: CommonConfig, opts: dict[str, Any]) -> Any:
     """Pop the shared options into a BenchContext; what is left are the bench's own options."""
     from odpo.bench.common import BenchContext
@@ -158,21 +173,37 @@ def labelers(common: CommonConfig, **opts: Any) -> None:
 
 @bench.command()
 @_shared
-@click.option("--rule", default=LEARN_RULE, show_default=True,
-              help="The labeler: a rule: or py: judge.")
-@click.option("--budget", type=click.IntRange(1), default=None, help="Labels per arm.")
+@click.option("--rules", callback=_csv, default=None,
+              help=f"Comma-separated labelers (rule: or py: judges). [default: {LEARN_RULE} with --quick, "
+                   "and rule:say_the_early beside it]")
+@click.option("--losses", callback=_csv, default=None, help="Comma-separated: sigmoid,simpo (any of odpo's losses).")
+@click.option("--modes", callback=_csv, default=None, help="Comma-separated: online,iterative,offline.")
+@click.option("--seeds", type=click.IntRange(1), default=None, help="Seeds per cell, from --seed on. [3; 1 with --quick]")
+@click.option("--budget", type=click.IntRange(1), default=None, help="Labels per arm. [200; 48 with --quick]")
+@click.option("--curve", callback=_csv, default=None, help="Label counts to evaluate at, e.g. 50,100,150 (the budget always).")
+@click.option("--round-labels", type=click.IntRange(1), default=None,
+              help="Labels per round of the iterative mode. [the first curve point]")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=None)
-@click.option("--eval-n", type=click.IntRange(1), default=None, help="Held-out comparisons per arm.")
+@click.option("--eval-n", type=click.IntRange(1), default=None, help="Held-out comparisons per evaluation.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
-              help="Learning rate of both arms. [default: 1e-3 with --quick, else 5e-4]")
-@click.option("--beta", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True)
+              help="Learning rate of every arm. [default: 1e-3 with --quick, else 5e-4]")
+@click.option("--beta", type=click.FloatRange(0, min_open=True), default=None,
+              help="Beta of every arm. [each loss's default: 0.1, 2.0 for simpo]")
 @click.option("--load-in-4bit", is_flag=True,
-              help="Both arms on a 4-bit NF4 base (QLoRA). Writes learn[-quick].json like a full-precision "
+              help="Every arm on a 4-bit NF4 base (QLoRA). Writes learn[-quick].json like a full-precision "
                    "run: give it its own --out to keep both.")
 @click.pass_obj
 def learn(common: CommonConfig, **opts: Any) -> None:
-    """Win rate vs base after a label budget spent online vs offline."""
+    """The learn table: win rate vs base per mode x loss x rule, pooled over seeds, with curves."""
+    from odpo.bench.learn import LOSSES, MODES
+
+    if opts["curve"]:
+        opts["curve"] = _ints(opts["curve"], "--curve")
+    for key, allowed in (("modes", MODES), ("losses", LOSSES + ("ipo", "hinge", "robust", "apo_zero"))):
+        bad = [v for v in opts[key] or () if v not in allowed]
+        if bad:
+            raise click.BadParameter(f"{', '.join(bad)} (choose from {', '.join(allowed)})", param_hint=f"--{key}")
     _finish(execute("learn", bench_context(common, opts), opts))
 
 

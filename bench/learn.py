@@ -1,108 +1,171 @@
-"""`odpo bench learn`: does a fixed label budget move the policy, online vs offline?
+"""`odpo bench learn`: what a fixed label budget buys, per training mode and loss: the learn table.
 
-A rule judge plays the labeler (a rule: or py: spec; rule:finished_and_short by default). Both
-arms use odpo's real parts in one process, driven step by step so the run is reproducible: the
-Sampler (its own model copy and reload watcher), the judge worker's `judge_batch`, and the
-DPOTrainer (its own copy, committing a version per step).
+A rule judge plays the labeler (rule: or py: specs). Every arm uses odpo's real parts in one
+process, driven step by step so a run is reproducible: the Sampler (its own model copy and reload
+watcher), the judge worker's `judge_batch`, and the DPOTrainer (its own copy). The grid is
+rules x losses x modes x seeds, each arm in its own scratch database, with the same budget:
 
-- online:  sample a batch from the serving policy, label it, train every full batch of trainable
-           labels, hot-swap the new version into the sampler, repeat until the budget is spent.
-- offline: sample the whole budget from the base once, label it, then train the same way.
+- online:    sample a batch from the serving policy, label it, train every full batch of trainable
+             labels, commit a version per step, hot-swap it into the sampler, repeat.
+- iterative: the sampler serves one frozen version while a round of `round_labels` is sampled and
+             labeled; the trainer then trains on exactly that round and commits ONE version, which
+             the sampler swaps in for the next round (RLHFlow-style rounds; `odpo train --mode
+             iterative` in the product).
+- offline:   sample the whole budget from the base once, then label and train on it in order.
 
-Ties and both-bad labels count against the budget but are not trained on (odpo's default), so
-each arm reports its steps. Both final policies are evaluated against the base with
-trainer.evaluate.run_eval on the held-out starter prompts (same prompts and seed for both arms),
-judged by the same rule: win rate with ties as half, Wilson 95% interval.
+Losses: sigmoid (DPO, beta 0.1) and simpo (reference-free, beta 2.0, gamma 1.0), each with its own
+default beta unless --beta is given. The learning curve: after 50, 100, ... labels spent (the
+`curve` points), the policy of that moment is evaluated against the base on the held-out starter
+prompts with trainer.evaluate.run_eval, judged by the same rule (ties as half, Wilson 95 %). The
+table pools wins/losses/ties over seeds (learn_table.py). Ties and both-bad labels count against
+the budget but are not trained on (odpo's default).
 
-Which rule shows what on-policy labels add? Two built-in rules (trainer/judges/rule.py) were
-measured on SmolLM2-135M (2 CPU cores):
-- say_the_early ("the response that says 'the' earlier wins") is visible in the first tokens and
-  decides most pairs, but 42% of the base model's samples already satisfy it early: pairs from the
-  base carry the same signal, and at 200 labels online and offline tie (0.86 vs 0.87 vs base).
-- finished_and_short (the default: an answer that ends its sentence beats one cut off, then the
-  shorter wins) rewards what the base rarely does within the limit (~1 in 5 of its 48-token
-  samples end). The online policy's own pairs contrast finished answers ever more often as it
-  learns, offline pairs from the base seldom do: online 1.00 vs offline 0.86 with 96 labels,
-  0.98 vs 0.90 with 200 (64 tokens).
-A pure length rule is invisible once both samples hit max_new_tokens, hence the finished-first
-tier. A plain first-word rule (rule:regex:^The\b) left ~80% of pairs tied: a budget spent on ties.
+Which rules show what on-policy labels add (measured on SmolLM2-135M, 2 CPU cores, one seed):
+- finished_and_short (default: an answer that ends its sentence beats one cut off, then the
+  shorter wins) rewards what the base rarely does within the limit (~1 in 5 of its samples end):
+  online 1.00 vs offline 0.86 with 96 labels, 0.98 vs 0.90 with 200.
+- say_the_early ("the response that says 'the' earlier wins") is visible in the first tokens, but
+  42 % of the base model's samples already satisfy it: online and offline tied at 200 labels.
 
-With `load_in_4bit` both arms sample and train on a 4-bit NF4 base (`--load-in-4bit`, QLoRA) and
-the win rates are those of the 4-bit policies: whether the loop still learns when quantized.
+With `load_in_4bit` every arm samples and trains on a 4-bit NF4 base (QLoRA).
 """
 from __future__ import annotations
 
 import gc
 import logging
 import time
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
-from odpo.bench.common import BenchContext, BenchResult, Target
+from odpo.bench.common import BenchContext, BenchResult
+from odpo.bench.learn_table import TARGETS, fill, write_curve_plot
 from odpo.bench.workspace import import_starter_prompts
 
 log = logging.getLogger(__name__)
 
-TARGETS = (Target("learn: online win rate vs base", "online_win_rate", ">=", 0.80),
-           Target("learn: online minus offline win rate", "online_minus_offline", ">=", 0.10))
-# label budget, max_new_tokens, eval prompts, learning rate (both arms use the same)
-SIZES = {"full": (200, 96, 64, 5e-4), "quick": (96, 64, 32, 1e-3)}
 DEFAULT_RULE = "rule:finished_and_short"
-ARMS = ("online", "offline")
+SECOND_RULE = "rule:say_the_early"
+MODES = ("online", "iterative", "offline")
+LOSSES = ("sigmoid", "simpo")
 
 
-def run(ctx: BenchContext, *, rule: str = DEFAULT_RULE, budget: Optional[int] = None, batch_size: int = 8,
+@dataclass(frozen=True)
+class Grid:
+    """One size of the table: what runs and how big each arm is."""
+
+    rules: tuple[str, ...]
+    losses: tuple[str, ...]
+    modes: tuple[str, ...]
+    seeds: int
+    budget: int
+    curve: tuple[int, ...]
+    max_new_tokens: int
+    eval_n: int
+    lr: float
+
+
+SIZES = {"full": Grid(rules=(DEFAULT_RULE, SECOND_RULE), losses=LOSSES, modes=MODES, seeds=3, budget=200,
+                      curve=(50, 100, 150, 200), max_new_tokens=64, eval_n=48, lr=5e-4),
+         "quick": Grid(rules=(DEFAULT_RULE,), losses=("sigmoid",), modes=MODES, seeds=1, budget=48,
+                       curve=(24, 48), max_new_tokens=48, eval_n=24, lr=1e-3)}
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """Everything one arm needs besides the model: same for every arm of a run but rule/loss/mode/seed."""
+
+    rule: str
+    loss: str
+    mode: str
+    seed: int
+    budget: int
+    batch: int
+    tokens: int
+    eval_n: int
+    lr: float
+    beta: Optional[float]
+    curve: tuple[int, ...]
+    round_labels: int
+    load_in_4bit: bool = False
+
+
+def resolve_grid(quick: bool, **overrides: Any) -> Grid:
+    """The size's grid with the options the user gave (None/empty = the size's own)."""
+    base = SIZES["quick" if quick else "full"]
+    given = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in overrides.items() if v}
+    grid = Grid(**{**base.__dict__, **given})
+    curve = tuple(sorted({p for p in grid.curve if p < grid.budget} | {grid.budget}))
+    return Grid(**{**grid.__dict__, "curve": curve})
+
+
+def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] = (), modes: Sequence[str] = (),
+        seeds: Optional[int] = None, budget: Optional[int] = None, curve: Sequence[int] = (), batch_size: int = 8,
         max_new_tokens: Optional[int] = None, eval_n: Optional[int] = None, lr: Optional[float] = None,
-        beta: float = 0.1, load_in_4bit: bool = False) -> BenchResult:
+        beta: Optional[float] = None, round_labels: Optional[int] = None, load_in_4bit: bool = False) -> BenchResult:
     from odpo.trainer.judges import load_judge
 
-    size_b, size_t, size_n, size_lr = SIZES["quick" if ctx.quick else "full"]
-    budget, tokens, eval_n, lr = budget or size_b, max_new_tokens or size_t, eval_n or size_n, lr or size_lr
-    params = {"model": ctx.model, "rule": rule, "label_budget": budget, "batch_size": batch_size,
-              "max_new_tokens": tokens, "eval_n": eval_n, "lr": lr, "beta": beta, "temperature": 0.9,
-              "eval_temperature": 0.7, "seed": ctx.seed, "load_in_4bit": load_in_4bit}
+    grid = resolve_grid(ctx.quick, rules=rules, losses=losses, modes=modes, seeds=seeds, budget=budget, curve=curve,
+                        max_new_tokens=max_new_tokens, eval_n=eval_n, lr=lr)
+    rounds = round_labels or grid.curve[0]
+    params = {**grid.__dict__, "model": ctx.model, "batch_size": batch_size, "beta": beta or "the loss's default",
+              "round_labels": rounds, "temperature": 0.9, "eval_temperature": 0.7, "first_seed": ctx.seed,
+              "load_in_4bit": load_in_4bit}
     result = BenchResult(bench="learn", quick=ctx.quick, params=params)
-    judge = load_judge(rule)
-    arms = {}
-    for mode in ARMS:
-        arms[mode] = run_arm(ctx, mode, judge=judge, budget=budget, batch=batch_size, tokens=tokens,
-                             eval_n=eval_n, lr=lr, beta=beta, load_in_4bit=load_in_4bit)
-        gc.collect()
+    arms = []
+    for rule in grid.rules:
+        judge = load_judge(rule)
+        for loss in grid.losses:
+            for mode in grid.modes:
+                for seed in range(ctx.seed, ctx.seed + grid.seeds):
+                    spec = ArmSpec(rule=rule, loss=loss, mode=mode, seed=seed, budget=grid.budget, batch=batch_size,
+                                   tokens=grid.max_new_tokens, eval_n=grid.eval_n, lr=grid.lr, beta=beta,
+                                   curve=grid.curve, round_labels=rounds, load_in_4bit=load_in_4bit)
+                    log.info("learn arm: %s %s %s seed %d", rule, loss, mode, seed)
+                    arms.append({"rule": rule, "loss": loss, "mode": mode, "seed": seed,
+                                 **run_arm(ctx, spec, judge=judge)})
+                    gc.collect()
     fill(result, arms)
+    result.params["curve_plot"] = write_curve_plot(result, ctx.out_dir)
     if load_in_4bit:
-        result.notes.append("both arms sampled, trained and were evaluated on a 4-bit NF4 base (--load-in-4bit)")
+        result.notes.append("every arm sampled, trained and was evaluated on a 4-bit NF4 base (--load-in-4bit)")
     result.check(TARGETS)
     return result
 
 
-def run_arm(ctx: BenchContext, mode: str, *, judge: Any, budget: int, batch: int, tokens: int, eval_n: int,
-            lr: float, beta: float, load_in_4bit: bool = False) -> dict[str, Any]:
-    """One arm in its own scratch database: loop, then evaluate its final version vs the base."""
+def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any) -> dict[str, Any]:
+    """One arm in its own scratch database: its loop with the curve's evaluations on the way."""
     from odpo.app.config import ServeConfig
     from odpo.app.serve import build_sampler, load_policy
     from odpo.trainer.train_config import TrainConfig
     from odpo.trainer.train_loop import DPOTrainer
 
-    with ctx.scratch(f"learn-{mode}") as cfg:
+    queue = {"online": spec.batch, "iterative": spec.round_labels, "offline": spec.budget}[spec.mode]
+    with ctx.scratch(f"learn-{spec.mode}") as cfg:
         import_starter_prompts(cfg)
         db = cfg.open_db()
-        serve_cfg = ServeConfig(model=ctx.model, device=ctx.device, dtype=ctx.dtype, seed=ctx.seed,
-                                queue_size=batch if mode == "online" else budget, prompts_per_batch=batch,
-                                max_new_tokens=tokens, temperature=0.9, load_in_4bit=load_in_4bit)
+        serve_cfg = ServeConfig(model=ctx.model, device=ctx.device, dtype=ctx.dtype, seed=spec.seed,
+                                queue_size=queue, prompts_per_batch=spec.batch, max_new_tokens=spec.tokens,
+                                temperature=0.9, load_in_4bit=spec.load_in_4bit)
         model, tokenizer = load_policy(cfg, serve_cfg, db)
         sampler = build_sampler(cfg, serve_cfg, db, model=model, tokenizer=tokenizer)
         sampler.watcher.load_initial()
-        trainer = DPOTrainer(TrainConfig(model=ctx.model, batch_size=batch, lr=lr, beta=beta, seed=ctx.seed,
-                                         max_completion_tokens=tokens, device=ctx.device, dtype=ctx.dtype,
-                                         load_in_4bit=load_in_4bit),
+        save_every = 10**6 if spec.mode == "iterative" else 1  # a round commits once, by hand
+        trainer = DPOTrainer(TrainConfig(model=ctx.model, batch_size=spec.batch, lr=spec.lr, beta=spec.beta,
+                                         loss_type=spec.loss, seed=spec.seed, max_completion_tokens=spec.tokens,
+                                         device=ctx.device, dtype=ctx.dtype, load_in_4bit=spec.load_in_4bit,
+                                         save_every=save_every),
                              db=db, adapters_dir=cfg.adapters_dir(), model_cache_dir=cfg.model_cache_dir)
         trainer.start()
         try:
-            loop = online_loop if mode == "online" else offline_loop
+            c = _Counter(judge, lambda: evaluate(db, trainer, judge=judge, n=spec.eval_n, tokens=spec.tokens,
+                                                 seed=spec.seed, base_dir=cfg.data_dir))
             started = time.perf_counter()
-            arm = loop(db=db, sampler=sampler, trainer=trainer, judge=judge, budget=budget, batch=batch)
-            arm["wall_seconds"] = time.perf_counter() - started
-            arm.update(evaluate(db, trainer, judge=judge, n=eval_n, tokens=tokens, seed=ctx.seed,
-                                base_dir=cfg.data_dir))
+            arm = LOOPS[spec.mode](db=db, sampler=sampler, trainer=trainer, c=c, spec=spec)
+            arm["wall_seconds"] = time.perf_counter() - started - c.seconds["eval"]
+            final = c.curve[-1] if c.curve else {"win_rate": None, "eval": None}
+            arm.update({"win_rate": final["win_rate"], "eval": final.get("eval"), "curve": c.curve})
+            if final.get("eval_note"):
+                arm["eval_note"] = final["eval_note"]
         finally:
             trainer.close()
             db.close()
@@ -110,15 +173,17 @@ def run_arm(ctx: BenchContext, mode: str, *, judge: Any, budget: int, batch: int
 
 
 class _Counter:
-    """Labels the judge worker stored, by choice, plus where the time went."""
+    """Labels the judge worker stored, by choice; where the time went; the curve so far."""
 
-    def __init__(self, judge: Any) -> None:
+    def __init__(self, judge: Any, evaluate_now: Callable[[], dict[str, Any]]) -> None:
         from odpo.trainer.judge_worker import JudgeWorkerConfig, WorkerStats
         from odpo.trainer.judges import judge_labeler_name
 
         self.judge, self.stats, self.config = judge, WorkerStats(), JudgeWorkerConfig(poll_seconds=0)
         self.labeler = judge_labeler_name(judge.spec)
-        self.seconds = {"sample": 0.0, "label": 0.0, "train": 0.0, "swap": 0.0}
+        self.seconds = {"sample": 0.0, "label": 0.0, "train": 0.0, "swap": 0.0, "eval": 0.0}
+        self.evaluate_now = evaluate_now
+        self.curve: list[dict[str, Any]] = []
 
     def label(self, db: Any, limit: int) -> int:
         from odpo.trainer.judge_worker import judge_batch
@@ -141,34 +206,68 @@ class _Counter:
             steps += 1
         return steps
 
+    def next_stop(self, spec: ArmSpec) -> int:
+        """The next curve point (or the budget): loops label up to it exactly, then evaluate."""
+        return next((p for p in spec.curve if p > self.stats.labeled), spec.budget)
 
-def online_loop(*, db: Any, sampler: Any, trainer: Any, judge: Any, budget: int, batch: int) -> dict[str, Any]:
+    def checkpoint(self, spec: ArmSpec) -> None:
+        """At a curve point, the policy of this moment against the base."""
+        if self.stats.labeled in spec.curve and all(p["labels"] != self.stats.labeled for p in self.curve):
+            point = self.timed("eval", self.evaluate_now)
+            self.curve.append({"labels": self.stats.labeled, **point})
+
+
+def online_loop(*, db: Any, sampler: Any, trainer: Any, c: _Counter, spec: ArmSpec) -> dict[str, Any]:
     """Sample from the serving version, label, train, hot-swap; until the budget is spent."""
-    c = _Counter(judge)
     steps, served = 0, []
-    while c.stats.labeled < budget:
+    while c.stats.labeled < spec.budget:
         made = c.timed("sample", sampler.step)
-        handled = c.label(db, min(batch, budget - c.stats.labeled))
+        handled = c.label(db, min(spec.batch, c.next_stop(spec) - c.stats.labeled))
         if not made and not handled:
             log.warning("online arm: nothing left to sample or label; stopping at %d labels", c.stats.labeled)
             break
         steps += c.train_all(trainer)
         c.timed("swap", sampler.watcher.poll_once)
         served.append(sampler.watcher.serving_version)
+        c.checkpoint(spec)
     return _arm_facts(c, trainer, steps=steps, served=served)
 
 
-def offline_loop(*, db: Any, sampler: Any, trainer: Any, judge: Any, budget: int, batch: int) -> dict[str, Any]:
-    """Sample the whole budget from the base first, label it all, then train on it."""
-    c = _Counter(judge)
-    while sampler.queue < budget:
+def iterative_loop(*, db: Any, sampler: Any, trainer: Any, c: _Counter, spec: ArmSpec) -> dict[str, Any]:
+    """Rounds: sample and label `round_labels` from one frozen version, train on exactly them, commit
+    one version, swap it in."""
+    steps, served, rounds = 0, [], 0
+    while c.stats.labeled < spec.budget:
+        want = min(spec.round_labels, spec.budget - c.stats.labeled)
+        while c.timed("sample", sampler.step):  # fills the queue (its size: one round) and says 0 when full
+            pass
+        if not c.label(db, want):
+            log.warning("iterative arm: nothing left to label; stopping at %d labels", c.stats.labeled)
+            break
+        served.append(sampler.watcher.serving_version)
+        steps += c.train_all(trainer)
+        if c.timed("train", trainer.commit_pending) is not None:
+            rounds += 1
+        c.timed("swap", sampler.watcher.poll_once)
+        c.checkpoint(spec)
+    return {**_arm_facts(c, trainer, steps=steps, served=served), "rounds": rounds}
+
+
+def offline_loop(*, db: Any, sampler: Any, trainer: Any, c: _Counter, spec: ArmSpec) -> dict[str, Any]:
+    """Sample the whole budget from the base first, then label and train on it in order."""
+    while sampler.queue < spec.budget:
         if not c.timed("sample", sampler.step):
             break
-    while c.stats.labeled < budget:
-        if not c.label(db, min(batch, budget - c.stats.labeled)):
+    steps = 0
+    while c.stats.labeled < spec.budget:
+        if not c.label(db, min(spec.batch, c.next_stop(spec) - c.stats.labeled)):
             break
-    steps = c.train_all(trainer)
+        steps += c.train_all(trainer)
+        c.checkpoint(spec)
     return _arm_facts(c, trainer, steps=steps, served=[sampler.watcher.serving_version])
+
+
+LOOPS = {"online": online_loop, "iterative": iterative_loop, "offline": offline_loop}
 
 
 def _arm_facts(c: _Counter, trainer: Any, *, steps: int, served: list[int]) -> dict[str, Any]:
@@ -178,36 +277,18 @@ def _arm_facts(c: _Counter, trainer: Any, *, steps: int, served: list[int]) -> d
 
 
 def evaluate(db: Any, trainer: Any, *, judge: Any, n: int, tokens: int, seed: int, base_dir: Any) -> dict[str, Any]:
-    """Final version vs the base (v0) on held-out prompts, from the trainer's own weights."""
+    """The trainer's current version vs the base (v0) on held-out prompts, from its own weights."""
     from odpo.trainer.evaluate import run_eval
     from odpo.trainer.generation import SamplingParams
 
     if trainer.version == 0:
-        return {"win_rate": None, "eval": None, "eval_note": "no DPO step was taken; the policy is the base"}
+        return {"win_rate": None, "eval": None, "version": 0,
+                "eval_note": "no DPO step was taken; the policy is the base"}
     t0 = time.perf_counter()
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=tokens, seed=seed + 7919)
     res = run_eval(db, policy=trainer.model, tokenizer=trainer.tokenizer, version_a=trainer.version, version_b=0,
                    judge=judge, n=n, params=params, holds=trainer.version, base_dir=base_dir)
     wr = res.win_rate
-    return {"win_rate": wr.rate, "eval_seconds": time.perf_counter() - t0,
+    return {"win_rate": wr.rate, "version": trainer.version, "eval_seconds": time.perf_counter() - t0,
             "eval": {"wins": wr.wins, "losses": wr.losses, "ties": wr.ties, "n": wr.n, "low": wr.low,
-                     "high": wr.high, "abstained": res.abstained, "examples": res.details.get("examples")}}
-
-
-def fill(result: BenchResult, arms: dict[str, dict[str, Any]]) -> None:
-    on, off = arms["online"], arms["offline"]
-    diff = None if on["win_rate"] is None or off["win_rate"] is None else on["win_rate"] - off["win_rate"]
-    result.metrics = {"online_win_rate": on["win_rate"], "offline_win_rate": off["win_rate"],
-                      "online_minus_offline": diff, "arms": arms}
-    for mode, arm in arms.items():
-        ev = arm.get("eval")
-        interval = f" [{ev['low']:.2f}, {ev['high']:.2f}] (W{ev['wins']}/L{ev['losses']}/T{ev['ties']})" if ev else ""
-        rate = "-" if arm["win_rate"] is None else f"{arm['win_rate']:.2f}"
-        result.row(f"{mode}: win rate vs base", rate + interval)
-        result.row(f"{mode}: labels / DPO steps / wall", f"{arm['labels_used']} / {arm['steps']} / "
-                                                          f"{arm['wall_seconds']:.0f} s")
-        result.row(f"{mode}: label choices", ", ".join(f"{k} {v}" for k, v in sorted(arm["choices"].items())))
-    result.row("online minus offline", diff)
-    for mode, arm in arms.items():
-        if arm.get("eval_note"):
-            result.notes.append(f"{mode}: {arm['eval_note']}")
+                     "high": wr.high, "abstained": res.abstained}}

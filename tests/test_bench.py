@@ -152,13 +152,32 @@ def test_no_product_module_imports_the_bench():
             assert not bench, f"{path.relative_to(REPO)} imports {sorted(bench)}"
 
 
-def test_learn_labels_with_the_built_in_rule_by_default():
+def test_learn_labels_with_the_built_in_rules_by_default():
     assert learn.DEFAULT_RULE == "rule:finished_and_short"
     assert load_judge(learn.DEFAULT_RULE).spec == "rule:finished_and_short"
-    from odpo.bench.cli import bench
+    assert load_judge(learn.SECOND_RULE).spec == "rule:say_the_early"
+    assert learn.resolve_grid(True).rules == (learn.DEFAULT_RULE,)
+    full = learn.resolve_grid(False)
+    assert full.rules == (learn.DEFAULT_RULE, learn.SECOND_RULE) and full.seeds >= 3
+    assert set(full.modes) == {"online", "iterative", "offline"} and set(full.losses) == {"sigmoid", "simpo"}
+    assert full.curve == (50, 100, 150, 200) == tuple(range(50, full.budget + 1, 50))
 
-    rule = next(p for p in bench.commands["learn"].params if p.name == "rule")
-    assert rule.default == learn.DEFAULT_RULE
+
+def test_learn_grid_takes_the_users_sizes_and_always_ends_the_curve_at_the_budget():
+    grid = learn.resolve_grid(True, budget=30, curve=(10, 50, 20), seeds=2, rules=["rule:shorter"], modes=())
+    assert grid.curve == (10, 20, 30) and grid.seeds == 2 and grid.rules == ("rule:shorter",)
+    assert grid.modes == learn.SIZES["quick"].modes
+
+
+def test_learn_cli_refuses_an_unknown_mode_or_curve_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from odpo.app.cli import cli
+
+    for args, words in ((["--modes", "online,streaming"], "streaming"), (["--curve", "10,x"], "label counts")):
+        res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bench", "learn", "--quick", "--out",
+                                       str(tmp_path), *args])
+        assert res.exit_code == 2 and words in res.output and "Traceback" not in res.output
 
 
 # --- per-bench arithmetic --------------------------------------------------------------------
@@ -228,18 +247,50 @@ def test_labelers_fill_counts_waits_and_empty_share():
     assert m["version_lag"]["mean"] == 1.0 and m["choices"] == {"left": 3, "right": 1, "tie": 1}
 
 
-def test_learn_fill_difference_and_missing_eval():
-    arm = {"labels_used": 8, "steps": 1, "wall_seconds": 3.0, "choices": {"a": 5, "tie": 3}}
-    on = {**arm, "win_rate": 0.9, "eval": {"low": 0.7, "high": 0.97, "wins": 8, "losses": 0, "ties": 2}}
-    off = {**arm, "win_rate": None, "eval": None, "eval_note": "no DPO step was taken"}
+def _arm(mode, seed, w, lo, t, *, rule="rule:x", loss="sigmoid", curve=()):
+    ev = {"wins": w, "losses": lo, "ties": t, "n": w + lo + t}
+    rate = (w + t / 2) / (w + lo + t) if w + lo + t else None
+    return {"rule": rule, "loss": loss, "mode": mode, "seed": seed, "win_rate": rate,
+            "eval": ev, "wall_seconds": 10.0 * (seed + 1), "steps": 3, "labels_used": 24, "choices": {"a": 24},
+            "curve": [{"labels": n, "eval": {"wins": cw, "losses": cl, "ties": 0}} for n, cw, cl in curve]}
+
+
+def test_learn_table_pools_seeds_into_one_interval_per_cell():
+    from odpo.bench import learn_table
+    from odpo.trainer.evaluate import wilson_interval
+
+    arms = [_arm("online", 0, 20, 4, 0, curve=[(12, 10, 14), (24, 20, 4)]),
+            _arm("online", 1, 22, 1, 1, curve=[(12, 12, 12), (24, 22, 1)]),
+            _arm("offline", 0, 12, 12, 0), _arm("offline", 1, 10, 14, 0)]
+    table = learn_table.cells(arms)
+    on = table[0]
+    expected = wilson_interval(42, 5, 1)
+    assert (on["mode"], on["seeds"], on["final"]["n"]) == ("online", [0, 1], 48)
+    assert on["final"]["low"] == pytest.approx(expected.low) and on["final"]["win_rate"] == pytest.approx(42.5 / 48)
+    assert [p["labels"] for p in on["curve"]] == [12, 24] and on["curve"][0]["win_rate"] == pytest.approx(22 / 48)
+    assert on["wall_seconds_mean"] == 15.0
+    head = learn_table.headline(table)
+    assert head["rules_online_beats_offline"] == 1 and head["online_minus_offline"] == pytest.approx(42.5 / 48 - 22 / 48)
     result = BenchResult(bench="learn", quick=True)
-    learn.fill(result, {"online": on, "offline": off})
-    assert result.metrics["online_minus_offline"] is None and result.notes == ["offline: no DPO step was taken"]
+    learn_table.fill(result, arms)
+    assert result.rows[0][0] == "x / sigmoid / online: win rate vs base, pooled over 2 seed(s)"
+    assert result.rows[0][1].startswith("0.89 [") and result.rows[0][1].endswith("n=48")
+    assert "0.83 0.94 | 12: 0.46, 24: 0.89 | 15 s" == result.rows[1][1]
+
+
+def test_learn_table_counts_a_rule_only_when_the_intervals_are_apart():
+    from odpo.bench import learn_table
+
+    close = [_arm("online", 0, 14, 10, 0, rule="rule:y"), _arm("offline", 0, 12, 12, 0, rule="rule:y")]
+    head = learn_table.headline(learn_table.cells(close))
+    assert head["rules_online_beats_offline"] == 0 and head["online_minus_offline"] == pytest.approx(2 / 24)
     result = BenchResult(bench="learn", quick=True)
-    learn.fill(result, {"online": on, "offline": {**on, "win_rate": 0.75}})
-    assert result.metrics["online_minus_offline"] == pytest.approx(0.15)
-    result.check(learn.TARGETS)
-    assert [t["met"] for t in result.targets] == [True, True]
+    learn_table.fill(result, [_arm("online", 0, 10, 0, 0), {**_arm("offline", 0, 0, 0, 0), "eval": None,
+                                                            "win_rate": None, "eval_note": "no DPO step"}])
+    assert result.metrics["online_minus_offline"] is None
+    assert result.notes == ["rule:x sigmoid offline seed 0: no DPO step"]
+    result.check(learn_table.TARGETS)
+    assert [t["met"] for t in result.targets] == [True, False]
 
 
 def test_memory_process_tree_helpers():
@@ -332,13 +383,19 @@ def test_reload_bench_counts_every_committed_version(common_config, tiny_model_d
     assert [t["metric"] for t in result.targets] == ["swap_ms_p95", "commit_to_serving_ms_p95"]
 
 
-def test_learn_bench_spends_exactly_the_budget_in_both_arms(common_config, tiny_model_dir, tmp_path):
-    result = learn.run(tiny_ctx(common_config, tiny_model_dir, tmp_path), rule="rule:shorter", budget=10,
-                       batch_size=4, max_new_tokens=4, eval_n=4, lr=1e-2)
-    arms = result.metrics["arms"]
-    for mode in ("online", "offline"):
-        arm = arms[mode]
-        assert arm["labels_used"] == sum(arm["choices"].values()) == 10
+def test_learn_bench_spends_exactly_the_budget_in_every_mode(common_config, tiny_model_dir, tmp_path):
+    result = learn.run(tiny_ctx(common_config, tiny_model_dir, tmp_path), rules=("rule:shorter",), budget=12,
+                       curve=(6,), batch_size=3, max_new_tokens=4, eval_n=3, lr=1e-2)
+    arms = {a["mode"]: a for a in result.metrics["arms"]}
+    assert set(arms) == {"online", "iterative", "offline"} and result.params["round_labels"] == 6
+    for arm in arms.values():
+        assert arm["labels_used"] == sum(arm["choices"].values()) == 12
+        assert [p["labels"] for p in arm["curve"]] == [6, 12]
         trainable = arm["choices"].get("a", 0) + arm["choices"].get("b", 0)
-        assert arm["steps"] == trainable // 4 and arm["final_version"] == arm["steps"]
-    assert arms["offline"]["sampler_versions"] == [0]
+        assert arm["steps"] == trainable // 3
+    assert arms["online"]["final_version"] == arms["online"]["steps"]
+    assert arms["offline"]["sampler_versions"] == [0] and arms["offline"]["final_version"] == arms["offline"]["steps"]
+    it = arms["iterative"]  # one version per round, each round sampled from the one before
+    assert it["final_version"] == it["rounds"] <= 2 and it["sampler_versions"][0] == 0
+    assert it["sampler_versions"] == sorted(set(it["sampler_versions"])) and it["steps"] > it["rounds"]
+    assert (tmp_path / "results" / result.params["curve_plot"]).stat().st_size > 1000

@@ -372,11 +372,12 @@ def test_learn_bench_runs_both_arms_on_a_4bit_base(common_config, tiny_model_dir
         return load_model_and_tokenizer(cfg)
 
     monkeypatch.setattr(models, "load_model_and_tokenizer", spy)
-    result = learn.run(bench_ctx(common_config, tiny_model_dir, tmp_path), rule="rule:shorter", budget=8,
-                       batch_size=4, max_new_tokens=4, eval_n=2, lr=1e-2, load_in_4bit=True)
+    result = learn.run(bench_ctx(common_config, tiny_model_dir, tmp_path), rules=("rule:shorter",), budget=8,
+                       modes=("online", "offline"), batch_size=4, max_new_tokens=4, eval_n=2, lr=1e-2,
+                       load_in_4bit=True)
     assert loaded == [True] * 4  # sampler and trainer of both arms, each on its own 4-bit base
     assert result.params["load_in_4bit"] is True and "4-bit NF4" in result.notes[-1]
-    for arm in result.metrics["arms"].values():
+    for arm in result.metrics["arms"]:
         assert arm["labels_used"] == 8
 
 

@@ -209,8 +209,8 @@ def export_dataset(db: Database, *, out: Path, sources: str = "all", overwrite: 
     fmt = DATASET_FORMATS.get(Path(out).suffix.lower())
     if fmt is None:
         raise ExportError(f"cannot tell the format of {out}: use a .jsonl or .parquet file name")
-    if sources not in ("human", "judge", "all"):
-        raise ExportError(f"unknown source {sources!r}; expected human, judge or all")
+    if sources not in store.LABEL_SOURCES:  # "all" = people and judges; "dataset" = imported files
+        raise ExportError(f"unknown source {sources!r}; expected {', '.join(store.LABEL_SOURCES)}")
     rows = dataset_rows(db, sources=sources)
     if not rows:
         raise ExportError(f"no labeled a/b pairs from source {sources!r} to export yet")

@@ -30,7 +30,11 @@ from odpo.trainer.on_policy import LENGTH_CUT_MODES
 # 1e-4 learns the preference as early as 2e-4 with a third of the drift; online labels arrive slowly
 # and noisily, so the default stays at the careful end of the usual LoRA range (1e-4..5e-4).
 DEFAULT_LR = 1e-4
-SOURCES = ("human", "judge", "all")
+SOURCES = ("human", "judge", "all", "dataset")  # "dataset": imported files, only with mode "offline"
+# online: stream labels as they come (a version every save_every steps); iterative: rounds of
+# round_labels labels of the serving version, one version per round; offline: an imported dataset.
+# The modes themselves are trainer/modes.py.
+MODES = ("online", "iterative", "offline")
 # Pairs with a completion cut at max_new_tokens: "keep" trains them as cut (no EOS: the model did
 # not stop there), "drop" leaves them out. Keep, measured on SmolLM2-135M, 2 loaded CPU cores:
 # - starter prompts, 48 prompts x 2 samples, temperature 0.9, top_p 0.95: 56% of samples are cut at
@@ -71,7 +75,7 @@ class TrainConfig:
     max_prompt_tokens: int = MAX_PROMPT_TOKENS  # the sampler's rule too (trainer.batching.cut_prompt)
     max_completion_tokens: int = 256
     length_cut: str = DEFAULT_LENGTH_CUT
-    sources: str = "all"
+    sources: Optional[str] = None  # None: "dataset" with mode offline, else "all"
     poll_seconds: float = 2.0
     max_steps: Optional[int] = None
     until_version: Optional[int] = None
@@ -85,6 +89,9 @@ class TrainConfig:
     eval_judge: Optional[str] = None
     eval_n: int = 32
     eval_max_new_tokens: int = 128
+    mode: str = "online"
+    round_labels: Optional[int] = None  # iterative: labels per round (each round makes one version)
+    epochs: int = 1  # iterative: passes over a round's labels; offline: over the dataset's labels
 
     def __post_init__(self) -> None:
         # Defaults that depend on the loss are filled in here, so every reader sees plain numbers.
@@ -93,7 +100,9 @@ class TrainConfig:
             object.__setattr__(self, "beta", default_beta(self.loss_type))
         if self.simpo_gamma is None and self.loss_type == "simpo":
             object.__setattr__(self, "simpo_gamma", SIMPO_DEFAULT_GAMMA)
-        for ok, message in self._checks():
+        if self.sources is None:
+            object.__setattr__(self, "sources", "dataset" if self.mode == "offline" else "all")
+        for ok, message in self._checks() + self._mode_checks():
             if not ok:
                 raise TrainConfigError(message)
 
@@ -139,6 +148,27 @@ class TrainConfig:
             (_pos_int(self.eval_max_new_tokens), "eval_max_new_tokens must be an integer >= 1"),
         ]
 
+    def _mode_checks(self) -> list[tuple[bool, str]]:
+        """Flags that contradict the mode are refused rather than silently ignored."""
+        mode = self.mode
+        return [
+            (mode in MODES, f"mode must be one of {', '.join(MODES)}, got {mode!r}"),
+            (mode != "iterative" or _pos_int(self.round_labels),
+             "mode iterative needs round_labels: an integer >= 1 (labels per round)"),
+            (mode == "iterative" or self.round_labels is None, "round_labels only applies to mode iterative"),
+            (_pos_int(self.epochs), f"epochs must be an integer >= 1, got {self.epochs!r}"),
+            (mode != "online" or self.epochs == 1, "epochs only applies to mode iterative or offline"),
+            (mode != "iterative" or self.save_every == 1,
+             "save_every does not apply to mode iterative: each round commits exactly one version"),
+            (mode != "iterative" or self.max_steps is None,
+             "max_steps does not apply to mode iterative (a round is never cut short); use until_version"),
+            ((mode == "offline") == (self.sources == "dataset"),
+             "mode offline trains on imported datasets only (sources 'dataset')" if mode == "offline" else
+             "sources 'dataset' (imported datasets) needs mode offline"),
+            (mode != "offline" or self.max_staleness_train is None,
+             "max_staleness_train does not apply to mode offline: imported pairs were sampled by no version"),
+        ]
+
     def model_config(self, cache_dir: Path) -> ModelConfig:
         """The ModelConfig to load the policy with; ModelConfig's own errors become ours."""
         try:
@@ -156,6 +186,10 @@ class TrainConfig:
         out.update(self.loss_options())  # only when set, so older runs keep their hash
         if self.length_cut != DEFAULT_LENGTH_CUT:
             out["length_cut"] = self.length_cut
+        if self.mode != "online":  # only when set, so online runs keep their hash
+            out.update(mode=self.mode, epochs=self.epochs)
+            if self.round_labels is not None:
+                out["round_labels"] = self.round_labels
         lora = asdict(self.lora)
         lora["target_modules"] = (lora["target_modules"] if isinstance(lora["target_modules"], str)
                                   else list(lora["target_modules"]))

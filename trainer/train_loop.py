@@ -25,6 +25,7 @@ from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import Adapter
 from odpo.trainer import checkpoint as ckpt
+from odpo.trainer.modes import make_mode
 from odpo.trainer.on_policy import drop_length_cut, training_examples
 from odpo.trainer.train_config import TrainConfig
 from odpo.trainer.train_step import apply_hyperparameters, dpo_step, make_optimizer
@@ -48,7 +49,8 @@ class PendingStep:
 
 @dataclass
 class TrainerStats:
-    """What this process did; `exit_reason` is max_steps, until_version, idle or stopped."""
+    """What this process did; `exit_reason` is max_steps, until_version, idle, stopped or done
+    (offline: the imported labels are trained and no --exit-when-idle asks to wait for more)."""
 
     steps: int = 0
     versions: list[int] = field(default_factory=list)
@@ -81,6 +83,7 @@ class DPOTrainer:
         self._autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self._autocast_dtype: Any = None
         self._eval_judge: Any = None  # built once in start() when cfg.eval_every asks for evals
+        self.mode = make_mode(self)  # online / iterative / offline (trainer/modes.py)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -118,10 +121,12 @@ class DPOTrainer:
     def _publish_config(self) -> None:
         """Tell the UI (another process) how many labels make the next version: its counter
         "labels until the next update" reads this through the database, the only data channel."""
+        value = {"batch_size": self.cfg.batch_size, "save_every": self.cfg.save_every,
+                 "sources": self.cfg.sources, "run": self.cfg.run}
+        if self.cfg.mode != "online":  # a round makes one version of round_labels labels
+            value.update(mode=self.cfg.mode, round_labels=self.cfg.round_labels, epochs=self.cfg.epochs)
         with self.db.sessions.begin() as s:
-            store.set_control(s, key="train.config", value={
-                "batch_size": self.cfg.batch_size, "save_every": self.cfg.save_every,
-                "sources": self.cfg.sources, "run": self.cfg.run})
+            store.set_control(s, key="train.config", value=value)
 
     def _attach(self, base: Any, latest: Optional[Adapter]) -> Any:
         """Wrap the base in LoRA shaped like the latest version (its adapter_config.json is the
@@ -174,6 +179,7 @@ class DPOTrainer:
     def _load_version(self, row: Optional[Adapter]) -> None:
         """Make the live adapter and optimizer exactly those of `row` (None = version 0)."""
         self.pending, self.pending_version = [], None
+        self.mode.reset()
         self.optimizer = make_optimizer(self.model, self.cfg)
         if row is None:
             import torch
@@ -210,7 +216,7 @@ class DPOTrainer:
         if not self.pending:
             return None
         version, parent = self.pending_version, self.version
-        label_steps = {lid: p.step for p in self.pending for lid in p.label_ids}
+        label_steps = self.mode.ledger_steps(self.pending)  # label -> step, for the ledger
         state = {"run": self.cfg.run, "version": version, "parent": parent, "step": self.step,
                  "steps": [p.step for p in self.pending], "label_ids": sorted(label_steps),
                  "hyperparameters": self.cfg.hyperparameters(),
@@ -239,7 +245,7 @@ class DPOTrainer:
 
     def _commit_row(self, *, version: int, parent: int, path: Path, label_steps: dict[int, int]) -> None:
         metrics = _mean_metrics([p.metrics for p in self.pending])
-        metrics.update(labels=len(label_steps), steps=len(self.pending))
+        metrics.update(labels=len(label_steps), steps=len(self.pending), **self.mode.commit_metrics())
         with self.db.writes.begin() as s:  # the store moves the run's head from parent, or raises HeadMoved
             store.commit_adapter_version(s, run=self.cfg.run, version=version, path=str(path), parent=parent,
                                          step=self.step, label_steps=label_steps, metrics=metrics,
@@ -289,13 +295,20 @@ class DPOTrainer:
         labels = self.next_batch()
         if labels is None:
             return False
+        self.take_step(labels, lag=sum(self.version - lb.pair_version for lb in labels) / len(labels))
+        if len(self.pending) >= self.cfg.save_every:
+            self.auto_eval(self.commit_pending())
+        return True
+
+    def take_step(self, labels: list[store.TrainingLabel], *, lag: float) -> None:
+        """One DPO step on `labels` towards the pending version, recorded at once (uncommitted)."""
         if self.pending_version is None:
             with self.db.sessions() as s:
                 self.pending_version = store.next_version_number(s, run=self.cfg.run)
         examples = training_examples(self.db, labels)  # the sampled ids, exactly (trainer/on_policy.py)
         metrics = dpo_step(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
                            examples=examples, cfg=self.cfg, autocast=self._autocast)
-        metrics["version_lag"] = sum(self.version - lb.pair_version for lb in labels) / len(labels)
+        metrics["version_lag"] = lag
         self.step += 1
         ids = [lb.label_id for lb in labels]
         with self.db.sessions.begin() as s:
@@ -306,9 +319,6 @@ class DPOTrainer:
         log.info(format_step_line(self.step, self.pending_version, metrics))
         if self.on_step is not None:
             self.on_step(self.step, self.pending_version, metrics)
-        if len(self.pending) >= self.cfg.save_every:
-            self.auto_eval(self.commit_pending())
-        return True
 
     def auto_eval(self, version: Optional[int]) -> None:
         """Every `eval_every` versions, the win rate of the version just committed against the base,
@@ -328,21 +338,26 @@ class DPOTrainer:
     # --- the loop ----------------------------------------------------------------------------
 
     def run(self) -> TrainerStats:
-        """Train until max_steps / until_version / exit_when_idle / request_stop; pending steps are
-        committed on the way out, so a clean exit never throws work away."""
+        """Train until max_steps / until_version / exit_when_idle / request_stop (offline: until the
+        dataset is trained); pending steps are committed on the way out, so a clean exit never
+        throws work away (except half an iterative round, which replays whole)."""
         idle_since = time.monotonic()
         while True:
             reason = self._limit_reached()
             if reason:
                 break
-            if self.train_available():
+            if self.mode.iterate():
                 idle_since = time.monotonic()
                 continue
             idle_limit = self.cfg.exit_when_idle
+            if idle_limit is None and self.mode.done():
+                reason = "done"
+                break
             if idle_limit is not None and time.monotonic() - idle_since >= idle_limit:
                 reason = "idle"
                 break
             self._stop.wait(self.cfg.poll_seconds)
+        self.mode.before_exit(reason)  # iterative: an unfinished round is dropped, never committed
         committed = self.commit_pending()
         if reason != "stopped":  # a stop request wants out now, not after an eval
             self.auto_eval(committed)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "judge": "odpo.app.cli.judge:judge",
     "eval": "odpo.app.cli.eval:eval_cmd",
     "export": "odpo.app.cli.export:export",
+    "import": "odpo.app.cli.import_data:import_group",
     "bench": "odpo.bench.cli:bench",
 }
 

@@ -95,8 +95,9 @@ def export_gguf_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_mo
 
 @export.command("dataset")
 @_OUT
-@click.option("--source", "sources", type=click.Choice(["human", "judge", "all"]), default="all",
-              show_default=True, help="Which labels (a person's label wins over a judge's on one pair).")
+@click.option("--source", "sources", type=click.Choice(["human", "judge", "all", "dataset"]), default="all",
+              show_default=True, help="Which labels (a person's label wins over a judge's on one pair); all = "
+                                      "people and judges, dataset = rows `odpo import dataset` stored.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.pass_obj
 def export_dataset_cmd(cfg: CommonConfig, out: Path, sources: str, force: bool) -> None:

@@ -44,14 +44,24 @@ LOSS_CHOICES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "simpo")
 @click.option("--max-staleness", "max_staleness_train", type=click.IntRange(0), default=None,
               help="Skip labels of pairs sampled more than this many versions ago. [default: no limit]")
 @click.option("--save-every", type=click.IntRange(1), default=1, show_default=True,
-              help="Commit a new adapter version every N steps.")
+              help="Commit a new adapter version every N steps (online and offline; a round of "
+                   "--mode iterative is always one version).")
 @click.option("--max-prompt-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--max-completion-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--length-cut", type=click.Choice(("keep", "drop")), default="keep", show_default=True,
               help="Pairs with an answer cut at the sampler's max_new_tokens: keep trains them as cut (no "
                    "end-of-text token: the model did not stop there), drop leaves them out.")
-@click.option("--sources", type=click.Choice(("human", "judge", "all")), default="all", show_default=True,
-              help="Which labels to learn from (a person's label of a pair always overrides a judge's).")
+@click.option("--sources", type=click.Choice(("human", "judge", "all")), default=None,
+              help="Which labels to learn from (a person's label of a pair always overrides a judge's); "
+                   "imported datasets are trained only by --mode offline. [default: all]")
+@click.option("--mode", type=click.Choice(("online", "iterative", "offline")), default="online", show_default=True,
+              help="online: train labels as they come. iterative: rounds of --round-labels labels of the "
+                   "serving version, one new version per round. offline: the datasets `odpo import "
+                   "dataset` stored, then exit.")
+@click.option("--round-labels", type=click.IntRange(1), default=None, metavar="N",
+              help="--mode iterative: labels of pairs sampled from the serving version that make a round.")
+@click.option("--epochs", "--round-epochs", "epochs", type=click.IntRange(1), default=1, show_default=True,
+              help="--mode iterative: passes over each round's labels; --mode offline: over the dataset.")
 @click.option("--poll-seconds", type=click.FloatRange(0, min_open=True), default=2.0, show_default=True)
 @click.option("--max-grad-norm", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
               help="Clip the LoRA gradient to this L2 norm.")
@@ -105,6 +115,9 @@ def train(cfg: CommonConfig, **options: Any) -> None:
         trainer.close()
         db.close()
     versions = ", ".join(f"v{v}" for v in stats.versions) or "none"
+    if train_cfg.mode != "online":
+        click.echo(f"mode {train_cfg.mode}: " + (f"{len(stats.versions)} round(s) of {train_cfg.round_labels} labels"
+                                                 if train_cfg.mode == "iterative" else f"{train_cfg.epochs} epoch(s)"))
     click.echo(f"trained {stats.steps} step(s); committed {versions}; now at v{trainer.version}; "
                f"stale labels skipped {stats.stale_skipped}; exit: {stats.exit_reason}")
 

@@ -6,8 +6,9 @@ after it, and leaves the transaction to the caller (`with factory.begin() as s:`
 
 One module per entity, each holding its writes and the reads over it (dashboard queries included):
 prompts; pairs (samples and pairs); claims (assignments); labels; adapters (the training ledger:
-adapter versions, run heads, train steps, the per-run label ledger); evals; control (switches, reloads, status
-counts); errors (StoreError, raised by all of them).
+adapter versions, run heads, train steps, the per-run label ledger); datasets (imported preference
+files, the training modes' label reads); evals; control (switches, reloads, status counts); errors
+(StoreError, raised by all of them).
 """
 from odpo.db.store.adapters import (
     STALE_STEP,
@@ -46,10 +47,23 @@ from odpo.db.store.claims import (
     release_expired,
 )
 from odpo.db.store.control import controls_with_prefix, get_control, record_reload, set_control, status_counts
+from odpo.db.store.datasets import (
+    DATASET_PURPOSE,
+    DatasetImport,
+    DatasetRow,
+    dataset_source,
+    import_dataset_rows,
+    imported_datasets,
+    trainable_labels,
+    trained_since,
+    used_by_run,
+)
 from odpo.db.store.errors import StoreError
 from odpo.db.store.evals import eval_series, find_eval, list_evals, record_eval
 from odpo.db.store.labels import (
+    DATASET_SOURCE_PREFIX,
     DECISIONS,
+    LABEL_SOURCES,
     AlreadyAnswered,
     ClaimMoved,
     LabeledPair,
@@ -105,4 +119,7 @@ __all__ = [
     "skip_stale_labels", "status_counts", "train_series", "trained_label_counts", "typed_pair_waiting",
     "unconsumed_labels", "undo_label", "version_lineage",
     "controls_with_prefix", "SampledIds", "sampled_ids",
+    # imported datasets and the training modes' label reads (datasets.py)
+    "DATASET_PURPOSE", "DATASET_SOURCE_PREFIX", "DatasetImport", "DatasetRow", "LABEL_SOURCES", "dataset_source",
+    "import_dataset_rows", "imported_datasets", "trainable_labels", "trained_since", "used_by_run",
 ]

@@ -156,9 +156,11 @@ def judge_labels_for_pair(session: Session, *, pair_id: int) -> list[dict[str, A
 
 
 def labels_per_hour(session: Session, *, since: dt.datetime) -> list[dict[str, Any]]:
-    """Label counts per hour and source since `since` (undone labels excluded)."""
+    """Label counts per hour and source since `since` (undone labels excluded). Imported dataset
+    labels are left out: they were given elsewhere, and an import would show as one huge hour."""
     rows = session.execute(select(Label.answered_at, Label.source)
-                           .where(Label.answered_at >= since, Label.undone.is_(False))).all()
+                           .where(Label.answered_at >= since, Label.undone.is_(False),
+                                  ~is_dataset_label())).all()
     counts = Counter((at.replace(minute=0, second=0, microsecond=0), source) for at, source in rows)
     return [{"hour": hour, "source": source, "labels": n} for (hour, source), n in sorted(counts.items())]
 
@@ -201,16 +203,30 @@ def judge_agreement(session: Session) -> list[dict[str, Any]]:
     return out
 
 
+DATASET_SOURCE_PREFIX = "dataset:"  # labels of an imported preference dataset: "dataset:<name>"
+LABEL_SOURCES = ("human", "judge", "all", "dataset")
+
+
 def source_filter(sources: str) -> ColumnElement[bool]:
-    """`human`, `judge` or `all`: which label sources the trainer learns from (and the export writes);
-    one definition, so both read the same labels for the same word."""
+    """`human`, `judge`, `all` or `dataset`: which label sources the trainer learns from (and the
+    export writes); one definition, so both read the same labels for the same word.
+
+    `all` is the live feedback (people and judges) and leaves imported datasets out: an imported
+    file is trained on only when asked (`odpo train --mode offline`), never by the online loop."""
     if sources == "human":
-        return Label.source == "human"
+        return (Label.source == "human")
     if sources == "judge":
         return Label.source.like("judge%")
     if sources == "all":
-        return Label.source.is_not(None)
-    raise StoreError(f"unknown label sources {sources!r}; expected human, judge or all")
+        return Label.source.is_not(None) & ~is_dataset_label()
+    if sources == "dataset":
+        return is_dataset_label()
+    raise StoreError(f"unknown label sources {sources!r}; expected {', '.join(LABEL_SOURCES)}")
+
+
+def is_dataset_label() -> ColumnElement[bool]:
+    """Labels `odpo import dataset` wrote (source "dataset:<name>"), not given by anyone here."""
+    return Label.source.startswith(DATASET_SOURCE_PREFIX, autoescape=True)
 
 
 def human_labeled(*, skipped: bool) -> Exists:
@@ -268,3 +284,4 @@ def labeled_pairs(session: Session, *, sources: str = "all", run: str = "default
                                shown_left=label.shown_left, shown_at=label.shown_at,
                                answered_at=label.answered_at, consumed_version=used))
     return out
+

@@ -1,0 +1,214 @@
+"""`odpo import dataset`: read a preference file in TRL's formats and store it in one transaction.
+
+Accepted rows (JSONL, one object a line, or Parquet), the formats TRL's DPO trainer documents:
+- standard: `prompt`, `chosen`, `rejected` strings;
+- conversational: `prompt` a list of messages, `chosen`/`rejected` lists of assistant messages;
+- conversational with an implicit prompt: `chosen`/`rejected` whole conversations sharing every
+  message but the last (the prompt), each ending in the assistant's answer.
+Other columns (what `odpo export dataset` adds: labeler, source, versions, ...) are ignored, so an
+export imports as is. odpo stores a prompt as one user turn (the sampler and the trainer render it
+with the tokenizer's chat template), so a conversational prompt must be exactly one user message:
+multi-turn or system-message rows are refused with the row named, never flattened silently.
+
+Why strict: every row is validated before anything is written, and a file with any bad row imports
+nothing (each bad row gets one line: file, line or row, what is wrong) unless `skip_bad` is set.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from sqlalchemy.exc import IntegrityError
+
+from odpo.db import store
+from odpo.db.engine import Database
+from odpo.db.errors import OdpoError
+
+log = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+MAX_PROMPT_CHARS = 8000  # as `odpo prompts import`
+MAX_LISTED = 20  # bad rows listed one line each; the rest are counted
+
+
+class DatasetFileError(OdpoError):
+    """A dataset file that cannot be imported; str() is one line, `problems` one line per bad row."""
+
+    def __init__(self, message: str, problems: Optional[list[str]] = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    name: str
+    file: str
+    pairs: int
+    prompts_added: int
+    prompts_reused: int
+    bad_rows: list[str]
+
+
+def import_dataset(db: Database, *, path: Path, name: Optional[str] = None, skip_bad: bool = False) -> ImportReport:
+    """Read, validate and store `path` as dataset `name` (default: the file's stem), all or nothing."""
+    path = Path(path)
+    name = name if name is not None else re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).strip("-.") or "dataset"
+    _check_name(name)
+    rows, problems = read_dataset_file(path)
+    if problems and not skip_bad:
+        raise DatasetFileError(f"{path.name}: {len(problems)} bad row(s); nothing was imported (fix them, "
+                               "or pass --skip-bad to import the other rows)", problems)
+    if not rows:
+        raise DatasetFileError(f"{path.name}: no preference rows to import")
+    try:
+        with db.writes.begin() as s:
+            result = store.import_dataset_rows(s, name=name, file=path.name, rows=rows)
+    except IntegrityError:  # another import stored one of these prompts meanwhile: nothing was written
+        raise DatasetFileError(f"{path.name}: another import wrote the same prompts meanwhile; nothing was "
+                               "imported, run it again") from None
+    log.info("imported %d preference pairs from %s as dataset %r", result.pairs, path, name)
+    return ImportReport(name=name, file=path.name, pairs=result.pairs, prompts_added=result.prompts_added,
+                        prompts_reused=result.prompts_reused, bad_rows=problems)
+
+
+def _check_name(name: str) -> None:
+    if not (0 < len(name) <= 80 and all(c.isalnum() or c in "-_." for c in name)):
+        raise DatasetFileError(f"dataset name must be 1-80 letters, digits, '-', '_' or '.', got {name!r}")
+
+
+def read_dataset_file(path: Path) -> tuple[list[store.DatasetRow], list[str]]:
+    """(good rows, one line per bad row). Whole-file problems raise DatasetFileError."""
+    if not path.is_file():
+        raise DatasetFileError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        records = _parquet_records(path)
+        place = "row"
+    elif suffix in JSONL_SUFFIXES:
+        records = _jsonl_records(path)
+        place = "line"
+    else:
+        raise DatasetFileError(f"{path.name}: cannot tell the format; use a .jsonl or .parquet file")
+    rows: list[store.DatasetRow] = []
+    problems: list[str] = []
+    for number, record in records:
+        try:
+            rows.append(parse_record(record, number))
+        except ValueError as exc:
+            problems.append(f"{path.name}:{number}: {exc}" if place == "line" else f"{path.name} row {number}: {exc}")
+    return rows, problems
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetFileError(f"{path.name}: not UTF-8 text (byte offset {exc.start}); save it as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield number, ValueError(f"malformed JSON: {exc.msg} (column {exc.colno})")
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        import pyarrow.parquet as pq  # deferred: only Parquet needs it
+    except ImportError:
+        raise DatasetFileError(f"{path.name}: reading Parquet needs pyarrow; install it (pip install pyarrow) "
+                               "or convert the file to JSONL") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types; all mean "not a readable file"
+        raise DatasetFileError(f"{path.name}: not a readable Parquet file: {' '.join(str(exc).split())}") from None
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield number, record
+
+
+def parse_record(record: Any, number: int) -> store.DatasetRow:
+    """One row in any accepted format -> prompt, chosen, rejected texts; ValueError says what is wrong."""
+    if isinstance(record, ValueError):
+        raise record
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object with prompt/chosen/rejected, got {type(record).__name__}")
+    missing = [k for k in ("chosen", "rejected") if record.get(k) is None]
+    if missing:
+        raise ValueError(f"missing {' and '.join(repr(k) for k in missing)}")
+    chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    if prompt is None:
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    elif isinstance(prompt, list):
+        prompt = _user_turn(prompt)
+        chosen, rejected = _answer(chosen, "chosen"), _answer(rejected, "rejected")
+    elif isinstance(prompt, str):
+        for key, value in (("chosen", chosen), ("rejected", rejected)):
+            if not isinstance(value, str):
+                raise ValueError(f"{key!r} must be a string when 'prompt' is one, got {type(value).__name__}")
+    else:
+        raise ValueError(f"'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    return store.DatasetRow(prompt=_check_prompt(prompt), chosen=_check_text(chosen, "chosen"),
+                            rejected=_check_text(rejected, "rejected"), row=number)
+
+
+def _content(message: Any, where: str) -> tuple[str, str]:
+    """(role, text) of one chat message; content parts keep their text parts."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ValueError(f"{where}: each message must be an object with 'role' and 'content'")
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if parts and all(isinstance(p, str) for p in parts):
+            content = "\n".join(parts)
+    if not isinstance(content, str):
+        raise ValueError(f"{where}: message content must be text")
+    return message["role"], content
+
+
+def _user_turn(messages: list[Any]) -> str:
+    roles = [_content(m, "'prompt'")[0] for m in messages]
+    if roles != ["user"]:
+        raise ValueError(f"'prompt' must be exactly one user message (odpo trains single-turn prompts), got "
+                         f"roles {roles}")
+    return _content(messages[0], "'prompt'")[1]
+
+
+def _answer(value: Any, key: str) -> str:
+    if not isinstance(value, list) or len(value) != 1:
+        raise ValueError(f"{key!r} must be a list of one assistant message when 'prompt' is a list")
+    role, text = _content(value[0], repr(key))
+    if role != "assistant":
+        raise ValueError(f"{key!r} must be an assistant message, got role {role!r}")
+    return text
+
+
+def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[str, str, str]:
+    """TRL's implicit-prompt form: two conversations whose shared head is the prompt."""
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise ValueError("missing 'prompt' (plain-text chosen/rejected need one; conversations carry it)")
+    if len(chosen) < 2 or len(rejected) < 2 or chosen[:-1] != rejected[:-1]:
+        raise ValueError("'chosen' and 'rejected' without 'prompt' must be conversations that share every "
+                         "message but their last")
+    prompt = _user_turn(chosen[:-1])
+    return prompt, _answer(chosen[-1:], "chosen"), _answer(rejected[-1:], "rejected")
+
+
+def _check_prompt(text: str) -> str:
+    text = _check_text(text, "prompt").strip()
+    if not text:
+        raise ValueError("'prompt' is empty")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(f"'prompt' is {len(text)} characters, over the limit of {MAX_PROMPT_CHARS}")
+    return text
+
+
+def _check_text(text: str, key: str) -> str:
+    if "\x00" in text:
+        raise ValueError(f"{key!r} contains a NUL character, which databases cannot store in text")
+    return text
+

@@ -1,0 +1,137 @@
+"""The learn table: arms of `odpo bench learn` pooled over seeds, per rule x loss x mode.
+
+Pooling adds up the held-out wins, losses and ties of every seed's final policy and puts one Wilson
+95 % interval on that proportion (ties as half), so three seeds of 48 comparisons make n = 144.
+The interval speaks for eval-prompt noise and seed noise only as far as the seeds differ; the
+per-seed rates sit beside it so a reader sees the spread. "Online beats offline" means the two
+pooled intervals do not overlap, the issue's bar.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from odpo.bench.common import BenchResult, Target, result_path
+
+log = logging.getLogger(__name__)
+
+TARGETS = (Target("learn: online win rate vs base (first rule, DPO, pooled)", "online_win_rate", ">=", 0.80),
+           Target("learn: rules where online beats offline (DPO, 95 % intervals apart)",
+                  "rules_online_beats_offline", ">=", 2))
+
+
+def pooled(evals: Sequence[Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:
+    """Wins/losses/ties summed over seeds, with the Wilson interval of the sum; None if none ran."""
+    from odpo.trainer.evaluate import wilson_interval
+
+    done = [e for e in evals if e]
+    if not done:
+        return None
+    w, lo, t = (sum(e[k] for e in done) for k in ("wins", "losses", "ties"))
+    if w + lo + t == 0:
+        return None
+    wr = wilson_interval(w, lo, t)
+    return {"win_rate": wr.rate, "low": wr.low, "high": wr.high, "n": wr.n, "wins": w, "losses": lo, "ties": t}
+
+
+def cells(arms: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One cell per (rule, loss, mode), in the order the arms ran."""
+    keys: list[tuple[str, str, str]] = []
+    for arm in arms:
+        key = (arm["rule"], arm["loss"], arm["mode"])
+        if key not in keys:
+            keys.append(key)
+    out = []
+    for rule, loss, mode in keys:
+        mine = [a for a in arms if (a["rule"], a["loss"], a["mode"]) == (rule, loss, mode)]
+        points = sorted({p["labels"] for a in mine for p in a.get("curve", [])})
+        curve = [{"labels": n, **(pooled([p.get("eval") for a in mine for p in a.get("curve", [])
+                                          if p["labels"] == n]) or {"win_rate": None})} for n in points]
+        out.append({"rule": rule, "loss": loss, "mode": mode, "seeds": [a["seed"] for a in mine],
+                    "final": pooled([a.get("eval") for a in mine]),
+                    "per_seed": [a.get("win_rate") for a in mine],
+                    "wall_seconds_mean": sum(a["wall_seconds"] for a in mine) / len(mine),
+                    "steps": [a["steps"] for a in mine], "labels_used": [a["labels_used"] for a in mine],
+                    "curve": curve})
+    return out
+
+
+def _find(table: Sequence[dict[str, Any]], rule: str, loss: str, mode: str) -> Optional[dict[str, Any]]:
+    return next((c for c in table if (c["rule"], c["loss"], c["mode"]) == (rule, loss, mode)), None)
+
+
+def headline(table: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The target metrics: the first rule's DPO online rate and margin, and the rules where online's
+    pooled interval sits wholly above offline's."""
+    rules = list(dict.fromkeys(c["rule"] for c in table))
+    loss = "sigmoid" if any(c["loss"] == "sigmoid" for c in table) else (table[0]["loss"] if table else None)
+    beats, online_rate, margin = [], None, None
+    for i, rule in enumerate(rules):
+        on, off = _find(table, rule, loss, "online"), _find(table, rule, loss, "offline")
+        on_f, off_f = (on or {}).get("final"), (off or {}).get("final")
+        if i == 0 and on_f:
+            online_rate = on_f["win_rate"]
+            margin = on_f["win_rate"] - off_f["win_rate"] if off_f else None
+        if on_f and off_f and on_f["low"] > off_f["high"]:
+            beats.append(rule)
+    return {"online_win_rate": online_rate, "online_minus_offline": margin,
+            "rules_online_beats_offline": len(beats), "rules_where_online_beats_offline": beats}
+
+
+def _rate(final: Optional[dict[str, Any]]) -> str:
+    if not final:
+        return "-"
+    return f"{final['win_rate']:.2f} [{final['low']:.2f}, {final['high']:.2f}] n={final['n']}"
+
+
+def fill(result: BenchResult, arms: Sequence[dict[str, Any]]) -> None:
+    """Metrics (every arm, the pooled cells, the headline) and one row per cell."""
+    table = cells(arms)
+    result.metrics = {**headline(table), "cells": table, "arms": list(arms)}
+    for c in table:
+        name = f"{c['rule'].split(':', 1)[-1]} / {c['loss']} / {c['mode']}"
+        seeds = " ".join("-" if r is None else f"{r:.2f}" for r in c["per_seed"])
+        curve = ", ".join(f"{p['labels']}: {'-' if p['win_rate'] is None else format(p['win_rate'], '.2f')}"
+                          for p in c["curve"])
+        result.row(f"{name}: win rate vs base, pooled over {len(c['seeds'])} seed(s)", _rate(c["final"]))
+        result.row(f"{name}: per seed | curve (labels: rate) | wall per arm",
+                   f"{seeds} | {curve} | {c['wall_seconds_mean']:.0f} s")
+    for arm in arms:
+        if arm.get("eval_note"):
+            result.notes.append(f"{arm['rule']} {arm['loss']} {arm['mode']} seed {arm['seed']}: {arm['eval_note']}")
+
+
+def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:
+    """learn[-quick]-curve.png beside the JSON: pooled win rate vs labels spent, one line per
+    loss x mode, one panel per rule. None (and a log line) without matplotlib (the bench extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("no learn curve picture: matplotlib is not installed (pip install 'odpo[bench]')")
+        return None
+    table = result.metrics.get("cells", [])
+    rules = list(dict.fromkeys(c["rule"] for c in table))
+    if not rules:
+        return None
+    fig, axes = plt.subplots(1, len(rules), figsize=(5.5 * len(rules), 4), squeeze=False)
+    for ax, rule in zip(axes[0], rules):
+        for c in (c for c in table if c["rule"] == rule):
+            pts = [p for p in c["curve"] if p.get("win_rate") is not None]
+            xs, ys = [p["labels"] for p in pts], [p["win_rate"] for p in pts]
+            line = ax.plot(xs, ys, marker="o", label=f"{c['mode']} / {c['loss']}")[0]
+            ax.fill_between(xs, [p["low"] for p in pts], [p["high"] for p in pts], alpha=0.12,
+                            color=line.get_color())
+        ax.set(title=rule, xlabel="labels spent", ylabel="win rate vs base (95 % CI)", ylim=(0, 1.02))
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = result_path(out_dir, "learn", quick=result.quick).with_name(
+        f"learn{'-quick' if result.quick else ''}-curve.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
