@@ -91,7 +91,9 @@ def _claim_name(session: Session, *, key: str, value: dict[str, Any]) -> bool:
     dialect = session.get_bind().dialect.name
     if dialect in ("sqlite", "postgresql"):
         stmt = (sqlite_insert if dialect == "sqlite" else postgresql_insert)(Control).values(**row)
-        return session.execute(stmt.on_conflict_do_nothing(index_elements=[Control.key])).rowcount == 1
+        # RETURNING, not rowcount: psycopg reports -1 for an INSERT .. ON CONFLICT through the ORM session
+        stmt = stmt.on_conflict_do_nothing(index_elements=[Control.key]).returning(Control.key)
+        return session.execute(stmt).first() is not None
     try:
         with session.begin_nested():
             session.execute(insert(Control).values(**row))
