@@ -69,6 +69,7 @@ class ServeConfig:
     sample_autocast: bool = False  # bf16 autocast for generation (measured slower on CPU; see README)
     kv_cache: str = "dynamic"  # or "static" (transformers' StaticCache)
     sampler_nice: int = BACKGROUND_NICE  # the sampler thread yields the CPU to web requests (trainer/priority.py)
+    human_eval_share: float = 0.0  # share of queued pairs that are blind eval pairs (trainer/human_eval.py); 0 = off
 
     def __post_init__(self) -> None:
         checks = [(1 <= self.port <= 65535, "port must be 1..65535"),
@@ -82,7 +83,8 @@ class ServeConfig:
                   (self.claim_timeout_s > 0, "claim_timeout_s must be > 0"),
                   (0 < self.reload_poll_s <= 2, "reload_poll_s must be in (0, 2]"),
                   (self.kv_cache in ("dynamic", "static"), "kv_cache must be dynamic or static"),
-                  (0 <= self.sampler_nice <= 19, "sampler_nice must be 0..19")]
+                  (0 <= self.sampler_nice <= 19, "sampler_nice must be 0..19"),
+                  (0 <= self.human_eval_share < 1, "human_eval_share must be in [0, 1): 0.1 = 1 pair in 10")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -80,7 +80,7 @@ class Pair(Base):
     # How many labelers should see this pair (overlap); claims counts the live/answered showings.
     labels_wanted: Mapped[int] = mapped_column(Integer, default=1)
     claims: Mapped[int] = mapped_column(Integer, default=0)
-    purpose: Mapped[str] = mapped_column(String(20), default="train")  # train | typed
+    purpose: Mapped[str] = mapped_column(String(20), default="train")  # train | typed | eval
     requested_by: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     __table_args__ = (Index("ix_pairs_status_id", "status", "id"),)
@@ -200,6 +200,28 @@ class Eval(Base):
     ci_high: Mapped[float] = mapped_column(Float)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class HumanEval(Base):
+    """A person's vote on an eval pair, read from the policy's side: the evaluation judgment.
+
+    An eval pair (`pairs.purpose = "eval"`) is a held-out prompt answered once by the policy
+    (`version`) and once by a reference (`reference_version`, 0 = the base); the vote itself is an
+    ordinary label (the one vote path), which the trainer never reads (store.labels.source_filter).
+    One row per label and per (pair, labeler); an undo deletes it with the label's undo."""
+
+    __tablename__ = "human_evals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id"))
+    label_id: Mapped[int] = mapped_column(ForeignKey("labels.id"))
+    labeler: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)  # the policy judged
+    reference_version: Mapped[int] = mapped_column(Integer)  # 0 = base
+    outcome: Mapped[str] = mapped_column(String(10))  # win | loss | tie | both_bad (for the policy)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (UniqueConstraint("pair_id", "labeler", name="uq_human_eval_pair_labeler"),
+                      UniqueConstraint("label_id", name="uq_human_eval_label"),
+                      Index("ix_human_evals_version", "version", "reference_version"))
 
 
 class Labeler(Base):

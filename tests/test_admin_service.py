@@ -152,3 +152,12 @@ def test_state_markdown_escapes_other_processes_text(database):
     data["sampler"] = {**FakeSampler(database).state(), "last_error": "<img src=x onerror=alert(1)>"}
     md = state_markdown(data)
     assert "<img" not in md and "&lt;img" in md and "serving v0" in md
+
+
+def test_the_dashboard_shows_an_iterative_trainers_round(database):
+    admin = admin_service(database)
+    assert "round" not in state_markdown(admin.dashboard())  # online: no rounds to show
+    with database.sessions.begin() as s:
+        store.set_control(s, key="train.progress", value={"mode": "iterative", "round": 3, "labels": 17,
+                                                          "needed": 32, "training": False, "run": "default"})
+    assert "; round 3: 17/32 labels" in state_markdown(admin.dashboard()).splitlines()[0]

@@ -151,6 +151,15 @@ def test_counters(database):
     c = svc.counters()
     assert (c.queue, c.unconsumed, c.per_update, c.until_update, c.paused) == (0, 3, 4, 1, True)  # 5th on screen
     assert service(database, sampler=FakeSampler(database, serving_version=7)).counters().serving_version == 7
+    with database.sessions.begin() as s:  # an iterative trainer counts its round: the serving version's labels
+        store.set_control(s, key="train.progress", value={"mode": "iterative", "round": 2, "labels": 1,
+                                                          "needed": 6, "run": "default"})
+    c = svc.counters()
+    assert (c.unconsumed, c.per_update, c.until_update) == (1, 6, 5)
+    with database.sessions.begin() as s:  # another run's round says nothing about this one
+        store.set_control(s, key="train.progress", value={"mode": "iterative", "labels": 1, "needed": 6,
+                                                          "run": "other"})
+    assert (svc.counters().per_update, svc.counters().until_update) == (4, 1)
 
 
 def test_closed_tab_returns_its_pair_after_the_timeout(database):

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from odpo.db import store
-from odpo.trainer.on_policy import drop_length_cut
 
 if TYPE_CHECKING:
     from odpo.trainer.train_loop import DPOTrainer, PendingStep
@@ -177,13 +176,15 @@ class IterativeMode(PlannedMode):
     name = "iterative"
 
     def _make_plan(self) -> bool:
+        from odpo.trainer.on_policy import drop_length_cut  # torch: not for the dashboard's progress_line
+
         t = self.trainer
         need = t.cfg.round_labels
         round_no = int(self._head_metrics().get("round", 0)) + 1
         while True:
             with t.db.sessions() as s:
                 found = store.trainable_labels(s, run=t.cfg.run, sources=t.cfg.sources, pair_version=t.version,
-                                               limit=need)
+                                               limit=need, exclude_labelers=t.excluded_labelers(s))
             if not drop_length_cut(t.db, found, length_cut=t.cfg.length_cut, version=t.version, run=t.cfg.run):
                 break
         self.meta = {"round": round_no, "labels": len(found), "version": t.version}

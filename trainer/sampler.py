@@ -26,6 +26,7 @@ from odpo.db.engine import Database
 from odpo.db.models import Prompt
 from odpo.trainer.generation import Generated, GenerationInterrupted, SamplingParams, generate
 from odpo.trainer.hotreload import ReloadWatcher
+from odpo.trainer.human_eval import EvalCadence, interleave, with_references
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ class SamplerSettings:
     autocast_dtype: Optional[torch.dtype] = None
     cache_implementation: Optional[str] = None
     base_dir: Optional[Path] = None  # resolves relative adapter paths (the data directory)
+    ramp_up: bool = False  # `odpo serve`: start with batches of 1, 2, 4, … prompts (first pair sooner)
     nice: int = 0  # added to the sampler thread's nice value: labelers' requests go first (trainer/priority.py)
+    human_eval_share: float = 0.0  # this share of the queued pairs are blind eval pairs vs the base (human_eval.py)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ class Sampler:
         self._batch_index = 0
         self._interrupted_streak = 0
         self._warned_no_prompts = False
+        self._warned_no_held_out = False
+        self.eval_cadence = EvalCadence(settings.human_eval_share, seed=settings.params.seed)
         self.generating = False
         self.queue = 0
         self.pairs_made = 0
@@ -115,6 +120,7 @@ class Sampler:
             "pairs_made": self.pairs_made,
             "interrupted_batches": self.interrupted_batches,
             "nul_stripped": self.nul_stripped,
+            "no_prompts": self._warned_no_prompts,  # the page says to import some
         }
 
     # --- one unit of work --------------------------------------------------------------------
@@ -150,15 +156,38 @@ class Sampler:
         jobs = self._take_typed(self.settings.prompts_per_batch)
         with self.db.sessions.begin() as s:
             self.queue = store.count_pairs(s, status="queued", purpose="train")
-            room = min(self.settings.queue_size - self.queue, self.settings.prompts_per_batch - len(jobs))
+            room = min(self.settings.queue_size - self.queue, self._batch_limit() - len(jobs))
             if room > 0:
-                typed_ids = [j.prompt_id for j in jobs]
-                rows = store.pick_prompts_for_sampling(s, n=room, exclude_ids=typed_ids)
-                jobs += [_Job(prompt_id=p.id, text=p.text) for p in rows]
-                if not rows and not self._warned_no_prompts:
-                    log.warning("no training prompts to sample: import some (odpo prompts import FILE)")
-                self._warned_no_prompts = not rows
+                jobs += self._fill(s, room, exclude=[j.prompt_id for j in jobs])
         return jobs
+
+    def _fill(self, s: Any, room: int, *, exclude: list[int]) -> list[_Job]:
+        """Jobs for `room` queue slots: a held-out prompt for each slot the eval cadence marks (once
+        a trained version serves: the reference is the base), least recently sampled training
+        prompts for the others, in slot order."""
+        flags = self.eval_cadence.plan(room) if self.settings.human_eval_share and self.watcher.serving_version else []
+        held_out = store.pick_held_out_prompts(s, n=sum(flags))
+        evals = [_Job(prompt_id=p.id, text=p.text, purpose="eval") for p in held_out]
+        if sum(flags):  # warn once per run of misses, not once per due eval pair
+            if not evals and not self._warned_no_held_out:
+                log.warning("no held-out prompts for blind eval pairs: import some with --held-out 0.1")
+            self._warned_no_held_out = not evals
+        rows = store.pick_prompts_for_sampling(s, n=room - len(evals), exclude_ids=exclude) if room > len(evals) else []
+        if room > len(evals):
+            if not rows and not self._warned_no_prompts:
+                log.warning("no training prompts to sample: import some (odpo prompts import FILE)")
+            self._warned_no_prompts = not rows
+        return interleave(flags, [_Job(prompt_id=p.id, text=p.text) for p in rows], evals)
+
+    def _batch_limit(self) -> int:
+        """Prompts in the next batch: `prompts_per_batch`, except with `ramp_up` while the process
+        starts with an empty queue, when batches grow 1, 2, 4, … (pairs made so far + 1). A batch is stored
+        only when all its rows are done, and on CPU 8 prompts took ~1.8x as long as 1, so the first
+        pair comes in about half the time; every sample is still drawn with the same parameters."""
+        ppb = self.settings.prompts_per_batch
+        if not self.settings.ramp_up or self.queue > 0:
+            return ppb
+        return max(1, min(ppb, self.pairs_made + 1))
 
     def _take_typed(self, limit: int) -> list[_Job]:
         with self._typed_lock:
@@ -209,9 +238,18 @@ class Sampler:
                     autocast_dtype=self.settings.autocast_dtype,
                     cache_implementation=self.settings.cache_implementation,
                     should_stop=should_stop)
+                outputs = self._with_references(jobs, outputs, params=params, version=version, should_stop=should_stop)
             finally:
                 self.generating = False
         return outputs, version, time.perf_counter() - started
+
+    def _with_references(self, jobs: list[_Job], outputs: list[list[Generated]], *, params: SamplingParams,
+                         version: int, should_stop: Any) -> list[list[Generated]]:
+        """Eval jobs: one policy sample and the base's answer (a base-serving sampler makes none)."""
+        at = [i for i, job in enumerate(jobs) if job.purpose == "eval"] if version else []
+        return with_references(self.model, self.tokenizer, outputs, at=at, texts=[jobs[i].text for i in at],
+                               params=params, autocast_dtype=self.settings.autocast_dtype,
+                               cache_implementation=self.settings.cache_implementation, should_stop=should_stop)
 
     def _store(self, jobs: list[_Job], outputs: list[list[Generated]], *, version: int,
                params: SamplingParams) -> None:
@@ -221,6 +259,13 @@ class Sampler:
         with self.db.sessions.begin() as s:
             for job, (a, b) in zip(jobs, outputs, strict=True):
                 samples = [self._new_sample(g, params=base) for g in (a, b)]
+                if job.purpose == "eval":  # held-out: an eval pair, never a training pair
+                    if version:
+                        store.add_eval_pair(s, prompt_id=job.prompt_id, version=version, reference_version=0,
+                                            policy=samples[0], reference=samples[1],
+                                            labels_wanted=self.settings.overlap,
+                                            policy_side=self.eval_cadence.policy_side())
+                    continue
                 store.add_pair(s, prompt_id=job.prompt_id, version=version, a=samples[0], b=samples[1],
                                labels_wanted=1 if job.purpose == "typed" else self.settings.overlap,
                                purpose=job.purpose, requested_by=job.requested_by)
@@ -264,11 +309,10 @@ class Sampler:
             t.join(timeout)
 
     def _sample_loop(self) -> None:
-        if self.settings.nice:
-            from odpo.trainer.priority import lower_thread_priority
-
-            lower_thread_priority(self.settings.nice)
+        niced = False
         while not self._stop.is_set():
+            if not niced and self._time_to_yield():
+                niced = self._lower_priority()
             if self.watcher.swap_wanted.is_set():  # let the watcher take the lock first
                 self._stop.wait(0.01)
                 continue
@@ -282,6 +326,20 @@ class Sampler:
             if not made:
                 self._wake.wait(self.settings.poll_s)
                 self._wake.clear()
+
+    def _time_to_yield(self) -> bool:
+        """When the thread takes its lower priority: at once, except with `ramp_up` while the first
+        pair is still wanted (an empty queue, nothing made): no vote waits on the sampler then,
+        and a busy machine (nice 0 work) had slowed that first batch about twofold."""
+        return not self.settings.ramp_up or self.pairs_made > 0 or self.queue > 0
+
+    def _lower_priority(self) -> bool:
+        """Lower this thread's priority once (settings.nice); True: done or not wanted."""
+        if self.settings.nice:
+            from odpo.trainer.priority import lower_thread_priority
+
+            lower_thread_priority(self.settings.nice)
+        return True
 
     def _watch_loop(self) -> None:
         next_release = 0.0

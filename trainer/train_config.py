@@ -44,6 +44,9 @@ MODES = ("online", "iterative", "offline")
 #   rate vs the base on 32 held-out prompts: keep 1.00 [0.89, 1.00] after 11 steps; drop 0.73
 #   [0.56, 0.86] after 2 steps (80 of 96 labels left out).
 DEFAULT_LENGTH_CUT = "keep"
+# Comparisons a person needs on a basis (gold / people / judges) before their agreement can exclude
+# them: at 20, one unlucky disagreement moves the rate by 5 points, not 50.
+DEFAULT_AGREEMENT_MIN_N = 20
 
 
 class TrainConfigError(OdpoError, ValueError):
@@ -92,6 +95,10 @@ class TrainConfig:
     mode: str = "online"
     round_labels: Optional[int] = None  # iterative: labels per round (each round makes one version)
     epochs: int = 1  # iterative: passes over a round's labels; offline: over the dataset's labels
+    # Leave out the labels of people whose agreement (gold, else other people, else judges, the first
+    # with >= agreement_min_n comparisons) is below this; None = off (db/store/quality.py).
+    min_labeler_agreement: Optional[float] = None
+    agreement_min_n: int = DEFAULT_AGREEMENT_MIN_N
 
     def __post_init__(self) -> None:
         # Defaults that depend on the loss are filled in here, so every reader sees plain numbers.
@@ -146,6 +153,10 @@ class TrainConfig:
              "eval_every needs eval_judge: the judge spec that decides the win rate"),
             (_pos_int(self.eval_n), "eval_n must be an integer >= 1"),
             (_pos_int(self.eval_max_new_tokens), "eval_max_new_tokens must be an integer >= 1"),
+            (self.min_labeler_agreement is None or (_finite(self.min_labeler_agreement)
+                                                   and 0 <= self.min_labeler_agreement <= 1),
+             f"min_labeler_agreement must be in [0, 1] (or None for off), got {self.min_labeler_agreement!r}"),
+            (_pos_int(self.agreement_min_n), f"agreement_min_n must be an integer >= 1, got {self.agreement_min_n!r}"),
         ]
 
     def _mode_checks(self) -> list[tuple[bool, str]]:
@@ -167,6 +178,8 @@ class TrainConfig:
              "sources 'dataset' (imported datasets) needs mode offline"),
             (mode != "offline" or self.max_staleness_train is None,
              "max_staleness_train does not apply to mode offline: imported pairs were sampled by no version"),
+            (mode != "offline" or self.min_labeler_agreement is None,
+             "min_labeler_agreement does not apply to mode offline: imported labels have no labeler here"),
         ]
 
     def model_config(self, cache_dir: Path) -> ModelConfig:
@@ -186,6 +199,8 @@ class TrainConfig:
         out.update(self.loss_options())  # only when set, so older runs keep their hash
         if self.length_cut != DEFAULT_LENGTH_CUT:
             out["length_cut"] = self.length_cut
+        if self.min_labeler_agreement is not None:  # only when set, so older runs keep their hash
+            out.update(min_labeler_agreement=self.min_labeler_agreement, agreement_min_n=self.agreement_min_n)
         if self.mode != "online":  # only when set, so online runs keep their hash
             out.update(mode=self.mode, epochs=self.epochs)
             if self.round_labels is not None:

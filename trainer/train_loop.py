@@ -83,6 +83,7 @@ class DPOTrainer:
         self._autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self._autocast_dtype: Any = None
         self._eval_judge: Any = None  # built once in start() when cfg.eval_every asks for evals
+        self._excluded: dict[str, dict[str, Any]] = {}  # --min-labeler-agreement's last verdict, for its log
         self.mode = make_mode(self)  # online / iterative / offline (trainer/modes.py)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -268,7 +269,7 @@ class DPOTrainer:
         while True:
             with self.db.sessions() as s:
                 rows = store.unconsumed_labels(s, limit=need + len(taken), run=self.cfg.run,
-                                               sources=self.cfg.sources)
+                                               sources=self.cfg.sources, exclude_labelers=self.excluded_labelers(s))
             fresh = [r for r in rows if r.label_id not in taken]
             if drop_length_cut(self.db, fresh, length_cut=self.cfg.length_cut, version=self.version,
                                run=self.cfg.run):
@@ -281,6 +282,15 @@ class DPOTrainer:
             self.stats.stale_skipped += n
             log.info("skipped %d label(s) of pairs more than %d versions older than v%d (%d so far)",
                      n, self.cfg.max_staleness_train, self.version, self.stats.stale_skipped)
+
+    def excluded_labelers(self, session: Any) -> list[str]:
+        """Whose labels a read leaves out (--min-labeler-agreement), asked afresh on every read so a
+        person whose agreement recovers is let back in; a newly excluded person is logged once."""
+        if self.cfg.min_labeler_agreement is None:
+            return []
+        self._excluded = store.excluded_labelers(session, min_agreement=self.cfg.min_labeler_agreement,
+                                                 min_n=self.cfg.agreement_min_n, known=self._excluded)
+        return sorted(self._excluded)
 
     def _is_stale(self, label: store.TrainingLabel) -> bool:
         limit = self.cfg.max_staleness_train

@@ -1,4 +1,7 @@
-"""`odpo eval --a vN --b base|vM --judge SPEC`: win rate of one policy version over another."""
+"""`odpo eval --a vN --b base|vM --judge SPEC`: win rate of one policy version over another.
+
+`odpo eval --human [--n 20] [--version vN] [--reference base|vM]` queues blind eval pairs for people
+instead (trainer/human_eval.py): their votes show as the human win rate on the dashboard."""
 from __future__ import annotations
 
 import json
@@ -40,10 +43,17 @@ def describe(result: Any) -> str:
 
 
 @click.command("eval")
-@click.option("--a", "version_a", default="latest", show_default=True, help="Policy A: vN, latest or base.")
-@click.option("--b", "version_b", default="base", show_default=True, help="Policy B: base, vM or latest.")
-@click.option("--judge", "spec", required=True, envvar="ODPO_JUDGE", metavar="SPEC", help=SPEC_HELP)
-@click.option("--n", type=click.IntRange(1), default=64, show_default=True, help="Held-out prompts to compare on.")
+@click.option("--a", "--version", "version_a", default="latest", show_default=True,
+              help="Policy A: vN, latest or base.")
+@click.option("--b", "--reference", "version_b", default="base", show_default=True,
+              help="Policy B: base, vM or latest.")
+@click.option("--judge", "spec", default=None, envvar="ODPO_JUDGE", metavar="SPEC",
+              help=SPEC_HELP + " Required unless --human.")
+@click.option("--human", is_flag=True,
+              help="Queue blind eval pairs for people instead of judging: n held-out prompts answered by "
+                   "--version and --reference, labeled like any pair, never trained on.")
+@click.option("--n", type=click.IntRange(1), default=None,
+              help="Held-out prompts to compare on [default: 64; 20 with --human].")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.7, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
@@ -58,11 +68,22 @@ def describe(result: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @judge_options
 @click.pass_obj
-def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: str, n: int, max_new_tokens: int,
-             temperature: float, top_p: float, seed: int, run: str, model_spec: Optional[str], device: str,
-             dtype: str, load_in_4bit: bool, as_json: bool, **judge_kwargs: Any) -> None:
+def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: Optional[str], human: bool,
+             n: Optional[int], max_new_tokens: int, temperature: float, top_p: float, seed: int, run: str,
+             model_spec: Optional[str], device: str, dtype: str, load_in_4bit: bool, as_json: bool,
+             **judge_kwargs: Any) -> None:
     """Sample both policies on the held-out prompts, judge every pair in both orders, and store the
-    win rate of A over B with a 95% interval (ties count half) in the evals table."""
+    win rate of A over B with a 95% interval (ties count half) in the evals table. With --human,
+    queue those pairs for people to judge blind instead."""
+    if human:
+        sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        model = {"model_spec": model_spec, "device": device, "dtype": dtype, "load_in_4bit": load_in_4bit}
+        _queue_human(cfg, version_a=version_a, version_b=version_b, n=n or 20, run=run, as_json=as_json,
+                     sampling=sampling, model=model)
+        return
+    if not spec:
+        raise click.UsageError("--judge SPEC is required (or --human to queue the pairs for people)")
+    n = n or 64
     from odpo.db import store
     from odpo.trainer.evaluate import adapter_path, load_eval_policy, run_eval
     from odpo.trainer.export import base_model_spec
@@ -92,3 +113,38 @@ def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: str, n: in
     finally:
         db.close()
     click.echo(json.dumps(result.summary()) if as_json else describe(result))
+
+
+def _queue_human(cfg: CommonConfig, *, version_a: str, version_b: str, n: int, run: str, as_json: bool,
+                 sampling: dict[str, Any], model: dict[str, Any]) -> None:
+    """`odpo eval --human`: answer n held-out prompts with both versions and queue them as blind
+    eval pairs in one transaction; `odpo serve` shows them to people like any pair."""
+    from odpo.db import store
+    from odpo.trainer.evaluate import adapter_path, load_eval_policy
+    from odpo.trainer.export import base_model_spec
+    from odpo.trainer.generation import SamplingParams
+    from odpo.trainer.human_eval import queue_human_eval
+
+    db = cfg.open_db()
+    try:
+        with db.sessions() as s:
+            latest = store.latest_adapter(s, run=run)
+        a = parse_version(version_a, latest=latest.version if latest else 0)
+        b = parse_version(version_b, latest=latest.version if latest else 0)
+        if a == b:
+            raise VersionSpecError(f"--version and --reference both name v{a}; pick two different policies"
+                                   + ("" if latest else " (no adapter version is committed yet)"))
+        holds = a or b
+        path = adapter_path(db, version=holds, run=run, base_dir=cfg.data_dir)
+        policy, tokenizer, autocast_dtype = load_eval_policy(
+            model_spec=base_model_spec(path, model["model_spec"]), adapter_dir=path, cache_dir=cfg.model_cache_dir,
+            device=model["device"], dtype=model["dtype"], load_in_4bit=model["load_in_4bit"])
+        ids = queue_human_eval(db, policy=policy, tokenizer=tokenizer, version=a, reference=b, n=n,
+                               params=SamplingParams(**sampling), run=run, holds=holds, base_dir=cfg.data_dir,
+                               autocast_dtype=autocast_dtype)
+    finally:
+        db.close()
+    ref = "base" if b == 0 else f"v{b}"
+    click.echo(json.dumps({"queued": len(ids), "version": a, "reference": b, "pair_ids": ids}) if as_json else
+               f"queued {len(ids)} blind eval pairs: v{a} against {ref}; people label them in `odpo serve`, "
+               "and the dashboard shows the human win rate")

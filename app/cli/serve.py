@@ -55,6 +55,9 @@ _SERVE = [
     click.option("--sample-autocast", is_flag=True, help="bf16 autocast while sampling (see README benchmarks)."),
     click.option("--sampler-nice", type=click.IntRange(0, 19), default=BACKGROUND_NICE, show_default=True,
                  help="Nice increment of the sampler thread, so votes are answered first on a busy CPU. 0 = off."),
+    click.option("--human-eval-share", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+                 help="Share of the pairs people see that are blind eval pairs (a held-out prompt, the serving "
+                      "version against the base): 0.1 = 1 in 10; 0 = off. Their votes are never trained on."),
 ]
 
 

@@ -62,6 +62,13 @@ LOSS_CHOICES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "simpo")
               help="--mode iterative: labels of pairs sampled from the serving version that make a round.")
 @click.option("--epochs", "--round-epochs", "epochs", type=click.IntRange(1), default=1, show_default=True,
               help="--mode iterative: passes over each round's labels; --mode offline: over the dataset.")
+@click.option("--min-labeler-agreement", type=click.FloatRange(0, 1), default=None, metavar="R",
+              help="Do not train on the labels of people whose agreement is below R (0..1): with gold answers "
+                   "if they have >= --agreement-min-n gold comparisons, else with other people, else with "
+                   "judges; people with fewer comparisons on every basis are kept. Left-out labels stay "
+                   "unused (a lower R later trains them). Only a/b labels are compared. [default: off]")
+@click.option("--agreement-min-n", type=click.IntRange(1), default=20, show_default=True, metavar="N",
+              help="Comparisons a person needs on a basis before --min-labeler-agreement judges them on it.")
 @click.option("--poll-seconds", type=click.FloatRange(0, min_open=True), default=2.0, show_default=True)
 @click.option("--max-grad-norm", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
               help="Clip the LoRA gradient to this L2 norm.")

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from odpo.app.config import ServeConfig
-from odpo.app.services.labeling import LabelService
+from odpo.app.services.human_eval import human_win_rates
+from odpo.app.services.labeler_quality import labeler_quality
+from odpo.app.services.labeling import LabelService, load_guidelines
 from odpo.app.ui.auth import AuthConfig
 from odpo.app.up import up_state_key
 from odpo.db import store
@@ -22,11 +24,14 @@ from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import utcnow
 from odpo.trainer.judge_worker import JUDGE_STATE_PREFIX
+from odpo.trainer.modes import PROGRESS_KEY
 
 log = logging.getLogger(__name__)
 
 PAUSE_KEY = "train.paused"
 HOURS_SHOWN = 48
+GUIDELINES_KEY = "guidelines"  # the control row an admin's guidelines live in (over --guidelines)
+MAX_GUIDELINES_CHARS = 20_000
 
 
 class AdminError(OdpoError):
@@ -65,12 +70,15 @@ class AdminService:
             data = {
                 "train": store.train_series(s, run=run),
                 "evals": store.eval_series(s),
+                "human_evals": human_win_rates(s),
                 "labels_per_hour": store.labels_per_hour(s, since=utcnow() - dt.timedelta(hours=HOURS_SHOWN)),
                 "labelers": store.labeler_stats(s),
                 "agreement": store.judge_agreement(s),
+                "labeler_quality": labeler_quality(s),
                 "last_step": store.last_train_step(s, run=run),
                 "status": store.status_counts(s, run=run),
                 "paused": _paused(s),
+                "train_progress": store.get_control(s, key=PROGRESS_KEY),
                 "processes": store.get_control(s, key=up_state_key(run)),
                 "judges": list(store.controls_with_prefix(s, prefix=JUDGE_STATE_PREFIX).values()),
             }
@@ -129,6 +137,44 @@ class AdminService:
         self.require_admin(username)
         with self.db.sessions.begin() as s:
             return store.retire_queue(s)
+
+    # -- labeler quality and guidelines ------------------------------------------------------------
+    def mark_gold(self, *, username: Optional[str], pair_id: Any, choice: str) -> dict[str, Any]:
+        """Set a pair's gold answer (a or b, in pair terms as stored, not the side anyone saw it on);
+        people's agreement with gold answers is on the dashboard and can gate training."""
+        self.require_admin(username)
+        try:
+            pid = int(str(pair_id).strip())
+        except ValueError:
+            raise AdminError(f"pair id must be a whole number, got {str(pair_id)[:40]!r}") from None
+        choice = str(choice or "").strip().lower()
+        try:
+            with self.db.sessions.begin() as s:
+                store.set_gold(s, pair_id=pid, choice=choice, by=username or "admin")
+        except store.StoreError as exc:
+            raise AdminError(str(exc)) from None
+        log.info("gold answer of pair %d set to %s by %s", pid, choice, username or "admin")
+        return {"pair_id": pid, "choice": choice}
+
+    def get_guidelines(self) -> str:
+        """The guidelines the Label tab shows: an admin's (stored), else --guidelines, else built-in."""
+        with self.db.sessions() as s:
+            stored = store.get_control(s, key=GUIDELINES_KEY) or {}
+        text = str(stored.get("text") or "").strip()
+        return text or load_guidelines(self.config.guidelines)
+
+    def set_guidelines(self, *, username: Optional[str], text: Optional[str]) -> str:
+        """Store new guidelines (one upsert: the last save wins whole); empty text goes back to
+        the configured ones. Pages show them from their next load."""
+        self.require_admin(username)
+        clean = (text or "").strip()
+        if len(clean) > MAX_GUIDELINES_CHARS:
+            raise AdminError(f"guidelines can have at most {MAX_GUIDELINES_CHARS:,} characters "
+                             f"(got {len(clean):,}); nothing was saved")
+        with self.db.sessions.begin() as s:
+            store.set_control(s, key=GUIDELINES_KEY, value={"text": clean, "by": username or "admin"})
+        log.info("guidelines %s by %s", "updated" if clean else "reset", username or "admin")
+        return self.get_guidelines()
 
     # -- exports --------------------------------------------------------------------------------
     def export_available(self) -> bool:

@@ -190,6 +190,7 @@ class LabelService:
                 raise LabelError("nothing to undo: no vote of yours is waiting for training")
             claimed = store.undo_label(s, label_id=label.id, labeler=labeler, client=client,
                                        timeout_s=self.config.claim_timeout_s)
+            store.drop_judgment(s, label_id=label.id)  # an eval pair's judgment goes with its vote
             return _view(s, claimed)
 
     # -- inside one transaction -------------------------------------------------------------------
@@ -199,7 +200,8 @@ class LabelService:
             shown = store.oldest_open_claim(s, labeler=labeler, client=client, exclude=exclude, take_over=take_over)
             if shown is not None:
                 return _view(s, shown)
-        claimed = store.claim_next_pair(s, labeler=labeler, client=client, timeout_s=self.config.claim_timeout_s)
+        claimed = store.claim_next_pair(s, labeler=labeler, client=client, timeout_s=self.config.claim_timeout_s,
+                                        evals=True)  # blind human eval pairs come in the same queue
         return None if claimed is None else _view(s, claimed)
 
     def _promote(self, s, *, labeler: str, client: str, assignment_id: Optional[int]) -> Optional[PairView]:
@@ -220,6 +222,7 @@ class LabelService:
         shown_left = asg.shown_left
         label = store.record_label(s, assignment_id=asg.id, labeler=labeler, client=client,
                                    choice=absolute_choice(side, shown_left), reason=reason)
+        store.record_judgment(s, label=label)  # on an eval pair: the evaluation judgment, same transaction
         note = self._judge_note(s, label.pair_id, shown_left) if self.config.show_judge_after_vote else None
         return label.id, label.choice, note
 
@@ -268,8 +271,9 @@ class LabelService:
             sources = train_cfg.get("sources", "all")
             unconsumed = store.count_unconsumed(s, run=self.config.run,
                                                 sources=sources if sources in ("human", "judge") else "all")
+            per_update, unconsumed = _round_counts(s, run=self.config.run, default=(per_update, unconsumed))
             paused = bool((store.get_control(s, key="train.paused") or {}).get("paused", False))
-            queue = store.count_pairs(s, status="queued")
+            queue = store.count_pairs(s, status="queued") + store.count_eval_pairs(s, status="queued")
             serving = state.get("serving_version")
             if serving is None:
                 latest = store.latest_adapter(s, run=self.config.run)
@@ -291,6 +295,19 @@ class LabelService:
     def labels_by(self, *, labeler: str) -> int:
         with self.db.sessions() as s:
             return store.count_labels(s, labeler=labeler)
+
+
+def _round_counts(s, *, run: str, default: tuple[int, int]) -> tuple[int, int]:
+    """(labels a version takes, labels toward it) of an iterative trainer's round: its own count of
+    the serving version's labels (`train.progress`, trainer/modes.py), since a round trains only
+    those; else `default` (online: batch x save_every and every unused label)."""
+    progress = store.get_control(s, key="train.progress") or {}
+    if progress.get("mode") != "iterative" or progress.get("run", run) != run:
+        return default
+    try:
+        return max(1, int(progress["needed"])), max(0, int(progress["labels"]))
+    except (KeyError, TypeError, ValueError):
+        return default
 
 
 def _per_update(train_cfg: dict[str, Any]) -> int:

@@ -1,13 +1,33 @@
-"""What `odpo status` reports: prompts, pairs by status, labels by source, versions, last step.
+"""What `odpo status` reports, whether a trainer is alive, and what the labeling page waits for.
 
 A service so the CLI stays a formatter; the dashboard reads the same counts through AdminService.
+
+Trainer liveness: the trainer writes no heartbeat of its own, but `odpo up` reports its children
+(with a wall-clock time) into the run's control row every 10 s, and a working trainer leaves
+train_steps rows. The page's "Until next update" chip used to say "training…" whenever enough
+labels were waiting, even with no trainer at all; `trainer_state` says what is known instead.
 """
 from __future__ import annotations
 
-from typing import Any
+import datetime as dt
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from odpo.app.config import CommonConfig
+from odpo.app.up import up_state_key
 from odpo.db import store
+from odpo.db.models import TrainStep
+
+UP_REPORT_FRESH_S = 60.0  # `up` reports every 10 s; an older report means `up` itself is gone
+STEP_RECENT_S = 300.0  # without `up`: a train step this recent shows a trainer at work
+TRAINER_CACHE_S = 2.0  # every page ticks once a second; one read serves them all for this long
+
+RUNNING, STARTING, DOWN, UNKNOWN = "running", "starting", "down", "unknown"
 
 
 def read_status(cfg: CommonConfig, *, run: str) -> dict[str, Any]:
@@ -18,3 +38,111 @@ def read_status(cfg: CommonConfig, *, run: str) -> dict[str, Any]:
             return store.status_counts(s, run=run)
     finally:
         db.close()
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """`state`: running (up runs it, or it trained lately), starting (up is (re)starting it),
+    down (up runs without one, or gave up on it), unknown (no up report and no recent step:
+    a separately started `odpo train` may be waiting for labels, or nothing runs)."""
+
+    state: str
+    detail: str = ""
+
+
+def trainer_state(session: Session, *, run: str, now: Optional[float] = None) -> TrainerState:
+    """What the database says about the run's trainer (see the module docstring)."""
+    now = time.time() if now is None else now
+    report = store.get_control(session, key=up_state_key(run))
+    from_up = _from_up_report(report, now=now)
+    if from_up is not None:
+        return from_up
+    last = session.scalar(select(func.max(TrainStep.created_at)).where(TrainStep.run == run))
+    if last is not None:
+        if _age_of(last, now) <= STEP_RECENT_S:
+            return TrainerState(RUNNING, "a train step was recorded lately")
+    return TrainerState(UNKNOWN, "no trainer seen: start `odpo train` (or use `odpo up`)")
+
+
+def _age_of(created: dt.datetime, now: float) -> float:
+    """Seconds from a naive-UTC database time to the epoch time `now`."""
+    return now - created.replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def _from_up_report(report: Optional[Mapping[str, Any]], *, now: float) -> Optional[TrainerState]:
+    """The trainer's state from a fresh `odpo up` report; None when there is no fresh one."""
+    if not report:
+        return None
+    at = report.get("at")
+    if not isinstance(at, (int, float)) or now - float(at) > UP_REPORT_FRESH_S:
+        return None
+    if report.get("state") in ("stopping", "stopped"):
+        return TrainerState(DOWN, "odpo up is stopping")
+    children = [c for c in report.get("children") or [] if isinstance(c, dict) and c.get("name") == "train"]
+    if not children:
+        return TrainerState(DOWN, "odpo up runs without a trainer (--no-train)")
+    child_state = str(children[0].get("state") or "")
+    if child_state == "running":
+        return TrainerState(RUNNING)
+    if child_state in ("starting", "restarting"):
+        return TrainerState(STARTING, f"the trainer is {child_state}")
+    return TrainerState(DOWN, f"the trainer {child_state or 'is not running'}")
+
+
+class TrainerWatch:
+    """`trainer_state` for the page's once-a-second ticks, read at most every TRAINER_CACHE_S."""
+
+    def __init__(self, db: Any, *, run: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.db, self.run, self._clock = db, run, clock
+        self._lock = threading.Lock()
+        self._cached: Optional[tuple[float, TrainerState]] = None
+
+    def get(self) -> TrainerState:
+        with self._lock:
+            if self._cached is not None and self._clock() - self._cached[0] < TRAINER_CACHE_S:
+                return self._cached[1]
+        with self.db.sessions() as s:
+            state = trainer_state(s, run=self.run)
+        with self._lock:
+            self._cached = (self._clock(), state)
+        return state
+
+
+def update_chip(*, until_update: int, paused: bool, trainer: Optional[TrainerState]) -> str:
+    """The "Until next update" chip's value, true to what the trainer does (None = not known)."""
+    if paused:
+        return "paused"
+    if trainer is not None and trainer.state == DOWN:
+        return "no trainer running"
+    if trainer is not None and trainer.state == STARTING:
+        return "trainer starting"
+    if until_update > 0:
+        return f"{until_update} more label{'s' if until_update != 1 else ''}"
+    if trainer is None or trainer.state == RUNNING:
+        return "training…"
+    return "waiting for a trainer"
+
+
+# The sampler's start-up phases, as `odpo serve` reports them in the sampler state ("phase").
+CONVERTING, LOADING, SAMPLING, FAILED = "converting", "loading", "sampling", "failed"
+
+
+def waiting_message(state: Mapping[str, Any]) -> tuple[str, str]:
+    """(title, line): what an empty slot of the labeling page waits for, from the sampler state
+    (`LabelService.sampler_state()`): the model converting or loading, the first pairs being
+    sampled, no prompts, a sampler error, or (the usual case) new pairs on their way."""
+    phase = state.get("phase")
+    if phase == CONVERTING:
+        return ("Converting the model (first run only, a minute or two)…",
+                "The first pair appears here by itself once the model is converted and has sampled it.")
+    if phase == LOADING:
+        return "Loading the model…", "The first pair appears here by itself as soon as it is sampled."
+    if phase == FAILED:
+        return "The model failed to load", f"{state.get('last_error') or 'see the server log'}"
+    if state.get("last_error"):
+        return "Sampling failed; retrying…", f"Last error: {state['last_error']}"
+    if state.get("no_prompts"):
+        return "No prompts to sample", "Import prompts in the Admin tab (or `odpo prompts import FILE`)."
+    if state.get("pairs_made") == 0:  # a serving sampler that has not stored a pair yet
+        return "Sampling the first pair…", "It appears here by itself as soon as it is ready."
+    return "Sampling new pairs…", "The next pair appears here by itself as soon as it is ready."

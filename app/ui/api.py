@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import gradio as gr
 
 from odpo.app.services.labeling import DEFAULT_CLIENT, LabelService
+from odpo.app.services.status import trainer_state, waiting_message
 from odpo.app.ui.common import INTERNAL_ERROR, Identity
 from odpo.db.errors import OdpoError
 
@@ -34,9 +35,11 @@ def register_api(labels: LabelService, identity: Identity) -> None:
     @_api_guard
     def next_pair(labeler: str = "", request: gr.Request = None) -> dict:
         """The pair to label now (the one already on your screen, else the next queued pair);
-        {"pair": null} while the sampler is still filling the queue."""
+        {"pair": null, "waiting": "<what for>"} while the sampler is still filling the queue."""
         view = labels.current_pair(labeler=identity.labeler(labeler, request), client=client_key(request))
-        return {"pair": view.to_dict() if view else None}
+        if view is None:  # what the page would say: the model loading, the first pair sampling, …
+            return {"pair": None, "waiting": " ".join(waiting_message(labels.sampler_state()))}
+        return {"pair": view.to_dict()}
 
     @_api_guard
     def vote(assignment_id: int, choice: str, labeler: str = "", reason: str = "",
@@ -62,10 +65,13 @@ def register_api(labels: LabelService, identity: Identity) -> None:
 
     @_api_guard
     def counters() -> dict:
-        """Queue size, serving version, labels until the next adapter update."""
+        """Queue size, serving version, labels until the next adapter update, and the trainer's
+        state (running, starting, down, unknown: app/services/status.py)."""
         c = labels.counters()
+        with labels.db.sessions() as s:
+            trainer = trainer_state(s, run=labels.config.run).state
         return {"queue": c.queue, "serving_version": c.serving_version, "unconsumed": c.unconsumed,
-                "until_update": c.until_update, "paused": c.paused}
+                "until_update": c.until_update, "paused": c.paused, "trainer": trainer}
 
     for fn in (next_pair, vote, undo, ask_prompt, counters):
         gr.api(fn, api_name=fn.__name__, **API)

@@ -16,13 +16,13 @@ import gradio as gr
 
 from odpo.app.serve import AppContext
 from odpo.app.services.admin import AdminService
-from odpo.app.services.labeling import LabelService, load_guidelines
-from odpo.app.ui.admin import build_admin_tab, wire_admin_load
+from odpo.app.services.labeling import LabelService
+from odpo.app.ui.admin import build_admin_tab, export_route, wire_admin_load
 from odpo.app.ui.api import register_api
 from odpo.app.ui.auth import AuthConfig, load_auth
 from odpo.app.ui.common import Identity, header_html, static_dir
 from odpo.app.ui.dashboard import build_dashboard_tab
-from odpo.app.ui.label import build_label_tab, wire_page_load
+from odpo.app.ui.label import build_label_tab, wire_guidelines, wire_page_load
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,15 @@ def build_app(ctx: AppContext, *, auth: Optional[AuthConfig] = None) -> gr.Block
         with gr.Tabs(elem_id="odpo-tabs"):
             with gr.Tab("Label", id="label", elem_id="odpo-tab-label") as label_tab:
                 lt, handlers = build_label_tab(svc=labels, identity=identity, counters=counters,
-                                               guidelines=load_guidelines(ctx.config.guidelines),
+                                               guidelines=admin.get_guidelines(),
                                                name_secret=browser_secret(ctx))
             with gr.Tab("Dashboard", id="dashboard", elem_id="odpo-tab-dashboard") as dash_tab:
                 dash = build_dashboard_tab(admin=admin, tab=dash_tab, other_tabs=[label_tab])
             with gr.Tab("Admin", id="admin", elem_id="odpo-tab-admin") as admin_tab:
-                at = build_admin_tab(admin=admin, identity=identity, tab=admin_tab)
+                at = build_admin_tab(admin=admin, identity=identity, tab=admin_tab, exports=ctx.exports)
         admin_tab.select(lambda: gr.Timer(active=False), None, dash.timer, api_visibility="private", queue=False)
         wire_page_load(demo, lt, handlers)
+        wire_guidelines(demo, lt, admin.get_guidelines)  # an admin's edit shows from the next page load
         wire_admin_load(demo, at, admin, identity)
         register_api(labels, identity)
     return demo
@@ -89,6 +90,8 @@ def launch_kwargs(ctx: AppContext, *, auth: Optional[AuthConfig] = None) -> dict
         "run_history": False,  # would store every vote in the browser; nobody replays votes
         "footer_links": ["api"],
         "max_file_size": "200mb",
+        # Admin exports download through this route, never through Gradio's file serving.
+        "app_kwargs": {"routes": [export_route(ctx.exports, auth_on=auth is not None)]},
     }
     if auth is not None:
         kwargs["auth"] = auth.verify

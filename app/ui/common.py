@@ -16,12 +16,14 @@ from typing import Any, Callable, Optional
 import gradio as gr
 
 from odpo.app.services.labeling import Counters, PairView, normalise_labeler, safe_markdown
+from odpo.app.services.status import TrainerState, update_chip
 from odpo.db.errors import OdpoError
 
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "Something went wrong on the server (details are in its log). Please try again."
-SAMPLING_PROMPT = "### ⏳ Sampling new pairs…\nThe next pair appears here by itself as soon as it is ready."
+SAMPLING_TITLE = "Sampling new pairs…"
+SAMPLING_LINE = "The next pair appears here by itself as soon as it is ready."
 WAITING_RESPONSE = "*…*"
 
 
@@ -89,24 +91,30 @@ class Identity:
         return getattr(request, "username", None) if (self.auth_on and request is not None) else None
 
 
-def pair_outputs(view: Optional[PairView]) -> tuple[str, str, str]:
-    """(prompt, left, right) markdown for one slot of the Label tab; the sampling state when None."""
+def waiting_markdown(waiting: Optional[tuple[str, str]] = None) -> str:
+    """An empty slot's text: what the page waits for (app/services/status.py `waiting_message`)."""
+    title, line = waiting or (SAMPLING_TITLE, SAMPLING_LINE)
+    return f"### ⏳ {safe_markdown(title)}\n{safe_markdown(line)}"
+
+
+def pair_outputs(view: Optional[PairView], waiting: Optional[tuple[str, str]] = None) -> tuple[str, str, str]:
+    """(prompt, left, right) markdown for one slot of the Label tab; what it waits for when None."""
     if view is None:
-        return SAMPLING_PROMPT, WAITING_RESPONSE, WAITING_RESPONSE
+        return waiting_markdown(waiting), WAITING_RESPONSE, WAITING_RESPONSE
     badge = "**Your prompt** · " if view.typed else ""
     prompt = f"{badge}<small>pair {view.pair_id} · policy v{view.version}</small>\n\n{safe_markdown(view.prompt)}"
     return prompt, safe_markdown(view.left), safe_markdown(view.right)
 
 
-def counters_html(c: Optional[Counters], *, session_labels: int, labeler: Optional[str]) -> str:
-    """The live counters strip. Everything interpolated is escaped."""
+def counters_html(c: Optional[Counters], *, session_labels: int, labeler: Optional[str],
+                  trainer: Optional[TrainerState] = None) -> str:
+    """The live counters strip. Everything interpolated is escaped. "Until next update" tells the
+    truth about the trainer (`trainer`: what the database says about it; None = not known)."""
     chips = []
     if c is not None:
-        update = "training…" if c.until_update == 0 else f"{c.until_update}"
+        update = update_chip(until_update=c.until_update, paused=c.paused, trainer=trainer)
         chips += [("Queue", str(c.queue)), ("Serving", f"v{c.serving_version}"),
                   ("Until next update", update)]
-        if c.paused:
-            chips.append(("Training", "paused"))
         if c.generating:
             chips.append(("Sampler", "generating"))
         if c.sampler_error:

@@ -15,13 +15,18 @@ import gradio as gr
 import pandas as pd
 
 from odpo.app.services.admin import AdminService
+from odpo.app.services.human_eval import human_series
+from odpo.app.services.labeler_quality import cell
 from odpo.app.ui.common import guarded
+from odpo.trainer.modes import progress_line
 
 log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 5.0
 QUIET = {"queue": True, "concurrency_limit": 4, "api_visibility": "private", "show_progress": "hidden"}
 TRAIN_COLUMNS = ["step", "version", "loss", "reward_accuracy", "reward_margin", "version_lag"]
+HUMAN_COLUMNS = ["version", "vs", "human win rate", "n", "95% CI"]
+QUALITY_COLUMNS = ["labeler", "labels", "vs people (n · rate)", "vs judges (n · rate)", "vs gold (n · rate)"]
 
 
 @dataclass
@@ -45,12 +50,18 @@ def build_dashboard_tab(*, admin: AdminService, tab: gr.Tab, other_tabs: list) -
     with gr.Row():
         labelers = gr.Dataframe(label="Labelers", interactive=False, elem_id="odpo-dash-labelers")
         agreement = gr.Dataframe(label="Human–judge agreement (pairs both labeled A/B)", interactive=False)
-    outputs = [state, loss, acc, margin, lag, win, per_hour, labelers, agreement]
+    human = gr.Dataframe(label="Blind human evaluation: win rate per version (ties count half)",
+                         interactive=False, elem_id="odpo-dash-human")
+    quality = gr.Dataframe(label="Labeler quality: agreement on pairs also labeled A/B by other people, judges, or "
+                                 "an admin's gold answer (ties, both bad and skips not compared)",
+                           interactive=False, elem_id="odpo-dash-quality")
+    outputs = [state, loss, acc, margin, lag, win, per_hour, labelers, agreement, human, quality]
     timer = gr.Timer(REFRESH_SECONDS, active=False)
 
     @guarded(outputs=len(outputs))
     def refresh():
-        return dashboard_outputs(admin.dashboard())
+        data = admin.dashboard()
+        return (*dashboard_outputs(data), human_eval_table(data), labeler_quality_table(data))
 
     timer.tick(refresh, None, outputs, **QUIET)
     tab.select(refresh, None, outputs, **QUIET).then(lambda: gr.Timer(active=True), None, timer,
@@ -67,6 +78,9 @@ def dashboard_outputs(data: dict[str, Any]) -> tuple:
     evals = pd.DataFrame(data["evals"], columns=["version", "vs", "judge", "win_rate", "ci_low", "ci_high", "n", "at"])
     evals = evals[evals["vs"] == 0][["version", "win_rate", "judge"]] if len(evals) else \
         pd.DataFrame(columns=["version", "win_rate", "judge"])
+    human = pd.DataFrame(human_series(data.get("human_evals") or []), columns=["version", "win_rate", "judge"])
+    if len(human):  # people's blind judgments, one series beside each judge's
+        evals = human if not len(evals) else pd.concat([evals, human], ignore_index=True)
     hours = pd.DataFrame(data["labels_per_hour"], columns=["hour", "source", "labels"])
     if len(hours):
         hours["hour"] = hours["hour"].map(lambda h: h.strftime("%m-%d %H:00"))
@@ -80,6 +94,21 @@ def dashboard_outputs(data: dict[str, Any]) -> tuple:
             train[["step", "reward_margin"]], train[["step", "version_lag"]], evals, hours, labelers, agreement)
 
 
+def human_eval_table(data: dict[str, Any]) -> pd.DataFrame:
+    """version | vs | human win rate | n | 95% CI, from people's judgments on eval pairs."""
+    rows = [{"version": f"v{r['version']}", "vs": "base" if r["vs"] == 0 else f"v{r['vs']}",
+             "human win rate": round(r["win_rate"], 3), "n": r["n"],
+             "95% CI": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]"} for r in data.get("human_evals") or []]
+    return pd.DataFrame(rows, columns=HUMAN_COLUMNS)
+
+
+def labeler_quality_table(data: dict[str, Any]) -> pd.DataFrame:
+    """labeler | labels | vs people | vs judges | vs gold, each "n · rate" ("–" when nothing compared)."""
+    rows = [[r["labeler"], r["labels"], cell(r["people_n"], r["people_rate"]), cell(r["judges_n"], r["judges_rate"]),
+             cell(r["gold_n"], r["gold_rate"])] for r in data.get("labeler_quality") or []]
+    return pd.DataFrame(rows, columns=QUALITY_COLUMNS)
+
+
 def state_markdown(data: dict[str, Any]) -> str:
     """Trainer and sampler at a glance. Values that come from other processes are escaped."""
     status, step, sampler = data["status"], data.get("last_step"), data.get("sampler") or {}
@@ -89,7 +118,7 @@ def state_markdown(data: dict[str, Any]) -> str:
             if step else "no training step yet")
     lines = [
         f"**Trainer** — {trainer}; last step: {e(last)}; latest version v{status['latest_version']}; "
-        f"{status['unconsumed_trainable']} trainable labels waiting",
+        f"{status['unconsumed_trainable']} trainable labels waiting" + _progress_part(data.get("train_progress")),
         f"**Sampler** — {_sampler_line(sampler)}",
         *_process_lines(data.get("processes"), data.get("now")),
         *_judge_lines(data.get("judges") or [], data.get("now")),
@@ -98,6 +127,12 @@ def state_markdown(data: dict[str, Any]) -> str:
         + "; labels " + (", ".join(f"{e(k)} {v}" for k, v in status["labels"].items()) or "none"),
     ]
     return "\n\n".join(lines)
+
+
+def _progress_part(progress: Optional[dict[str, Any]]) -> str:
+    """"; round 3: 17/32 labels" while an iterative or offline trainer runs (trainer/modes.py)."""
+    line = progress_line(progress) if isinstance(progress, dict) else ""
+    return f"; {html.escape(line)}" if line else ""
 
 
 def _sampler_line(state: dict[str, Any]) -> str:

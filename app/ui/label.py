@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import gradio as gr
 
 from odpo.app.services.labeling import LabelService, guest_name, normalise_labeler
+from odpo.app.services.status import TrainerWatch, waiting_message
 from odpo.app.ui.api import client_key
-from odpo.app.ui.common import Identity, counters_html, guarded, pair_outputs, skips
+from odpo.app.ui.common import Identity, NotSignedInError, counters_html, guarded, pair_outputs, skips
 from odpo.app.ui.slots import LabelSlots, SlotBook, SlotState, SlotUpdate
 from odpo.db.errors import OdpoError
 
@@ -35,6 +36,8 @@ BUTTONS = [  # (side, label, elem_id, variant)
 MD = {"latex_delimiters": [], "sanitize_html": True}
 # Runs in the browser before a vote is sent: adds what the person was looking at, "slot:seq" (odpo.js).
 VOTE_JS = "(name, reason, seen) => [name, reason, window.odpo ? window.odpo.voted : '']"
+NO_NAME_YET = "Type your name at the top of the page first; then your votes count."
+PAGE_LOADING = "The page is still loading: vote once the pair is on screen."
 
 
 @dataclass
@@ -51,6 +54,7 @@ class LabelTab:
     undo: gr.Button
     ask_box: gr.Textbox
     ask_btn: gr.Button
+    guidelines: Optional[gr.Markdown] = None
 
 
 class LabelHandlers:
@@ -59,6 +63,7 @@ class LabelHandlers:
     def __init__(self, svc: LabelService, identity: Identity) -> None:
         self.svc, self.identity = svc, identity
         self.slots, self.book = LabelSlots(svc), SlotBook()
+        self.trainer = TrainerWatch(svc.db, run=svc.config.run)
 
     def state(self, request: Optional[gr.Request]) -> SlotState:
         """This page's slots; its key (the Gradio session) is also the client that holds its claims."""
@@ -67,10 +72,37 @@ class LabelHandlers:
     def labeler(self, name: Optional[str], request: Optional[gr.Request]) -> str:
         return self.identity.labeler(name, request)
 
+    def ready_labeler(self, st: SlotState, name: Optional[str], request: Optional[gr.Request]) -> Optional[str]:
+        """The labeler a vote or undo acts for, or None (after a calm note) when the page is not
+        ready for one: no name yet, or the page load that sets it has not finished. A shortcut
+        pressed that early is an ordinary moment, not an error: nothing to log, nothing to undo."""
+        try:
+            labeler = self.labeler(name, request)
+        except NotSignedInError:
+            raise
+        except OdpoError:
+            gr.Info(NO_NAME_YET)
+            return None
+        if st.labeler is None:
+            gr.Info(PAGE_LOADING)
+            return None
+        return labeler
+
+    def waiting(self) -> tuple[str, str]:
+        """What an empty slot says it waits for (the model loading, the first pair, …)."""
+        return waiting_message(self.svc.sampler_state())
+
+    def render(self, st: SlotState, update: Optional[SlotUpdate]) -> tuple:
+        """slot_outputs, with empty slots saying what they wait for (remembered for the tick)."""
+        waiting = self.waiting()
+        if update is not None and any(v is None for v in update.changed.values()):
+            st.waiting = waiting
+        return slot_outputs(update, waiting)
+
     def counters(self, st: SlotState, *, refresh: bool, skip_same: bool = False):
         """The counters strip; with skip_same, gr.skip() when the page already shows it."""
         c = self.slots.counters(st) if refresh or st.counters is None else st.counters
-        text = counters_html(c, session_labels=st.session_labels, labeler=st.labeler)
+        text = counters_html(c, session_labels=st.session_labels, labeler=st.labeler, trainer=self.trainer.get())
         if skip_same and text == st.counters_html:
             return gr.skip()
         st.counters_html = text
@@ -83,13 +115,14 @@ def parse_seen(seen: Optional[str]) -> tuple[Optional[int], Optional[int]]:
     return (int(slot) if slot in ("0", "1") else None, int(seq) if seq.isdigit() else None)
 
 
-def slot_outputs(update: Optional[SlotUpdate]) -> tuple:
+def slot_outputs(update: Optional[SlotUpdate], waiting: Optional[tuple[str, str]] = None) -> tuple:
     """7 outputs: both slots (gr.skip() where unchanged) and the sync element."""
     if update is None:
         return skips(7)
     out: list = []
     for slot in (0, 1):
-        out += list(pair_outputs(update.changed[slot])) if slot in update.changed else [gr.skip()] * 3
+        changed = slot in update.changed
+        out += list(pair_outputs(update.changed[slot], waiting)) if changed else [gr.skip()] * 3
     sync = (f'<div class="odpo-sync-data" data-active="{update.active}" data-ready="{int(update.ready)}" '
             f'data-seq="{update.seq}"></div>')
     return (*out, sync)
@@ -140,47 +173,73 @@ def _layout(*, identity: Identity, guidelines: str, counters: gr.HTML, name_secr
                                          "and shows them to you for labeling.")
         ask_btn = gr.Button("Sample a pair for this prompt", elem_id="odpo-ask-btn", size="sm")
     with gr.Accordion("Labeling guidelines", open=False, elem_id="odpo-guidelines"):
-        gr.Markdown(guidelines, **MD)
+        guide = gr.Markdown(guidelines, elem_id="odpo-guidelines-text", **MD)
     saved = gr.BrowserState("", storage_key="odpo-labeler", secret=name_secret)
     return LabelTab(saved_name=saved, name=name, slots=slots, seen=seen,
                     reason=reason, judge=judge, counters=counters, timer=gr.Timer(TICK_SECONDS),
-                    buttons=buttons, undo=undo, ask_box=ask_box, ask_btn=ask_btn)
+                    buttons=buttons, undo=undo, ask_box=ask_box, ask_btn=ask_btn, guidelines=guide)
+
+
+VOTE_OUTPUTS = 10  # both slots + sync (7), reason, counters, judge note
+
+
+def resync_handler(h: LabelHandlers) -> Callable:
+    """After a refused vote: redraw both slots from the server's truth, keep the reason. Gets the
+    failed handler's arguments (the request may come positionally). Never raises: with no
+    labeler to resync for (no name yet), it leaves the page as it is."""
+    def resync(name, reason, *rest, request: Optional[gr.Request] = None):
+        request = request or next((a for a in rest if isinstance(a, gr.Request) or hasattr(a, "session_hash")), None)
+        st = h.state(request)
+        try:
+            labeler = h.labeler(name, request)
+        except OdpoError:
+            return skips(VOTE_OUTPUTS)
+        update = h.slots.resync(st, labeler=labeler)
+        return (*h.render(st, update), gr.skip(), h.counters(st, refresh=False), "")
+    return resync
+
+
+def not_taken(h: LabelHandlers, st: SlotState) -> tuple:
+    """The answer to a vote or undo the page was not ready for: slots, reason and note untouched,
+    the sync element re-told (a page that flipped ahead flips back)."""
+    return (*slot_outputs(h.slots.snapshot(st)), gr.skip(), gr.skip(), gr.skip())
+
+
+def vote_handler(h: LabelHandlers, side: str) -> Callable:
+    """The handler of one vote button (and its shortcut), as Gradio calls it."""
+    @guarded(outputs=VOTE_OUTPUTS, on_error=resync_handler(h))
+    def ui_vote(name: str, reason: str, seen: str, request: gr.Request):
+        st = h.state(request)
+        labeler = h.ready_labeler(st, name, request)
+        if labeler is None:
+            return not_taken(h, st)
+        seen_slot, seen_seq = parse_seen(seen)
+        update = h.slots.vote(st, labeler=labeler, side=side, reason=reason,
+                              seen_slot=seen_slot, seen_seq=seen_seq)
+        note = f"Judge, for the pair you just labeled: {update.judge_note}" if update.judge_note else ""
+        return (*h.render(st, update), "", h.counters(st, refresh=False), note)
+    ui_vote.__name__ = f"ui_vote_{side}"
+    return ui_vote
+
+
+def undo_handler(h: LabelHandlers) -> Callable:
+    @guarded(outputs=VOTE_OUTPUTS, on_error=resync_handler(h))
+    def ui_undo(name: str, reason: str, request: gr.Request):
+        st = h.state(request)
+        labeler = h.ready_labeler(st, name, request)
+        if labeler is None:
+            return not_taken(h, st)
+        update = h.slots.undo(st, labeler=labeler)
+        gr.Info("Vote taken back: label this pair again.")
+        return (*h.render(st, update), "", h.counters(st, refresh=False), "")
+    return ui_undo
 
 
 def _wire_votes(t: LabelTab, h: LabelHandlers) -> None:
     outputs = t.slots + [t.reason, t.counters, t.judge]
-
-    def resync(name, reason, *rest, request: Optional[gr.Request] = None):
-        """After a refused vote: redraw both slots from the server's truth, keep the reason.
-        Gets the failed handler's arguments (the request may come positionally)."""
-        request = request or next((a for a in rest if isinstance(a, gr.Request)), None)
-        st = h.state(request)
-        update = h.slots.resync(st, labeler=h.labeler(name, request))
-        return (*slot_outputs(update), gr.skip(), h.counters(st, refresh=False), "")
-
-    def make_vote(side: str):
-        @guarded(outputs=len(outputs), on_error=resync)
-        def ui_vote(name: str, reason: str, seen: str, request: gr.Request):
-            st = h.state(request)
-            seen_slot, seen_seq = parse_seen(seen)
-            update = h.slots.vote(st, labeler=h.labeler(name, request), side=side, reason=reason,
-                                  seen_slot=seen_slot, seen_seq=seen_seq)
-            note = f"Judge, for the pair you just labeled: {update.judge_note}" if update.judge_note else ""
-            return (*slot_outputs(update), "", h.counters(st, refresh=False), note)
-        ui_vote.__name__ = f"ui_vote_{side}"
-        return ui_vote
-
     for side, button in t.buttons.items():
-        button.click(make_vote(side), [t.name, t.reason, t.seen], outputs, js=VOTE_JS, **FAST)
-
-    @guarded(outputs=len(outputs), on_error=resync)
-    def ui_undo(name: str, reason: str, request: gr.Request):
-        st = h.state(request)
-        update = h.slots.undo(st, labeler=h.labeler(name, request))
-        gr.Info("Vote taken back: label this pair again.")
-        return (*slot_outputs(update), "", h.counters(st, refresh=False), "")
-
-    t.undo.click(ui_undo, [t.name, t.reason], outputs, **FAST)
+        button.click(vote_handler(h, side), [t.name, t.reason, t.seen], outputs, js=VOTE_JS, **FAST)
+    t.undo.click(undo_handler(h), [t.name, t.reason], outputs, **FAST)
 
 
 def _wire_tick(t: LabelTab, h: LabelHandlers) -> None:
@@ -197,12 +256,13 @@ def _wire_tick(t: LabelTab, h: LabelHandlers) -> None:
         st = h.state(request)
         if st.labeler is None:  # page load has not finished
             return skips(len(outputs))
-        update = h.slots.refresh(st, labeler=labeler)
+        waiting = h.waiting()
+        update = h.slots.refresh(st, labeler=labeler, waiting=waiting)
         if update is not None and update.typed_arrived:
             gr.Info("The pair for your prompt is ready.")
         if update is not None and not update.changed:
             update = None  # nothing new on screen: send no slot updates at all
-        return (*slot_outputs(update), h.counters(st, refresh=True, skip_same=True))
+        return (*slot_outputs(update, waiting), h.counters(st, refresh=True, skip_same=True))
 
     t.timer.tick(tick, [t.name], outputs, **FAST)
 
@@ -229,7 +289,7 @@ def _wire_name(t: LabelTab, h: LabelHandlers) -> None:
         if new == st.labeler:
             return skips(len(outputs))
         update = h.slots.open(st, labeler=new)  # gives the old name's claims back to the queue
-        return (new, *slot_outputs(update), h.counters(st, refresh=False))
+        return (new, *h.render(st, update), h.counters(st, refresh=False))
 
     for event in (t.name.submit, t.name.blur):
         event(rename, [t.name], outputs, **FAST)
@@ -250,10 +310,25 @@ def wire_page_load(demo: gr.Blocks, t: LabelTab, h: LabelHandlers) -> None:
                 name = guest_name()
         st = h.state(request)
         update = h.slots.open(st, labeler=name)
-        return (name, name, *slot_outputs(update), h.counters(st, refresh=True))
+        return (name, name, *h.render(st, update), h.counters(st, refresh=True))
 
     def unload(request: gr.Request):
         h.book.drop(client_key(request))  # claims stay: a reload takes them over (LabelSlots.open)
 
     demo.load(load, [t.saved_name], outputs, **FAST)
     demo.unload(unload)
+
+
+def guidelines_text(source: Callable[[], str]) -> str:
+    """The guidelines to show now: `source` (an admin's stored text, else the configured ones)."""
+    return source()
+
+
+def wire_guidelines(demo: gr.Blocks, t: LabelTab, source: Callable[[], str]) -> None:
+    """Re-read the guidelines on every page load, so an admin's edit reaches each labeler on their
+    next open or reload (one small read per page load, none per tick)."""
+    @guarded(outputs=1)
+    def load():
+        return guidelines_text(source)
+
+    demo.load(load, None, [t.guidelines], **FAST)

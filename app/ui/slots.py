@@ -39,6 +39,7 @@ class SlotState:
     session_labels: int = 0
     counters: Optional[Counters] = None
     counters_html: str = ""  # what the page shows now (the UI skips resending it)
+    waiting: Optional[tuple] = None  # what the page's empty slots say they wait for (status.waiting_message)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -98,9 +99,12 @@ class LabelSlots:
             update = self._fill(st, changed={}, take_over=True)
             return replace(update, changed={0: None, 1: None, **update.changed})  # the page draws both
 
-    def refresh(self, st: SlotState, *, labeler: str) -> Optional[SlotUpdate]:
+    def refresh(self, st: SlotState, *, labeler: str, waiting: Optional[tuple] = None) -> Optional[SlotUpdate]:
         """Timer tick: bring a ready typed pair to the front, fill empty slots, drop dead claims.
-        Returns None when another request of this page holds the slots (try next tick)."""
+        With `waiting` (what empty slots should say), slots still empty are redrawn when it
+        changed (model loading -> sampling the first pair), under the same lock as every fill, so
+        a redraw never covers a pair. Returns None when another request of this page holds the
+        slots (try next tick)."""
         if not st.lock.acquire(blocking=False):
             return None
         try:
@@ -116,6 +120,9 @@ class LabelSlots:
                 self._push_front(st, changed, self.svc.next_pair(labeler=labeler, exclude=self._ids(st),
                                                                  client=st.client))
                 st.typed_pending = False
+            if waiting is not None and waiting != st.waiting:
+                st.waiting = waiting
+                changed.update({slot: None for slot in (0, 1) if st.ids[slot] is None and slot not in changed})
             return self._fill(st, changed=changed, typed_arrived=arrived)
         finally:
             st.lock.release()
@@ -169,6 +176,12 @@ class LabelSlots:
             update = self._fill(st, changed={})
             return SlotUpdate(active=update.active, ready=update.ready, seq=update.seq,
                               changed={**drawn, **update.changed})
+
+    def snapshot(self, st: SlotState) -> SlotUpdate:
+        """No change, with a fresh sequence number: the page's sync element re-told after a vote
+        the server did not take, so a page that flipped ahead to its prefetched slot flips back."""
+        with st.lock:
+            return self._update(st, {})
 
     def release(self, st: SlotState) -> None:
         """Give both claims back (the labeler changed name or closed the page)."""

@@ -60,6 +60,15 @@ from odpo.db.store.datasets import (
 )
 from odpo.db.store.errors import StoreError
 from odpo.db.store.evals import eval_series, find_eval, list_evals, record_eval
+from odpo.db.store.human_evals import (
+    EVAL_PURPOSE,
+    add_eval_pair,
+    count_eval_pairs,
+    drop_judgment,
+    human_eval_counts,
+    pick_held_out_prompts,
+    record_judgment,
+)
 from odpo.db.store.labels import (
     DATASET_SOURCE_PREFIX,
     DECISIONS,
@@ -103,6 +112,13 @@ from odpo.db.store.prompts import (
     pick_prompts_for_sampling,
     prompt_hash,
 )
+from odpo.db.store.quality import (
+    GOLD_PREFIX,
+    excluded_labelers,
+    gold_answers,
+    labeler_agreement,
+    set_gold,
+)
 
 __all__ = [
     "AlreadyAnswered", "ClaimMoved", "HeadMoved", "label_uses", "run_head",
@@ -122,4 +138,8 @@ __all__ = [
     # imported datasets and the training modes' label reads (datasets.py)
     "DATASET_PURPOSE", "DATASET_SOURCE_PREFIX", "DatasetImport", "DatasetRow", "LABEL_SOURCES", "dataset_source",
     "import_dataset_rows", "imported_datasets", "trainable_labels", "trained_since", "used_by_run",
+    "EVAL_PURPOSE", "add_eval_pair", "count_eval_pairs", "drop_judgment", "human_eval_counts",
+    "pick_held_out_prompts", "record_judgment",
+    # labeler quality: agreement with people, judges and gold answers (quality.py)
+    "GOLD_PREFIX", "excluded_labelers", "gold_answers", "labeler_agreement", "set_gold",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, true, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -70,11 +70,13 @@ def _unused_in(run: str):
 
 
 def unconsumed_labels(session: Session, *, limit: int, run: str = "default", sources: str = "all",
-                      choices: Sequence[str] = TRAINABLE_CHOICES) -> list[TrainingLabel]:
+                      choices: Sequence[str] = TRAINABLE_CHOICES,
+                      exclude_labelers: Optional[Sequence[str]] = None) -> list[TrainingLabel]:
     """Trainable labels not yet used by `run` (trained or skipped), oldest first.
 
     When a person and a judge both labeled a pair, only the person's label is used (human
-    overrides judge); the judge's label stays stored for agreement statistics.
+    overrides judge); the judge's label stays stored for agreement statistics. Human labels of
+    `exclude_labelers` are left out (and stay unused, see `not_excluded`).
     """
     human = aliased(Label)
     # A person's skip is no opinion: a judge's label on a skipped pair is still trained on.
@@ -89,7 +91,7 @@ def unconsumed_labels(session: Session, *, limit: int, run: str = "default", sou
         .join(sa, sa.id == Pair.sample_a_id)
         .join(sb, sb.id == Pair.sample_b_id)
         .where(_unused_in(run), Label.undone.is_(False), Label.choice.in_(list(choices)), source_filter(sources))
-        .where((Label.source == "human") | ~human_exists)
+        .where((Label.source == "human") | ~human_exists, not_excluded(exclude_labelers))
         .order_by(Label.id)
         .limit(limit)
     )
@@ -99,6 +101,17 @@ def unconsumed_labels(session: Session, *, limit: int, run: str = "default", sou
         out.append(TrainingLabel(label_id=lid, pair_id=pid, prompt=prompt, chosen=chosen, rejected=rejected,
                                  pair_version=version, source=source))
     return out
+
+
+def not_excluded(labelers: Optional[Sequence[str]]) -> Any:
+    """Leaves out the human labels of `labelers` (`odpo train --min-labeler-agreement`); true for
+    every label when there are none. Their labels get no ledger row, so a lower threshold later
+    trains them. An excluded person's opinion still overrides a judge's label on the same pair:
+    their pair is simply not trained, rather than trained from a judge the person contradicted."""
+    names = sorted(set(labelers or ()))
+    if not names:
+        return true()
+    return ~((Label.source == "human") & Label.labeler.in_(names))
 
 
 def count_unconsumed(session: Session, *, run: str = "default", sources: str = "all") -> int:

@@ -39,15 +39,19 @@ class ClaimedPair:
 
 def claim_next_pair(session: Session, *, labeler: str, timeout_s: float = 600.0,
                     purpose: Optional[str] = None, rng: Optional[random.Random] = None,
-                    candidates: int = 8, client: Optional[str] = None) -> Optional[ClaimedPair]:
+                    candidates: int = 8, client: Optional[str] = None,
+                    evals: bool = False) -> Optional[ClaimedPair]:
     """Take the oldest queued pair this labeler has not seen, randomise left/right, record it.
 
     Typed prompts requested by this labeler come first. Returns None when nothing is available.
+    With `evals` (people, through LabelService) eval pairs are claimed like training pairs, in the
+    same order and with the same random sides; judges leave them to people.
     """
     rng = rng or random.Random()
     seen = exists().where(and_(Assignment.pair_id == Pair.id, Assignment.labeler == labeler))
     stmt = select(Pair.id, Pair.claims, Pair.labels_wanted).where(Pair.status == "queued", ~seen)
-    stmt = stmt.where((Pair.purpose == "train") | (Pair.requested_by == labeler))
+    shared = ("train", "eval") if evals else ("train",)
+    stmt = stmt.where(Pair.purpose.in_(shared) | (Pair.requested_by == labeler))
     if purpose:
         stmt = stmt.where(Pair.purpose == purpose)
     mine_first = case((Pair.requested_by == labeler, 0), else_=1)  # NULL-safe on every backend

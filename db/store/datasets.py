@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
 from odpo.db.models import TRAINABLE_CHOICES, Control, Label, LabelUse, Pair, Prompt, Sample, utcnow
-from odpo.db.store.adapters import STALE_STEP, TrainingLabel, _unused_in
+from odpo.db.store.adapters import STALE_STEP, TrainingLabel, _unused_in, not_excluded
 from odpo.db.store.errors import StoreError
 from odpo.db.store.labels import DATASET_SOURCE_PREFIX, source_filter
 from odpo.db.store.prompts import prompt_hash
@@ -141,11 +141,12 @@ def imported_datasets(session: Session) -> dict[str, dict[str, Any]]:
 
 def trainable_labels(session: Session, *, run: str, sources: str, unused: bool = True,
                      pair_version: Optional[int] = None, label_ids: Optional[Sequence[int]] = None,
-                     max_label_id: Optional[int] = None, limit: Optional[int] = None) -> list[TrainingLabel]:
+                     max_label_id: Optional[int] = None, limit: Optional[int] = None,
+                     exclude_labelers: Optional[Sequence[str]] = None) -> list[TrainingLabel]:
     """Live a/b labels from `sources`, oldest first, as `unconsumed_labels` reads them (a person's
     opinion on a pair overrides a judge's), narrowed for the modes: unused by `run` (or any, with
     unused=False), of pairs sampled at `pair_version` (an iterative round), among `label_ids`, or
-    up to `max_label_id` (an offline job resuming)."""
+    up to `max_label_id` (an offline job resuming); never human labels of `exclude_labelers`."""
     human = aliased(Label)
     human_exists = select(human.id).where(human.pair_id == Label.pair_id, human.source == "human",
                                           human.undone.is_(False), human.choice != "skip").exists()
@@ -155,7 +156,7 @@ def trainable_labels(session: Session, *, run: str, sources: str, unused: bool =
             .join(Pair, Pair.id == Label.pair_id).join(Prompt, Prompt.id == Pair.prompt_id)
             .join(sa, sa.id == Pair.sample_a_id).join(sb, sb.id == Pair.sample_b_id)
             .where(Label.undone.is_(False), Label.choice.in_(TRAINABLE_CHOICES), source_filter(sources))
-            .where((Label.source == "human") | ~human_exists).order_by(Label.id))
+            .where((Label.source == "human") | ~human_exists, not_excluded(exclude_labelers)).order_by(Label.id))
     if unused:
         stmt = stmt.where(_unused_in(run))
     if pair_version is not None:

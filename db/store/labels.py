@@ -209,18 +209,19 @@ LABEL_SOURCES = ("human", "judge", "all", "dataset")
 
 def source_filter(sources: str) -> ColumnElement[bool]:
     """`human`, `judge`, `all` or `dataset`: which label sources the trainer learns from (and the
-    export writes); one definition, so both read the same labels for the same word.
+    export writes); one definition, so both read the same labels for the same word. Labels of eval pairs
+    (blind human evaluation, store/human_evals.py) are never among them: they judge, never train.
 
     `all` is the live feedback (people and judges) and leaves imported datasets out: an imported
     file is trained on only when asked (`odpo train --mode offline`), never by the online loop."""
     if sources == "human":
-        return (Label.source == "human")
+        return (Label.source == "human") & not_eval_pair()
     if sources == "judge":
-        return Label.source.like("judge%")
+        return (Label.source.like("judge%")) & not_eval_pair()
     if sources == "all":
-        return Label.source.is_not(None) & ~is_dataset_label()
+        return (Label.source.is_not(None) & ~is_dataset_label()) & not_eval_pair()
     if sources == "dataset":
-        return is_dataset_label()
+        return (is_dataset_label()) & not_eval_pair()
     raise StoreError(f"unknown label sources {sources!r}; expected {', '.join(LABEL_SOURCES)}")
 
 
@@ -285,3 +286,9 @@ def labeled_pairs(session: Session, *, sources: str = "all", run: str = "default
                                answered_at=label.answered_at, consumed_version=used))
     return out
 
+
+def not_eval_pair() -> ColumnElement[bool]:
+    """NOT EXISTS an eval pair under the label (blind human evaluation): correlated with Label, and
+    through an alias, so a query that joins Pair itself keeps its own."""
+    ep = aliased(Pair)
+    return ~select(ep.id).where(ep.id == Label.pair_id, ep.purpose == "eval").exists()

@@ -105,7 +105,8 @@ def count_pairs(session: Session, *, status: str = "queued", purpose: str = "tra
 
 def retire_stale_pairs(session: Session, *, current_version: int, max_staleness: int) -> int:
     """Retire queued pairs more than `max_staleness` versions behind, so labelers see the current
-    policy. Pairs already on someone's screen are left alone."""
+    policy. Pairs already on someone's screen are left alone, and so are eval pairs: they judge
+    the version that drew them, which stays meaningful after it stops serving."""
     stmt = (update(Pair).where(Pair.status == "queued", Pair.claims == 0, Pair.purpose == "train",
                                Pair.created_version < current_version - max_staleness)
             .values(status="retired"))
@@ -122,7 +123,7 @@ def retire_pairs_newer_than(session: Session, *, version: int) -> int:
     """After a rollback to `version`, retire unclaimed queued pairs sampled from the newer,
     rolled-back versions: labeling them would train the restored policy on another policy's
     samples. Typed pairs stay: a labeler asked for them explicitly."""
-    stmt = (update(Pair).where(Pair.status == "queued", Pair.claims == 0, Pair.purpose == "train",
+    stmt = (update(Pair).where(Pair.status == "queued", Pair.claims == 0, Pair.purpose.in_(("train", "eval")),
                                Pair.created_version > version)
             .values(status="retired"))
     return session.execute(stmt).rowcount or 0
