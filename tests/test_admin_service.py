@@ -161,3 +161,11 @@ def test_the_dashboard_shows_an_iterative_trainers_round(database):
         store.set_control(s, key="train.progress", value={"mode": "iterative", "round": 3, "labels": 17,
                                                           "needed": 32, "training": False, "run": "default"})
     assert "; round 3: 17/32 labels" in state_markdown(admin.dashboard()).splitlines()[0]
+
+
+def test_the_dashboard_says_no_trainer_was_seen_rather_than_running(database):
+    admin = admin_service(database)
+    first = state_markdown(admin.dashboard()).splitlines()[0]
+    assert first.startswith("**Trainer** — not seen lately;") and "running" not in first
+    admin.set_paused(username=None, paused=True)
+    assert state_markdown(admin.dashboard()).startswith("**Trainer** — **paused**;")

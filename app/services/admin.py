@@ -17,6 +17,7 @@ from odpo.app.config import ServeConfig
 from odpo.app.services.human_eval import human_win_rates
 from odpo.app.services.labeler_quality import labeler_quality
 from odpo.app.services.labeling import LabelService, load_guidelines
+from odpo.app.services.status import trainer_state
 from odpo.app.ui.auth import AuthConfig
 from odpo.app.up import up_state_key
 from odpo.db import store
@@ -79,6 +80,7 @@ class AdminService:
                 "status": store.status_counts(s, run=run),
                 "paused": _paused(s),
                 "train_progress": store.get_control(s, key=PROGRESS_KEY),
+                "trainer": trainer_state(s, run=run),
                 "processes": store.get_control(s, key=up_state_key(run)),
                 "judges": list(store.controls_with_prefix(s, prefix=JUDGE_STATE_PREFIX).values()),
             }

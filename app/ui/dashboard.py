@@ -113,7 +113,7 @@ def state_markdown(data: dict[str, Any]) -> str:
     """Trainer and sampler at a glance. Values that come from other processes are escaped."""
     status, step, sampler = data["status"], data.get("last_step"), data.get("sampler") or {}
     e = html.escape
-    trainer = "**paused**" if data.get("paused") else "running"
+    trainer = _trainer_word(data)
     last = (f"step {step['step']} → v{step['version']}, loss {step['loss']:.4f}, {_ago(step['age_s'])}"
             if step else "no training step yet")
     lines = [
@@ -127,6 +127,19 @@ def state_markdown(data: dict[str, Any]) -> str:
         + "; labels " + (", ".join(f"{e(k)} {v}" for k, v in status["labels"].items()) or "none"),
     ]
     return "\n\n".join(lines)
+
+
+def _trainer_word(data: dict[str, Any]) -> str:
+    """paused, or what the database says of the trainer process (app/services/status.py): a page
+    that says "running" with no trainer anywhere is the defect the label page's chip had too."""
+    if data.get("paused"):
+        return "**paused**"
+    seen = data.get("trainer")
+    if seen is None:
+        return "running"
+    words = {"running": "running", "starting": "starting", "down": "**not running**",
+             "unknown": "not seen lately"}
+    return words.get(seen.state, html.escape(seen.state))
 
 
 def _progress_part(progress: Optional[dict[str, Any]]) -> str:
