@@ -47,8 +47,10 @@ def test_absolute_choice(side, shown_left, expected):
 
 
 def test_vote_maps_left_right_through_shown_left(database):
+    import random
+
     make_pairs(database, 12)
-    svc = service(database)
+    svc = LabelService(db=database, config=ServeConfig(), sides=random.Random(7))  # seeded: both sides come up
     view = svc.current_pair(labeler="ann")
     expected, lefts = [], set()
     for i in range(12):

@@ -17,6 +17,7 @@ ones, so two live clients of one name never fight over a pair.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -99,8 +100,9 @@ class LabelService:
     timestamp, and every method opens its own short transaction)."""
 
     def __init__(self, *, db: Database, config: ServeConfig, sampler: Optional[SamplerHandle] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, sides: Optional[random.Random] = None) -> None:
         self.db, self.config, self.sampler, self._clock = db, config, sampler, clock
+        self._sides = sides  # left/right coin; None = a fresh unseeded one per claim (tests pass a seeded one)
         self._last_release = float("-inf")
 
     # -- claims ---------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ class LabelService:
             if shown is not None:
                 return _view(s, shown)
         claimed = store.claim_next_pair(s, labeler=labeler, client=client, timeout_s=self.config.claim_timeout_s,
-                                        evals=True)  # blind human eval pairs come in the same queue
+                                        evals=True, rng=self._sides)  # blind human eval pairs come in the same queue
         return None if claimed is None else _view(s, claimed)
 
     def _promote(self, s, *, labeler: str, client: str, assignment_id: Optional[int]) -> Optional[PairView]:
