@@ -216,3 +216,17 @@ def test_export_for_the_admin_tab(database, versioned, tmp_path):
             "odpo-adapter-v1/README.md"} <= names
     with pytest.raises(ExportError, match="unknown export format"):
         export_for_ui(db=database, fmt="gguf", out_dir=tmp_path / "ui")
+
+
+def test_dataset_export_says_which_version_of_the_given_run_trained_each_label(database, tmp_path):
+    make_pairs(database, 2)
+    (_, first, _), (_, second, _) = (_label(database, "alice", "a"), _label(database, "alice", "b"))
+    with database.sessions.begin() as s:  # run "exp" trained the first label into its v1; "default" nothing
+        store.commit_adapter_version(s, run="exp", version=1, path="/x/v1", parent=None, step=1,
+                                     label_steps={first: 1}, metrics={})
+    used = {}
+    for run in ("exp", "default"):
+        out = tmp_path / f"{run}.jsonl"
+        export_dataset(database, out=out, run=run)
+        used[run] = {r["label_id"]: r["consumed_version"] for r in map(json.loads, out.read_text().splitlines())}
+    assert used == {"exp": {first: 1, second: None}, "default": {first: None, second: None}}

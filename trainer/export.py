@@ -190,10 +190,11 @@ def _iso(value: Optional[dt.datetime]) -> Optional[str]:
     return None if value is None else value.isoformat(timespec="milliseconds")
 
 
-def dataset_rows(db: Database, *, sources: str = "all") -> list[dict[str, Any]]:
-    """TRL's conversational preference format plus provenance columns, one row per label."""
+def dataset_rows(db: Database, *, sources: str = "all", run: str = "default") -> list[dict[str, Any]]:
+    """TRL's conversational preference format plus provenance columns, one row per label;
+    `consumed_version` is the version of `run` that trained the label (None: not yet)."""
     with db.sessions() as s:
-        pairs = store.labeled_pairs(s, sources=sources)
+        pairs = store.labeled_pairs(s, sources=sources, run=run)
     return [{"prompt": [{"role": "user", "content": p.prompt}],
              "chosen": [{"role": "assistant", "content": p.chosen}],
              "rejected": [{"role": "assistant", "content": p.rejected}],
@@ -203,7 +204,8 @@ def dataset_rows(db: Database, *, sources: str = "all") -> list[dict[str, Any]]:
              "answered_at": _iso(p.answered_at), "consumed_version": p.consumed_version} for p in pairs]
 
 
-def export_dataset(db: Database, *, out: Path, sources: str = "all", overwrite: bool = False) -> int:
+def export_dataset(db: Database, *, out: Path, sources: str = "all", overwrite: bool = False,
+                   run: str = "default") -> int:
     """Write the labeled a/b pairs to OUT (.jsonl or .parquet); returns the number of rows.
     Loadable with datasets.load_dataset("json" | "parquet", data_files=OUT)."""
     fmt = DATASET_FORMATS.get(Path(out).suffix.lower())
@@ -211,7 +213,7 @@ def export_dataset(db: Database, *, out: Path, sources: str = "all", overwrite: 
         raise ExportError(f"cannot tell the format of {out}: use a .jsonl or .parquet file name")
     if sources not in store.LABEL_SOURCES:  # "all" = people and judges; "dataset" = imported files
         raise ExportError(f"unknown source {sources!r}; expected {', '.join(store.LABEL_SOURCES)}")
-    rows = dataset_rows(db, sources=sources)
+    rows = dataset_rows(db, sources=sources, run=run)
     if not rows:
         raise ExportError(f"no labeled a/b pairs from source {sources!r} to export yet")
     with staged_file(out, overwrite=overwrite) as tmp:
@@ -235,7 +237,7 @@ def export_for_ui(*, db: Database, fmt: str, out_dir: Path, run: str = "default"
     out_dir = Path(out_dir)
     if fmt in ("jsonl", "parquet"):
         path = out_dir / f"odpo-preferences.{fmt}"
-        export_dataset(db, out=path, sources="all")
+        export_dataset(db, out=path, sources="all", run=run)
         return path
     if fmt in ("hf", "adapter"):
         row, _ = resolve_version(db, version=None, run=run, base_dir=base_dir)

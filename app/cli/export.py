@@ -99,15 +99,17 @@ def export_gguf_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_mo
               show_default=True, help="Which labels (a person's label wins over a judge's on one pair); all = "
                                       "people and judges, dataset = rows `odpo import dataset` stored.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--run", default="default", show_default=True,
+              help="The run whose ledger fills consumed_version (the version that trained each label).")
 @click.pass_obj
-def export_dataset_cmd(cfg: CommonConfig, out: Path, sources: str, force: bool) -> None:
+def export_dataset_cmd(cfg: CommonConfig, out: Path, sources: str, force: bool, run: str) -> None:
     """Labeled pairs as OUT.jsonl or OUT.parquet in TRL's conversational preference format (prompt,
     chosen, rejected) plus labeler, source, adapter version and timestamps."""
     from odpo.trainer.export import export_dataset
 
     db = cfg.open_db()
     try:
-        rows = export_dataset(db, out=out, sources=sources, overwrite=force)
+        rows = export_dataset(db, out=out, sources=sources, overwrite=force, run=run)
     finally:
         db.close()
     click.echo(f"{rows} preference pairs written to {out}")
