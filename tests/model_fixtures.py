@@ -108,6 +108,16 @@ def tiny_model_config(model_dir: Path, cache_dir: Path) -> ModelConfig:
     return ModelConfig(spec=str(model_dir), cache_dir=cache_dir, device="cpu", dtype="fp32")
 
 
+def tiny_train_config(model_dir: Path, **overrides):
+    """A TrainConfig for trainer tests on the tiny model: CPU, fp32, a small LoRA, quick polling."""
+    from odpo.trainer.lora import LoraSettings
+    from odpo.trainer.train_config import TrainConfig
+
+    base = dict(model=str(model_dir), device="cpu", dtype="fp32", batch_size=4, lr=1e-3, poll_seconds=0.02,
+                exit_when_idle=0.0, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    return TrainConfig(**{**base, **overrides})
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)

@@ -12,20 +12,17 @@ from sqlalchemy import select
 from odpo.app.services.dataset_import import import_dataset
 from odpo.db import store
 from odpo.db.models import Adapter, Label, Pair, TrainStep
-from odpo.trainer.lora import LoraSettings
 from odpo.trainer.modes import PROGRESS_KEY, progress_line
 from odpo.trainer.train_config import TrainConfig, TrainConfigError
 from odpo.trainer.train_loop import DPOTrainer
 from tests.db_helpers import label_all, make_pairs
+from tests.model_fixtures import tiny_train_config
 
 torch.set_num_threads(1)
 
 
 def _config(tiny_model_dir, **overrides) -> TrainConfig:
-    base = dict(model=str(tiny_model_dir), device="cpu", dtype="fp32", batch_size=2, lr=1e-3,
-                poll_seconds=0.02, exit_when_idle=0.0, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-    base.update(overrides)
-    return TrainConfig(**base)
+    return tiny_train_config(tiny_model_dir, **{"batch_size": 2, **overrides})
 
 
 @pytest.fixture

@@ -16,12 +16,13 @@ from odpo.db.models import Label, Pair, Prompt, Sample, TrainStep
 from odpo.trainer import train_step
 from odpo.trainer.batching import MAX_PROMPT_TOKENS, encode_prompt, prompt_token_ids
 from odpo.trainer.generation import SamplingParams
-from odpo.trainer.lora import LoraSettings, attach_lora
+from odpo.trainer.lora import attach_lora
 from odpo.trainer.on_policy import LENGTH_CUT_MODES
 from odpo.trainer.sampler import Sampler, SamplerSettings
 from odpo.trainer.train_config import DEFAULT_LENGTH_CUT, TrainConfig, TrainConfigError
 from odpo.trainer.train_loop import DPOTrainer
 from tests.db_helpers import make_pairs
+from tests.model_fixtures import tiny_train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,9 +36,7 @@ def make_trainer(database, tmp_path, tiny_model_dir):
     trainers = []
 
     def build(**overrides) -> DPOTrainer:
-        cfg = dict(model=str(tiny_model_dir), device="cpu", dtype="fp32", batch_size=4, lr=1e-3,
-                   poll_seconds=0.02, exit_when_idle=0.0, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-        trainer = DPOTrainer(TrainConfig(**{**cfg, **overrides}), db=database,
+        trainer = DPOTrainer(tiny_train_config(tiny_model_dir, **overrides), db=database,
                              adapters_dir=tmp_path / "runs" / "default" / "adapters",
                              model_cache_dir=tmp_path / "models")
         trainer.start()

@@ -19,7 +19,7 @@ from odpo.trainer.train_config import TrainConfig, TrainConfigError
 from odpo.trainer.train_loop import DPOTrainer, TrainerBusyError
 from odpo.trainer.train_step import dpo_step, make_optimizer
 from tests.db_helpers import label_all, make_pairs
-from tests.model_fixtures import tiny_model_config
+from tests.model_fixtures import tiny_model_config, tiny_train_config
 
 torch.set_num_threads(1)
 
@@ -32,10 +32,7 @@ EXAMPLES = [
 
 
 def _config(tiny_model_dir, **overrides) -> TrainConfig:
-    base = dict(model=str(tiny_model_dir), device="cpu", dtype="fp32", batch_size=4, lr=1e-3,
-                poll_seconds=0.02, exit_when_idle=0.0, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
-    base.update(overrides)
-    return TrainConfig(**base)
+    return tiny_train_config(tiny_model_dir, **overrides)
 
 
 @pytest.fixture

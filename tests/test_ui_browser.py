@@ -20,25 +20,12 @@ live_app = ui_fixtures.live_app  # fixtures, requested by name
 live_auth_app = ui_fixtures.live_auth_app
 
 log = logging.getLogger(__name__)
-CHROMIUM = os.environ.get("ODPO_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        reason = f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)"
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM,
-                               args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield b
-        b.close()
+browser = ui_fixtures.browser  # fixture, requested by name
 
 
 @pytest.fixture

@@ -369,19 +369,7 @@ def test_empty_slots_are_redrawn_when_what_they_wait_for_changes(database):
 live_app = ui_fixtures.live_app
 
 
-@pytest.fixture(scope="module")
-def browser():
-    from tests.test_ui_browser import CHROMIUM
-
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM,
-                               args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield b
-        b.close()
+browser = ui_fixtures.browser  # fixture, requested by name
 
 
 @pytest.fixture

@@ -4,9 +4,7 @@ votes land as training labels and evaluation judgments in the right tables, and 
 shows the human win rate with its n."""
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import pytest
 from gradio_client import Client
@@ -20,7 +18,6 @@ from tests.test_ui_browser import SETTLED_JS, open_as, press_and_wait, shot, vis
 
 live_app = ui_fixtures.live_app  # fixtures, requested by name
 
-CHROMIUM = os.environ.get("ODPO_CHROMIUM", "/usr/bin/chromium")
 pytestmark = pytest.mark.timeout(300)
 EVERY = 5  # 1 pair in 5 is an eval pair
 VERSION = 2
@@ -73,17 +70,7 @@ def queue_mixed(db, n: int = 20) -> dict[int, str]:
     return purposes
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM,
-                               args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        yield b
-        b.close()
+browser = ui_fixtures.browser  # fixture, requested by name
 
 
 @pytest.fixture

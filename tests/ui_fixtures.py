@@ -4,6 +4,7 @@ Import the fixtures you need into a test module (`from tests.ui_fixtures import 
 """
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ import pytest
 from odpo.db import store
 from odpo.db.engine import Database
 from tests.db_helpers import sample
+
+CHROMIUM = os.environ.get("ODPO_CHROMIUM", "/usr/bin/chromium")
 
 
 class FakeSampler:
@@ -141,3 +144,19 @@ def add_showcase_pair(db: Database) -> int:
     with db.sessions.begin() as s:
         pid = store.add_typed_prompt(s, text=SHOWCASE_PROMPT, source="starter").id
         return store.add_pair(s, prompt_id=pid, version=3, a=sample(SHOWCASE_A), b=sample(SHOWCASE_B)).id
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium under Playwright, one per test module; skipped (reason printed) without it."""
+    if not Path(CHROMIUM).exists():
+        reason = f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM,
+                               args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()

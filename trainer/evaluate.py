@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from odpo.db import store
 from odpo.db.engine import Database
@@ -29,6 +29,7 @@ from odpo.trainer.generation import SamplingParams, generate
 from odpo.trainer.judges import Judge, Verdict, load_judge
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")  # what each_version's answer gives per version
 
 DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=128, seed=0)
 _ORDER_SCORE = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
@@ -159,6 +160,22 @@ def adapter_path(db: Database, *, version: int, run: str, base_dir: Optional[Pat
     return path
 
 
+def each_version(policy: Any, *, paths: dict[int, Path], versions: Sequence[int], holds: Optional[int],
+                 answer: Callable[[int], T]) -> dict[int, T]:
+    """answer(v) for each version in turn, with the policy's adapter holding v when it is called
+    (`paths` from adapter_path; 0 = the base, which answers with the adapter off). A version the
+    adapter already `holds` is not reloaded; the others are copied into it in place."""
+    out: dict[int, T] = {}
+    for version in versions:
+        if version and version != holds:
+            from odpo.trainer.checkpoint import load_adapter_into
+
+            load_adapter_into(policy, paths[version])
+            holds = version
+        out[version] = answer(version)
+    return out
+
+
 def run_eval(db: Database, *, policy: Any, tokenizer: Any, version_a: int, version_b: int,
              judge: Union[Judge, str], n: int = 64, params: SamplingParams = DEFAULT_PARAMS,
              run: str = "default", holds: Optional[int] = None, base_dir: Optional[Path] = None,
@@ -176,15 +193,9 @@ def run_eval(db: Database, *, policy: Any, tokenizer: Any, version_a: int, versi
     chosen = eval_prompts(db, n=n)
     prompts = [text for _, text in chosen]
     started = time.perf_counter()
-    outputs: dict[int, list[str]] = {}
-    for version in (version_a, version_b):
-        if version and version != holds:
-            from odpo.trainer.checkpoint import load_adapter_into
-
-            load_adapter_into(policy, paths[version])
-            holds = version
-        outputs[version] = policy_outputs(policy, tokenizer, prompts, version=version, params=params,
-                                          autocast_dtype=autocast_dtype)
+    outputs = each_version(policy, paths=paths, versions=(version_a, version_b), holds=holds,
+                           answer=lambda v: policy_outputs(policy, tokenizer, prompts, version=v, params=params,
+                                                           autocast_dtype=autocast_dtype))
     generated = time.perf_counter()
     scores = pair_scores(judge_impl, prompts, outputs[version_a], outputs[version_b])
     judged = time.perf_counter()

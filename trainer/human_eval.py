@@ -129,22 +129,16 @@ def queue_human_eval(db: Database, *, policy: Any, tokenizer: Any, version: int,
     """Answer n held-out prompts with `version` and with `reference`, and queue them as eval pairs
     in ONE transaction (all or none); returns the pair ids. `policy` is a PeftModel whose adapter
     holds `holds`; other versions are loaded into it (trainer.checkpoint.load_adapter_into)."""
-    from odpo.trainer.evaluate import EvalError, adapter_path, eval_prompts
+    from odpo.trainer.evaluate import EvalError, adapter_path, each_version, eval_prompts
 
     if version == reference:
         raise EvalError(f"the policy and the reference are both v{version}; pick two different versions")
     paths = {v: adapter_path(db, version=v, run=run, base_dir=base_dir) for v in (version, reference) if v}
     chosen = eval_prompts(db, n=n)
     texts = [text for _, text in chosen]
-    answers: dict[int, list[Generated]] = {}
-    for v in (version, reference):
-        if v and v != holds:
-            from odpo.trainer.checkpoint import load_adapter_into
-
-            load_adapter_into(policy, paths[v])
-            holds = v
-        answers[v] = version_answers(policy, tokenizer, texts, version=v, params=params,
-                                     autocast_dtype=autocast_dtype)
+    answers = each_version(policy, paths=paths, versions=(version, reference), holds=holds,
+                           answer=lambda v: version_answers(policy, tokenizer, texts, version=v, params=params,
+                                                            autocast_dtype=autocast_dtype))
     stamp = params.as_dict()
     sides = EvalCadence(0.0, seed=params.seed)
     with db.writes.begin() as s:

@@ -84,23 +84,14 @@ def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: Optional[s
     if not spec:
         raise click.UsageError("--judge SPEC is required (or --human to queue the pairs for people)")
     n = n or 64
-    from odpo.db import store
-    from odpo.trainer.evaluate import adapter_path, load_eval_policy, run_eval
+    from odpo.trainer.evaluate import load_eval_policy, run_eval
     from odpo.trainer.export import base_model_spec
     from odpo.trainer.generation import SamplingParams
     from odpo.trainer.judges import load_judge
 
     db = cfg.open_db()
     try:
-        with db.sessions() as s:
-            latest = store.latest_adapter(s, run=run)
-        a = parse_version(version_a, latest=latest.version if latest else 0)
-        b = parse_version(version_b, latest=latest.version if latest else 0)
-        if a == b:
-            raise VersionSpecError(f"--a and --b both name v{a}; pick two different policies"
-                                   + ("" if latest else " (no adapter version is committed yet)"))
-        holds = a or b
-        path = adapter_path(db, version=holds, run=run, base_dir=cfg.data_dir)
+        a, b, holds, path = _two_versions(cfg, db, run=run, specs=(version_a, version_b), flags="--a and --b")
         judge_impl = load_judge(spec, build_judge_options(cfg, **judge_kwargs))
         policy, tokenizer, autocast_dtype = load_eval_policy(
             model_spec=base_model_spec(path, model_spec), adapter_dir=path, cache_dir=cfg.model_cache_dir,
@@ -115,27 +106,36 @@ def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: Optional[s
     click.echo(json.dumps(result.summary()) if as_json else describe(result))
 
 
+def _two_versions(cfg: CommonConfig, db: Any, *, run: str, specs: tuple[str, str],
+                  flags: str) -> tuple[int, int, int, Any]:
+    """(a, b, the version whose adapter loads first, its directory) from two version specs
+    (vN, latest, base); the same two are refused in one line naming `flags`."""
+    from odpo.db import store
+    from odpo.trainer.evaluate import adapter_path
+
+    with db.sessions() as s:
+        latest = store.latest_adapter(s, run=run)
+    a, b = (parse_version(spec, latest=latest.version if latest else 0) for spec in specs)
+    if a == b:
+        raise VersionSpecError(f"{flags} both name v{a}; pick two different policies"
+                               + ("" if latest else " (no adapter version is committed yet)"))
+    holds = a or b
+    return a, b, holds, adapter_path(db, version=holds, run=run, base_dir=cfg.data_dir)
+
+
 def _queue_human(cfg: CommonConfig, *, version_a: str, version_b: str, n: int, run: str, as_json: bool,
                  sampling: dict[str, Any], model: dict[str, Any]) -> None:
     """`odpo eval --human`: answer n held-out prompts with both versions and queue them as blind
     eval pairs in one transaction; `odpo serve` shows them to people like any pair."""
-    from odpo.db import store
-    from odpo.trainer.evaluate import adapter_path, load_eval_policy
+    from odpo.trainer.evaluate import load_eval_policy
     from odpo.trainer.export import base_model_spec
     from odpo.trainer.generation import SamplingParams
     from odpo.trainer.human_eval import queue_human_eval
 
     db = cfg.open_db()
     try:
-        with db.sessions() as s:
-            latest = store.latest_adapter(s, run=run)
-        a = parse_version(version_a, latest=latest.version if latest else 0)
-        b = parse_version(version_b, latest=latest.version if latest else 0)
-        if a == b:
-            raise VersionSpecError(f"--version and --reference both name v{a}; pick two different policies"
-                                   + ("" if latest else " (no adapter version is committed yet)"))
-        holds = a or b
-        path = adapter_path(db, version=holds, run=run, base_dir=cfg.data_dir)
+        a, b, holds, path = _two_versions(cfg, db, run=run, specs=(version_a, version_b),
+                                          flags="--version and --reference")
         policy, tokenizer, autocast_dtype = load_eval_policy(
             model_spec=base_model_spec(path, model["model_spec"]), adapter_dir=path, cache_dir=cfg.model_cache_dir,
             device=model["device"], dtype=model["dtype"], load_in_4bit=model["load_in_4bit"])

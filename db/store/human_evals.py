@@ -19,6 +19,7 @@ from odpo.db.models import HumanEval, Label, Pair, Prompt, Sample, utcnow
 from odpo.db.store.errors import StoreError
 from odpo.db.store.labels import DECISIONS
 from odpo.db.store.pairs import NewSample, add_pair
+from odpo.db.store.prompts import pick_prompts_for_sampling
 
 EVAL_PURPOSE = "eval"
 OUTCOMES = ("win", "loss", "tie", "both_bad")
@@ -29,15 +30,7 @@ def pick_held_out_prompts(session: Session, *, n: int) -> list[Prompt]:
     sampler's eval pairs visit every held-out prompt before repeating one."""
     if n <= 0:
         return []
-    stmt = (select(Prompt).where(Prompt.held_out.is_(True))
-            .order_by(Prompt.last_sampled_at.is_not(None), Prompt.last_sampled_at, Prompt.id).limit(n))
-    rows = list(session.scalars(stmt))
-    now = utcnow()
-    for row in rows:
-        row.last_sampled_at = now
-        row.times_sampled = (row.times_sampled or 0) + 1
-    session.flush()
-    return rows
+    return pick_prompts_for_sampling(session, n=n, held_out=True)
 
 
 def add_eval_pair(session: Session, *, prompt_id: int, version: int, reference_version: int,

@@ -73,12 +73,14 @@ def add_typed_prompt(session: Session, *, text: str, source: str = "typed") -> P
     return row
 
 
-def pick_prompts_for_sampling(session: Session, *, n: int, exclude_ids: Sequence[int] = ()) -> list[Prompt]:
-    """The n training prompts sampled least recently (never-sampled first), stamped as sampled now,
-    so every prompt gets visited before any is repeated."""
+def pick_prompts_for_sampling(session: Session, *, n: int, exclude_ids: Sequence[int] = (),
+                              held_out: bool = False) -> list[Prompt]:
+    """The n training prompts (held-out ones with `held_out`: blind eval pairs) sampled least
+    recently (never-sampled first), stamped as sampled now, so every prompt gets visited before any
+    is repeated."""
     stmt = (
         select(Prompt)
-        .where(Prompt.held_out.is_(False))
+        .where(Prompt.held_out.is_(held_out))
         .order_by(Prompt.last_sampled_at.is_not(None), Prompt.last_sampled_at, Prompt.id)
         .limit(n)
     )
