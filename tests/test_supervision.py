@@ -170,12 +170,20 @@ def test_up_restarts_a_killed_child_reports_it_and_takes_everything_down_when_ki
         pids = up.children()
         assert pids["train"] != first["train"] and pids["serve"] == first["serve"]
         db = Database(f"sqlite:///{data / 'odpo.sqlite3'}")
-        try:
+
+        def report() -> dict:
             with db.sessions() as s:
-                state = store.get_control(s, key=up_state_key("default"))
+                return store.get_control(s, key=up_state_key("default"))
+
+        def train_of(state: dict) -> dict:
+            return next(c for c in state["children"] if c["name"] == "train")
+
+        try:  # up writes its report after it logs the restart: wait for the report, not the log line
+            wait_until(lambda: train_of(report())["pid"] == pids["train"], 30, poll=0.2)
+            state = report()
         finally:
             db.close()
-        train = next(c for c in state["children"] if c["name"] == "train")
+        train = train_of(state)
         assert (train["pid"], train["restarts"], train["last_exit"]) == (pids["train"], 1, -9), state
         assert state["pid"] == up.proc.pid and state["state"] == "running"
 
