@@ -47,9 +47,24 @@ class Prompt(Base):
     source: Mapped[str] = mapped_column(String(200), default="import")
     tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
     held_out: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    # The earlier turns of a conversation ({"role", "content"} dicts: an optional system message,
+    # then alternating user/assistant turns ending with an assistant one; store.split_conversation
+    # checks it); NULL for a single-turn prompt. `text` is always the final user message.
+    # none_as_null: Python None is SQL NULL (not JSON 'null'), so "has context" is `IS NOT NULL`.
+    context: Mapped[Optional[list[dict[str, str]]]] = mapped_column(JSON(none_as_null=True), nullable=True)
     times_sampled: Mapped[int] = mapped_column(Integer, default=0)
     last_sampled_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    def messages(self) -> list[dict[str, str]]:
+        """What the model is conditioned on, as chat messages: the earlier turns, then the final
+        user message. One place builds it, so sampling, judging, training and exports agree."""
+        return [*(self.context or []), {"role": "user", "content": self.text}]
+
+    def conditioning(self) -> str | list[dict[str, str]]:
+        """The prompt as trainer/batching.py takes it: the bare text for a single-turn prompt (so
+        its rendering stays byte-identical to before conversations existed), else the messages."""
+        return self.messages() if self.context else self.text
 
 
 class Sample(Base):

@@ -119,7 +119,7 @@ def test_bad_rows_one_line_each_and_nothing_imported(database, tmp_path):
     make_pairs(database, 1)
     before = counts(database)
     bad = [PLAIN[0], "{not json", {"prompt": "x", "chosen": "y"},
-           {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"}],
+           {"prompt": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
             "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
            PLAIN[1]]
     path = write_jsonl(tmp_path / "bad.jsonl", bad)
@@ -128,8 +128,7 @@ def test_bad_rows_one_line_each_and_nothing_imported(database, tmp_path):
     assert err.value.problems == [
         "bad.jsonl:2: malformed JSON: Expecting property name enclosed in double quotes (column 2)",
         "bad.jsonl:3: missing 'rejected'",
-        "bad.jsonl:4: 'prompt' must be exactly one user message (odpo trains single-turn prompts), got roles "
-        "['system', 'user']"]
+        "bad.jsonl:4: 'prompt': a conversation must end with a user message, got roles ['user', 'assistant']"]
     assert counts(database) == before
     report = import_dataset(database, path=path, skip_bad=True)
     assert report.pairs == 2 and len(report.bad_rows) == 3

@@ -55,7 +55,8 @@ def test_jsonl_prompt_messages_and_tags(tmp_path: Path, suffix: str) -> None:
     records = read_prompt_file(path)
     assert records == [
         PromptRecord("What is 2+2?", ("math", "short"), source=path.name),
-        PromptRecord("last turn", ("chat", "demo"), source=path.name),
+        PromptRecord("last turn", ("chat", "demo"), source=path.name,
+                     context=(("system", "be brief"), ("user", "first"), ("assistant", "ok"))),
         PromptRecord("part one\npart two", (), source=path.name),
     ]
 

@@ -13,7 +13,10 @@ re-encode is not the identity); an EOS is appended only for finish_reason "stop"
 
 ``render_prompt``/``encode_prompt`` are the single source of truth for prompt formatting and
 ``cut_prompt``/``MAX_PROMPT_TOKENS`` the single prompt-length rule; sampling uses both through
-``prompt_token_ids``, so training never scores a context the policy never saw.
+``prompt_token_ids``, so training never scores a context the policy never saw. A prompt is either
+a string (one user turn) or a conversation (``Conversation``: message dicts ending in a user turn,
+``Prompt.conditioning()``); both go through the same functions, so a multi-turn prompt is sampled,
+re-tokenised and judged with all of its earlier turns.
 
 Batch layout (as TRL's DPO collator): rows ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``
 so one forward pass serves both halves, right padded (training never generates from these rows).
@@ -22,7 +25,7 @@ so one forward pass serves both halves, right padded (training never generates f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -36,6 +39,11 @@ _CHUNK_ELEMENTS = 1 << 22
 MAX_PROMPT_TOKENS = 256
 FINISH_STOP = "stop"      # the model ended the completion itself (its EOS, if any, is in the ids)
 FINISH_LENGTH = "length"  # cut at max_new_tokens: no EOS belongs to it
+LENGTH_CUT_MODES = ("keep", "drop")  # TrainConfig.length_cut: what to do with cut pairs (on_policy.py applies it)
+# What a model is conditioned on: a user message, or a whole conversation ending in a user turn.
+Conversation = Sequence[Mapping[str, str]]
+PromptInput = Union[str, Conversation]
+_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
 @dataclass
@@ -48,7 +56,7 @@ class PairExample:
     which pairs count as length-cut.
     """
 
-    prompt: str
+    prompt: PromptInput
     chosen: str
     rejected: str
     prompt_ids: Optional[Sequence[int]] = None
@@ -72,19 +80,42 @@ def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_prompt(tokenizer: Any, prompt: str) -> str:
+def as_messages(prompt: PromptInput) -> list[dict[str, str]]:
+    """A prompt as chat messages: a string is one user turn."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("a conversation prompt must end with a user message")
+    return messages
+
+
+def transcript(prompt: PromptInput) -> str:
+    """A conversation as readable plain text ("User: ...", "Assistant: ..." blocks); a string or a
+    lone user turn stays its bare text. What a model without a chat template is fed (before its
+    generation cue) and what judges read as the request, so both see the earlier turns."""
+    messages = as_messages(prompt)
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages)
+
+
+def render_prompt(tokenizer: Any, prompt: PromptInput) -> str:
     """The exact text the model is conditioned on: chat-formatted when the tokenizer has a template.
 
     The generation prompt (e.g. ``<|im_start|>assistant\\n``) is included so the completion starts
-    right after it, both when sampling and when training.
+    right after it, both when sampling and when training. Without a template a string is fed as is
+    and a conversation as its ``transcript`` followed by an "Assistant:" cue.
     """
     if _has_chat_template(tokenizer):
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return prompt
+        return tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
+    messages = as_messages(prompt)
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return transcript(messages) + "\n\nAssistant:"
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: PromptInput) -> list[int]:
     """Token ids of ``render_prompt``, uncut (judges use it with templates of their own).
 
     A chat template already writes any BOS it wants, so special tokens are added only for raw
@@ -100,12 +131,12 @@ def cut_prompt(ids: Sequence[int], max_tokens: int = MAX_PROMPT_TOKENS) -> list[
     return list(ids[-max_tokens:])
 
 
-def prompt_token_ids(tokenizer: Any, prompt: str, *, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
+def prompt_token_ids(tokenizer: Any, prompt: PromptInput, *, max_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
     """The ids a prompt is sampled with: ``encode_prompt`` cut by ``cut_prompt``."""
     return cut_prompt(encode_prompt(tokenizer, prompt), max_tokens)
 
 
-def _encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+def _encode_prompts(tokenizer: Any, prompts: Sequence[PromptInput]) -> list[list[int]]:
     texts = [render_prompt(tokenizer, p) for p in prompts]
     add_special = not _has_chat_template(tokenizer)
     return tokenizer(texts, add_special_tokens=add_special)["input_ids"]

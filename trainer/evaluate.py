@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
+from odpo.trainer.batching import PromptInput, transcript
 from odpo.trainer.generation import SamplingParams, generate
 from odpo.trainer.judges import Judge, Verdict, load_judge
 
@@ -104,8 +105,8 @@ def tally(scores: Sequence[Optional[float]]) -> tuple[WinRate, int]:
     return wilson_interval(wins, losses, ties), sum(1 for s in scores if s is None)
 
 
-def policy_outputs(policy: Any, tokenizer: Any, prompts: Sequence[str], *, version: int, params: SamplingParams,
-                   batch_size: int = 16, autocast_dtype: Any = None) -> list[str]:
+def policy_outputs(policy: Any, tokenizer: Any, prompts: Sequence[PromptInput], *, version: int,
+                   params: SamplingParams, batch_size: int = 16, autocast_dtype: Any = None) -> list[str]:
     """Answers of the policy as it stands (version 0: the base, the adapter switched off)."""
     was_training = policy.training
     policy.eval()
@@ -127,12 +128,13 @@ def policy_outputs(policy: Any, tokenizer: Any, prompts: Sequence[str], *, versi
     return texts
 
 
-def eval_prompts(db: Database, *, n: int) -> list[tuple[int, str]]:
-    """n (prompt id, text) from the held-out set, cycling through it when it has fewer than n."""
+def eval_prompts(db: Database, *, n: int) -> list[tuple[int, PromptInput]]:
+    """n (prompt id, what the policy is conditioned on: the text or the whole conversation) from the
+    held-out set, cycling through it when it has fewer than n."""
     if n < 1:
         raise EvalError("n must be >= 1")
     with db.sessions() as s:
-        rows = [(p.id, p.text) for p in store.held_out_prompts(s, limit=n)]
+        rows = [(p.id, p.conditioning()) for p in store.held_out_prompts(s, limit=n)]
     if not rows:
         raise EvalError("no held-out prompts to evaluate on: import some with "
                         "`odpo prompts import FILE --held-out 0.1`")
@@ -197,14 +199,15 @@ def run_eval(db: Database, *, policy: Any, tokenizer: Any, version_a: int, versi
                            answer=lambda v: policy_outputs(policy, tokenizer, prompts, version=v, params=params,
                                                            autocast_dtype=autocast_dtype))
     generated = time.perf_counter()
-    scores = pair_scores(judge_impl, prompts, outputs[version_a], outputs[version_b])
+    requests = [transcript(p) for p in prompts]  # a judge reads a conversation with its earlier turns
+    scores = pair_scores(judge_impl, requests, outputs[version_a], outputs[version_b])
     judged = time.perf_counter()
     win_rate, abstained = tally(scores)
     details = {"run": run, "abstained": abstained, "interval": "wilson", "z": 1.96, "ties_count": 0.5,
                "orders": "one call (order-free judge)" if judge_impl.order_free else "two calls, order swapped",
                "params": params.as_dict(), "prompt_ids": [pid for pid, _ in chosen], "scores": scores,
                "generate_seconds": round(generated - started, 3), "judge_seconds": round(judged - generated, 3),
-               "examples": _examples(prompts, outputs[version_a], outputs[version_b], scores)}
+               "examples": _examples(requests, outputs[version_a], outputs[version_b], scores)}
     result = EvalResult(version_a=version_a, version_b=version_b, judge=judge_impl.spec, win_rate=win_rate,
                         abstained=abstained, details=details)
     if record:

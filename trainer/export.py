@@ -192,10 +192,12 @@ def _iso(value: Optional[dt.datetime]) -> Optional[str]:
 
 def dataset_rows(db: Database, *, sources: str = "all", run: str = "default") -> list[dict[str, Any]]:
     """TRL's conversational preference format plus provenance columns, one row per label;
-    `consumed_version` is the version of `run` that trained the label (None: not yet)."""
+    `consumed_version` is the version of `run` that trained the label (None: not yet). A
+    conversation's `prompt` holds all its turns, the earlier ones first, ending with the user
+    message the two answers reply to (what `odpo import dataset` reads back as the same prompt)."""
     with db.sessions() as s:
         pairs = store.labeled_pairs(s, sources=sources, run=run)
-    return [{"prompt": [{"role": "user", "content": p.prompt}],
+    return [{"prompt": [*(p.context or []), {"role": "user", "content": p.prompt}],
              "chosen": [{"role": "assistant", "content": p.chosen}],
              "rejected": [{"role": "assistant", "content": p.rejected}],
              "label_id": p.label_id, "pair_id": p.pair_id, "prompt_id": p.prompt_id, "choice": p.choice,

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from odpo.trainer.batching import FINISH_LENGTH, FINISH_STOP, MAX_PROMPT_TOKENS, prompt_token_ids
+from odpo.trainer.batching import FINISH_LENGTH, FINISH_STOP, MAX_PROMPT_TOKENS, PromptInput, prompt_token_ids
 from odpo.trainer.models import autocast_context
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "Generated", "GenerationInterrupted", "SamplingParams", "generate",
@@ -100,7 +100,7 @@ class _StopWhen(StoppingCriteria):
 def generate(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[PromptInput],
     *,
     params: SamplingParams,
     n_per_prompt: int = 1,

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 from odpo.db import store
 from odpo.db.engine import Database
+from odpo.trainer.batching import PromptInput
 from odpo.trainer.generation import Generated, SamplingParams, generate
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def _steps(k: int, share: float) -> int:
     return math.floor(k * share + 1e-9)  # 0.29 * 100 is 28.999..., still pair 100's step
 
 
-def reference_answers(model: Any, tokenizer: Any, texts: Sequence[str], *, params: SamplingParams,
+def reference_answers(model: Any, tokenizer: Any, texts: Sequence[PromptInput], *, params: SamplingParams,
                       **generate_kwargs: Any) -> list[Generated]:
     """One answer per prompt from the base (the adapter switched off), with the same params and
     prompt rendering as the policy's samples, so the two samples of a pair share their prompt ids."""
@@ -80,7 +81,8 @@ def reference_answers(model: Any, tokenizer: Any, texts: Sequence[str], *, param
 
 
 def with_references(model: Any, tokenizer: Any, outputs: list[list[Generated]], *, at: Sequence[int],
-                    texts: Sequence[str], params: SamplingParams, **generate_kwargs: Any) -> list[list[Generated]]:
+                    texts: Sequence[PromptInput], params: SamplingParams,
+                    **generate_kwargs: Any) -> list[list[Generated]]:
     """The sampler's batch with the rows `at` (eval jobs, prompts `texts`) turned into eval pairs:
     each keeps its first policy sample and gets the base's answer as the second. Called under the
     sampler's model lock, so no hot reload lands between the two."""
@@ -93,7 +95,7 @@ def with_references(model: Any, tokenizer: Any, outputs: list[list[Generated]], 
     return outputs
 
 
-def version_answers(policy: Any, tokenizer: Any, texts: Sequence[str], *, version: int, params: SamplingParams,
+def version_answers(policy: Any, tokenizer: Any, texts: Sequence[PromptInput], *, version: int, params: SamplingParams,
                     autocast_dtype: Any = None) -> list[Generated]:
     """One answer per prompt from the policy as it stands (version 0: the base), BATCH at a time,
     each chunk with its own seed offset (as trainer.evaluate.policy_outputs)."""

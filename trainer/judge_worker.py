@@ -36,6 +36,8 @@ from typing import Any, Iterator, Optional
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
+from odpo.db.store.prompts import pair_conversations
+from odpo.trainer.batching import transcript
 from odpo.trainer.judges import Judge, Verdict, judge_labeler_name
 
 log = logging.getLogger(__name__)
@@ -235,7 +237,8 @@ def judge_batch(db: Database, judge: Judge, *, config: JudgeWorkerConfig, stats:
         pairs = store.judge_candidates(s, labeler=labeler, mode=config.mode, limit=limit)
     if not pairs:
         return 0
-    verdicts = _timed_judge(judge, stats, [p.prompt for p in pairs], [p.a for p in pairs], [p.b for p in pairs])
+    requests = judge_requests(db, [(p.pair_id, p.prompt) for p in pairs])
+    verdicts = _timed_judge(judge, stats, requests, [p.a for p in pairs], [p.b for p in pairs])
     with db.sessions.begin() as s:
         for pair, verdict in zip(pairs, verdicts, strict=True):
             choice = "skip" if verdict.choice == "abstain" else verdict.choice
@@ -284,7 +287,7 @@ def _judge_claims(db: Database, judge: Judge, claims: list[store.ClaimedPair], *
     # ClaimedPair shows the pair left/right; the judge gets it as a/b so its choice is absolute.
     a_texts = [c.left if c.shown_left == "a" else c.right for c in claims]
     b_texts = [c.right if c.shown_left == "a" else c.left for c in claims]
-    verdicts = _timed_judge(judge, stats, [c.prompt for c in claims], a_texts, b_texts)
+    verdicts = _timed_judge(judge, stats, judge_requests(db, [(c.pair_id, c.prompt) for c in claims]), a_texts, b_texts)
     for claimed, verdict in zip(claims, verdicts, strict=True):
         with db.sessions.begin() as s:
             if verdict.choice == "abstain":
@@ -323,6 +326,14 @@ def _release_open(db: Database, claims: list[store.ClaimedPair], labeler: str) -
         released = sum(store.release_assignment(s, assignment_id=c.assignment_id, labeler=labeler) for c in claims)
     if released:
         log.info("handed %d claimed pairs back to the queue", released)
+
+
+def judge_requests(db: Database, pairs: list[tuple[int, str]]) -> list[str]:
+    """The request a judge reads for each (pair id, prompt text): the text, or for a conversation
+    its whole transcript, so the judge weighs the answers against the earlier turns too."""
+    with db.sessions() as s:
+        conversations = pair_conversations(s, pair_ids=[pid for pid, _ in pairs])
+    return [transcript(conversations[pid]) if pid in conversations else text for pid, text in pairs]
 
 
 def _timed_judge(judge: Judge, stats: WorkerStats, prompts: list[str], a: list[str], b: list[str]) -> list[Verdict]:

@@ -16,18 +16,17 @@ from typing import Protocol, Sequence
 
 from odpo.db import store
 from odpo.db.engine import Database
-from odpo.trainer.batching import FINISH_LENGTH, PairExample
+from odpo.trainer.batching import FINISH_LENGTH, LENGTH_CUT_MODES, PairExample, PromptInput
 
 log = logging.getLogger(__name__)
 
-LENGTH_CUT_MODES = ("keep", "drop")
 
 
 class LabelLike(Protocol):
     """What the trainer's labels provide (store.TrainingLabel has these and more)."""
 
     label_id: int
-    prompt: str
+    prompt: PromptInput  # the text, or a conversation's messages
     chosen: str
     rejected: str
 

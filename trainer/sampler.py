@@ -58,7 +58,7 @@ class SamplerSettings:
 @dataclass(frozen=True)
 class _Job:
     prompt_id: int
-    text: str
+    text: str | list[dict[str, str]]  # Prompt.conditioning(): the text, or the whole conversation
     purpose: str = "train"
     requested_by: Optional[str] = None
 
@@ -167,7 +167,7 @@ class Sampler:
         prompts for the others, in slot order."""
         flags = self.eval_cadence.plan(room) if self.settings.human_eval_share and self.watcher.serving_version else []
         held_out = store.pick_held_out_prompts(s, n=sum(flags))
-        evals = [_Job(prompt_id=p.id, text=p.text, purpose="eval") for p in held_out]
+        evals = [_Job(prompt_id=p.id, text=p.conditioning(), purpose="eval") for p in held_out]
         if sum(flags):  # warn once per run of misses, not once per due eval pair
             if not evals and not self._warned_no_held_out:
                 log.warning("no held-out prompts for blind eval pairs: import some with --held-out 0.1")
@@ -177,7 +177,7 @@ class Sampler:
             if not rows and not self._warned_no_prompts:
                 log.warning("no training prompts to sample: import some (odpo prompts import FILE)")
             self._warned_no_prompts = not rows
-        return interleave(flags, [_Job(prompt_id=p.id, text=p.text) for p in rows], evals)
+        return interleave(flags, [_Job(prompt_id=p.id, text=p.conditioning()) for p in rows], evals)
 
     def _batch_limit(self) -> int:
         """Prompts in the next batch: `prompts_per_batch`, except with `ramp_up` while the process
@@ -201,7 +201,7 @@ class Sampler:
             if texts[pid] is None:
                 log.warning("typed prompt %d no longer exists; skipped", pid)
                 continue
-            jobs.append(_Job(prompt_id=pid, text=texts[pid].text, purpose="typed", requested_by=labeler))
+            jobs.append(_Job(prompt_id=pid, text=texts[pid].conditioning(), purpose="typed", requested_by=labeler))
         return jobs
 
     def _requeue_typed(self, jobs: list[_Job]) -> None:

@@ -104,7 +104,8 @@ def export_gguf_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_mo
 @click.pass_obj
 def export_dataset_cmd(cfg: CommonConfig, out: Path, sources: str, force: bool, run: str) -> None:
     """Labeled pairs as OUT.jsonl or OUT.parquet in TRL's conversational preference format (prompt,
-    chosen, rejected) plus labeler, source, adapter version and timestamps."""
+    chosen, rejected) plus labeler, source, adapter version and timestamps. A multi-turn prompt's
+    `prompt` lists every earlier turn before the final user message."""
     from odpo.trainer.export import export_dataset
 
     db = cfg.open_db()

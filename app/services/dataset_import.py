@@ -6,9 +6,12 @@ Accepted rows (JSONL, one object a line, or Parquet), the formats TRL's DPO trai
 - conversational with an implicit prompt: `chosen`/`rejected` whole conversations sharing every
   message but the last (the prompt), each ending in the assistant's answer.
 Other columns (what `odpo export dataset` adds: labeler, source, versions, ...) are ignored, so an
-export imports as is. odpo stores a prompt as one user turn (the sampler and the trainer render it
-with the tokenizer's chat template), so a conversational prompt must be exactly one user message:
-multi-turn or system-message rows are refused with the row named, never flattened silently.
+export imports as is. A conversational prompt may hold earlier turns: odpo stores its final user
+message as the prompt text and the turns before it as the prompt's context (the sampler and the
+trainer render them all with the tokenizer's chat template). Its shape is checked by
+`store.split_conversation` (an optional first system message, then user and assistant turns
+alternating, ending with the user message the answers reply to); any other shape is refused with
+the row named, never reordered or flattened silently.
 
 Why strict: every row is validated before anything is written, and a file with any bad row imports
 nothing (each bad row gets one line: file, line or row, what is wrong) unless `skip_bad` is set.
@@ -27,6 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
+from odpo.db.store.prompts import split_conversation
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +145,11 @@ def parse_record(record: Any, number: int) -> store.DatasetRow:
     if missing:
         raise ValueError(f"missing {' and '.join(repr(k) for k in missing)}")
     chosen, rejected, prompt = record["chosen"], record["rejected"], record.get("prompt")
+    context: list[dict[str, str]] = []
     if prompt is None:
-        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+        context, prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
     elif isinstance(prompt, list):
-        prompt = _user_turn(prompt)
+        context, prompt = _conversation(prompt, "'prompt'")
         chosen, rejected = _answer(chosen, "chosen"), _answer(rejected, "rejected")
     elif isinstance(prompt, str):
         for key, value in (("chosen", chosen), ("rejected", rejected)):
@@ -152,8 +157,10 @@ def parse_record(record: Any, number: int) -> store.DatasetRow:
                 raise ValueError(f"{key!r} must be a string when 'prompt' is one, got {type(value).__name__}")
     else:
         raise ValueError(f"'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
+    for turn in context:
+        _check_text(turn["content"], "prompt")
     return store.DatasetRow(prompt=_check_prompt(prompt), chosen=_check_text(chosen, "chosen"),
-                            rejected=_check_text(rejected, "rejected"), row=number)
+                            rejected=_check_text(rejected, "rejected"), row=number, context=tuple(context))
 
 
 def _content(message: Any, where: str) -> tuple[str, str]:
@@ -170,12 +177,13 @@ def _content(message: Any, where: str) -> tuple[str, str]:
     return message["role"], content
 
 
-def _user_turn(messages: list[Any]) -> str:
-    roles = [_content(m, "'prompt'")[0] for m in messages]
-    if roles != ["user"]:
-        raise ValueError(f"'prompt' must be exactly one user message (odpo trains single-turn prompts), got "
-                         f"roles {roles}")
-    return _content(messages[0], "'prompt'")[1]
+def _conversation(messages: list[Any], where: str) -> tuple[list[dict[str, str]], str]:
+    """(earlier turns, final user text) of a conversational prompt; ValueError names what is wrong."""
+    turns = [dict(zip(("role", "content"), _content(m, where), strict=True)) for m in messages]
+    try:
+        return split_conversation(turns)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _answer(value: Any, key: str) -> str:
@@ -187,15 +195,16 @@ def _answer(value: Any, key: str) -> str:
     return text
 
 
-def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[str, str, str]:
-    """TRL's implicit-prompt form: two conversations whose shared head is the prompt."""
+def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[list[dict[str, str]], str, str, str]:
+    """TRL's implicit-prompt form: two conversations whose shared head is the prompt (its earlier
+    turns and its final user message)."""
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise ValueError("missing 'prompt' (plain-text chosen/rejected need one; conversations carry it)")
     if len(chosen) < 2 or len(rejected) < 2 or chosen[:-1] != rejected[:-1]:
         raise ValueError("'chosen' and 'rejected' without 'prompt' must be conversations that share every "
                          "message but their last")
-    prompt = _user_turn(chosen[:-1])
-    return prompt, _answer(chosen[-1:], "chosen"), _answer(rejected[-1:], "rejected")
+    context, prompt = _conversation(chosen[:-1], "the shared messages of 'chosen' and 'rejected'")
+    return context, prompt, _answer(chosen[-1:], "chosen"), _answer(rejected[-1:], "rejected")
 
 
 def _check_prompt(text: str) -> str:

@@ -5,11 +5,12 @@ API and the tests use these pure functions directly.
 """
 from __future__ import annotations
 
+import html
 import logging
 import re
 import secrets
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 from odpo.db.errors import OdpoError
 
@@ -124,6 +125,29 @@ def _escape_prose(text: str) -> str:
         last = m.end()
     parts.append(_escape_html(text[last:]))
     return "".join(parts)
+
+
+ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def conversation_html(context: Optional[Sequence[Mapping[str, str]]]) -> str:
+    """The earlier turns of a conversation as one collapsed <details> block ("" for none): the
+    labeler judges the two replies to the final message, and opens the history when it matters.
+
+    Every turn is escaped as plain text (html.escape) with line breaks as <br>, so the block holds
+    no blank line: in the page's markdown a blank line would end the raw HTML block early."""
+    if not context:
+        return ""
+    turns = []
+    for message in context:
+        role = str(message.get("role", ""))
+        text = html.escape(str(message.get("content", ""))).replace("\r\n", "\n").replace("\n", "<br>")
+        turns.append(f'<div class="odpo-turn odpo-turn-{html.escape(role)}"><span class="odpo-turn-role">'
+                     f'{html.escape(ROLE_NAMES.get(role, role.title()))}</span><div class="odpo-turn-text">'
+                     f"{text}</div></div>")
+    n = len(context)
+    summary = f"Earlier conversation ({n} turn{'s' if n != 1 else ''})"
+    return f'<details class="odpo-context"><summary>{summary}</summary>{"".join(turns)}</details>'
 
 
 def _escape_html(text: str) -> str:

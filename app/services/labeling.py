@@ -36,7 +36,7 @@ from odpo.app.services.label_text import (  # noqa: F401 - re-exported: the labe
 )
 from odpo.db import store
 from odpo.db.engine import Database
-from odpo.db.models import Assignment, Pair
+from odpo.db.models import Assignment, Pair, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class PairView:
     right: str
     version: int
     typed: bool = False
+    # The earlier turns of a conversation ({"role", "content"} dicts, oldest first); None when the
+    # prompt is a single user message. `prompt` is always the final user message.
+    context: Optional[list[dict[str, str]]] = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -324,6 +327,8 @@ def _per_update(train_cfg: dict[str, Any]) -> int:
 
 def _view(s, claimed: store.ClaimedPair) -> PairView:
     pair = s.get(Pair, claimed.pair_id)  # already in the session's identity map: no query
+    prompt = s.get(Prompt, pair.prompt_id) if pair is not None else None  # so is its prompt
     return PairView(assignment_id=claimed.assignment_id, pair_id=claimed.pair_id, prompt=claimed.prompt,
                     left=claimed.left, right=claimed.right, version=claimed.version,
-                    typed=bool(pair is not None and pair.purpose == "typed"))
+                    typed=bool(pair is not None and pair.purpose == "typed"),
+                    context=list(prompt.context) if prompt is not None and prompt.context else None)

@@ -3,6 +3,10 @@
 Why this module is strict: the admin imports a file in ONE database transaction, so every line is
 validated here before anything is returned. A bad file fails as a whole with a single-line
 `PromptFileError` that names the file and the line/row, which the UI can show as is.
+
+A JSON object with chat `messages` is a conversation: its last user message is the prompt, the
+turns before it its context (answers after it are dropped, as before conversations existed), so
+the sampler continues the conversation and labelers see it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 from odpo.db.errors import OdpoError
 from odpo.db.store import normalise_prompt, prompt_hash
+from odpo.db.store.prompts import split_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +35,8 @@ STARTER_PATH = "data/starter_prompts.jsonl"
 
 # One prompt location: (kind, number), e.g. ("line", 3) or ("row", 2); None for the whole file.
 Where = tuple[str, int] | None
+# Earlier turns of a conversation as (role, content) pairs: hashable, unlike message dicts.
+Turns = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,22 @@ class PromptRecord:
     text: str
     tags: tuple[str, ...] = ()
     source: str = field(kw_only=True)
+    context: Turns = field(default=(), kw_only=True)  # earlier turns; () for a single-turn prompt
 
     def __post_init__(self) -> None:
-        # Callers may pass a list; a frozen record must stay hashable.
+        # Callers may pass lists; a frozen record must stay hashable.
         object.__setattr__(self, "tags", tuple(self.tags))
+        object.__setattr__(self, "context", tuple((str(r), str(c)) for r, c in self.context))
+
+    @property
+    def context_messages(self) -> tuple[dict[str, str], ...]:
+        """The earlier turns as the store keeps them (store.NewPrompt.context)."""
+        return tuple({"role": role, "content": content} for role, content in self.context)
+
+    @property
+    def key(self) -> str:
+        """The prompt's unique key, earlier turns included (store.prompt_hash)."""
+        return prompt_hash(self.text, self.context_messages)
 
 
 class PromptFileError(OdpoError):
@@ -61,24 +80,25 @@ class PromptFileError(OdpoError):
 prompt_key = normalise_prompt
 
 
-def held_out_split(text: str, fraction: float) -> bool:
-    """True if the prompt belongs to the held-out (eval) split.
+def held_out_split(text: str, fraction: float, context: Iterable[dict[str, str]] = ()) -> bool:
+    """True if the prompt (with its earlier turns `context`, if any) belongs to the held-out split.
 
-    A sha256 of the normalised text, not Python's salted `hash()`, so the same prompt lands in the
-    same split on every machine, process and re-import.
+    A sha256 of the normalised prompt (store.prompt_hash), not Python's salted `hash()`, so the same
+    prompt lands in the same split on every machine, process and re-import.
     """
     if not 0.0 <= fraction < 1.0:  # also rejects NaN
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction!r}")
-    return int(prompt_hash(text)[:16], 16) / 2**64 < fraction
+    return int(prompt_hash(text, list(context))[:16], 16) / 2**64 < fraction
 
 
 def dedupe(records: Iterable[PromptRecord]) -> tuple[list[PromptRecord], int]:
-    """Drop repeated prompts (by `prompt_key`), keeping the first; return (unique, n_duplicates)."""
+    """Drop repeated prompts (by `PromptRecord.key`: the normalised text and earlier turns), keeping
+    the first; return (unique, n_duplicates)."""
     seen: set[str] = set()
     unique: list[PromptRecord] = []
     duplicates = 0
     for record in records:
-        key = prompt_key(record.text)
+        key = record.key
         if key in seen:
             duplicates += 1
             continue
@@ -125,8 +145,8 @@ def parse_prompt_bytes(data: bytes, *, name: str, suffix: str, max_chars: int = 
             rows = _text_rows(text)
     src = source if source is not None else name
     records = [PromptRecord(_check_prompt(value, name, where, max_chars), _check_tags(tags, name, where),
-                            source=src)
-               for where, value, tags in rows]
+                            source=src, context=_check_turns(turns, name, where, max_chars))
+               for where, value, tags, turns in _with_turns(rows)]
     if not records:
         raise PromptFileError(name, "the file is empty: no prompts found")
     return records
@@ -254,30 +274,73 @@ def _require_column(columns: list[str], name: str, original: list[str]) -> int:
     return columns.index("prompt")
 
 
+@dataclass(frozen=True)
+class _Conversation:
+    """A `messages` prompt on its way through the row iterators: the final user text and the turns
+    before it (the iterators yield one prompt value, so the turns travel inside it)."""
+
+    text: Any
+    turns: Turns
+
+
+def _with_turns(rows: Iterable[tuple[Where, Any, Any]]) -> Iterator[tuple[Where, Any, Any, Turns]]:
+    for where, value, tags in rows:
+        if isinstance(value, _Conversation):
+            yield where, value.text, tags, value.turns
+        else:
+            yield where, value, tags, ()
+
+
 def _object_prompt(obj: Any, name: str, where: Where) -> Any:
-    """The prompt of one JSON object: its `prompt` field, else the last user turn of `messages`."""
+    """The prompt of one JSON object: its `prompt` field, else the conversation in `messages`."""
     if not isinstance(obj, dict):
         raise PromptFileError(name, f"expected a JSON object, got {_json_type(obj)}", where=where)
     if "prompt" in obj:
         return obj["prompt"]
     if "messages" in obj:
-        return _last_user_message(obj["messages"], name, where)
+        return _messages_prompt(obj["messages"], name, where)
     found = ", ".join(repr(key) for key in obj) or "none"
     raise PromptFileError(name, f"no 'prompt' field or chat 'messages' (found fields: {found})", where=where)
 
 
-def _last_user_message(messages: Any, name: str, where: Where) -> Any:
+def _messages_prompt(messages: Any, name: str, where: Where) -> Any:
+    """The last user message, with the turns before it as its context; answers after it are
+    dropped. A conversation odpo cannot continue (unknown role, turns out of order) is refused."""
     if not isinstance(messages, list):
         raise PromptFileError(name, f"'messages' must be a list, got {_json_type(messages)}", where=where)
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    if not users:
+    last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"), default=None)
+    if last is None:
         raise PromptFileError(name, "'messages' has no message with role 'user'", where=where)
-    content = users[-1].get("content")
-    if isinstance(content, list):  # OpenAI-style content parts: keep the text parts
+    head = [{"role": m.get("role"), "content": _text_parts(m.get("content"))} if isinstance(m, dict) else m
+            for m in messages[:last + 1]]
+    if last == 0:
+        return head[0]["content"]  # a single user turn: checked like any prompt
+    try:
+        context, text = split_conversation(head)
+    except ValueError as exc:
+        raise PromptFileError(name, f"'messages': {exc}", where=where) from None
+    return _Conversation(text, tuple((m["role"], m["content"]) for m in context))
+
+
+def _text_parts(content: Any) -> Any:
+    """OpenAI-style content parts: keep the text parts; anything else as it is."""
+    if isinstance(content, list):
         texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         if texts and all(isinstance(t, str) for t in texts):
             return "\n".join(texts)
     return content
+
+
+def _check_turns(turns: Turns, name: str, where: Where, max_chars: int) -> Turns:
+    """The earlier turns, checked like prompts (no NUL, within max_chars), line endings normalised."""
+    out = []
+    for i, (role, content) in enumerate(turns, start=1):
+        _check_no_nul(content, f"message {i} of 'messages'", name, where)
+        if len(content) > max_chars:
+            raise PromptFileError(name, f"message {i} of 'messages' is {len(content)} characters, over the "
+                                        f"limit of {max_chars}", where=where)
+        out.append((role, content.replace("\r\n", "\n").replace("\r", "\n")))
+    return tuple(out)
 
 
 def _check_prompt(value: Any, name: str, where: Where, max_chars: int) -> str:

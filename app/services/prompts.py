@@ -17,8 +17,9 @@ def import_prompt_records(db: Database, records: Iterable, *, held_out_fraction:
     """Store PromptRecords in ONE transaction; held-out membership is a stable hash of the text."""
     from odpo.app.services.prompt_files import held_out_split
 
-    new = [store.NewPrompt(text=r.text, source=r.source, tags=tuple(r.tags),
-                           held_out=held_out_split(r.text, held_out_fraction) if held_out_fraction else False)
+    new = [store.NewPrompt(text=r.text, source=r.source, tags=tuple(r.tags), context=r.context_messages,
+                           held_out=held_out_split(r.text, held_out_fraction, r.context_messages)
+                           if held_out_fraction else False)
            for r in records]
     with db.sessions.begin() as s:
         return store.add_prompts(s, prompts=new)

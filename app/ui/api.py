@@ -35,7 +35,9 @@ def register_api(labels: LabelService, identity: Identity) -> None:
     @_api_guard
     def next_pair(labeler: str = "", request: gr.Request = None) -> dict:
         """The pair to label now (the one already on your screen, else the next queued pair);
-        {"pair": null, "waiting": "<what for>"} while the sampler is still filling the queue."""
+        {"pair": null, "waiting": "<what for>"} while the sampler is still filling the queue. A
+        pair's `context` lists a conversation's earlier turns ({"role", "content"}, oldest first;
+        null for a single-turn prompt); `prompt` is always the final user message."""
         view = labels.current_pair(labeler=identity.labeler(labeler, request), client=client_key(request))
         if view is None:  # what the page would say: the model loading, the first pair sampling, …
             return {"pair": None, "waiting": " ".join(waiting_message(labels.sampler_state()))}

@@ -15,7 +15,8 @@ from typing import Callable, Optional
 
 import gradio as gr
 
-from odpo.app.services.labeling import LabelService, guest_name, normalise_labeler
+from odpo.app.services.label_text import conversation_html
+from odpo.app.services.labeling import LabelService, PairView, guest_name, normalise_labeler
 from odpo.app.services.status import TrainerWatch, waiting_message
 from odpo.app.ui.api import client_key
 from odpo.app.ui.common import Identity, NotSignedInError, counters_html, guarded, pair_outputs, skips
@@ -122,10 +123,21 @@ def slot_outputs(update: Optional[SlotUpdate], waiting: Optional[tuple[str, str]
     out: list = []
     for slot in (0, 1):
         changed = slot in update.changed
-        out += list(pair_outputs(update.changed[slot], waiting)) if changed else [gr.skip()] * 3
+        out += list(slot_markdown(update.changed[slot], waiting)) if changed else [gr.skip()] * 3
     sync = (f'<div class="odpo-sync-data" data-active="{update.active}" data-ready="{int(update.ready)}" '
             f'data-seq="{update.seq}"></div>')
     return (*out, sync)
+
+
+def slot_markdown(view: Optional[PairView], waiting: Optional[tuple[str, str]] = None) -> tuple[str, str, str]:
+    """pair_outputs, with a conversation's earlier turns collapsed between the pair's header line
+    and the final user message (what the two candidates reply to)."""
+    prompt, left, right = pair_outputs(view, waiting)
+    if view is not None and view.context:
+        head, sep, question = prompt.partition("\n\n")
+        history = conversation_html(view.context)
+        prompt = f"{head}\n\n{history}\n\n{question}" if sep else f"{history}\n\n{prompt}"
+    return prompt, left, right
 
 
 def build_label_tab(*, svc: LabelService, identity: Identity, guidelines: str, counters: gr.HTML,

@@ -105,12 +105,15 @@ from odpo.db.store.prompts import (
     NewPrompt,
     add_prompts,
     add_typed_prompt,
+    conversation,
     count_prompts,
     held_out_prompts,
     list_prompts,
     normalise_prompt,
+    pair_conversations,
     pick_prompts_for_sampling,
     prompt_hash,
+    split_conversation,
 )
 from odpo.db.store.quality import (
     GOLD_PREFIX,

@@ -39,6 +39,7 @@ from odpo.db.models import (
 )
 from odpo.db.store.errors import StoreError
 from odpo.db.store.labels import source_filter
+from odpo.db.store.prompts import conversation
 
 
 class LabelsRetracted(StoreError):
@@ -54,7 +55,7 @@ class HeadMoved(StoreError):
 class TrainingLabel:
     label_id: int
     pair_id: int
-    prompt: str
+    prompt: str | list[dict[str, str]]  # the text, or for a conversation all its messages (Prompt.conditioning)
     chosen: str
     rejected: str
     pair_version: int
@@ -85,7 +86,7 @@ def unconsumed_labels(session: Session, *, limit: int, run: str = "default", sou
     sa, sb = aliased(Sample), aliased(Sample)
     stmt = (
         select(Label.id, Label.pair_id, Label.choice, Label.source, Prompt.text, sa.text, sb.text,
-               Pair.created_version)
+               Pair.created_version, Prompt.context)
         .join(Pair, Pair.id == Label.pair_id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
         .join(sa, sa.id == Pair.sample_a_id)
@@ -96,10 +97,11 @@ def unconsumed_labels(session: Session, *, limit: int, run: str = "default", sou
         .limit(limit)
     )
     out = []
-    for lid, pid, choice, source, prompt, a_text, b_text, version in session.execute(stmt):
+    for lid, pid, choice, source, prompt, a_text, b_text, version, context in session.execute(stmt):
         chosen, rejected = (a_text, b_text) if choice == "a" else (b_text, a_text)
-        out.append(TrainingLabel(label_id=lid, pair_id=pid, prompt=prompt, chosen=chosen, rejected=rejected,
-                                 pair_version=version, source=source))
+        prompt_input = conversation(context, prompt) if context else prompt
+        out.append(TrainingLabel(label_id=lid, pair_id=pid, prompt=prompt_input,
+                                 chosen=chosen, rejected=rejected, pair_version=version, source=source))
     return out
 
 

@@ -26,7 +26,7 @@ from odpo.db.models import TRAINABLE_CHOICES, Control, Label, LabelUse, Pair, Pr
 from odpo.db.store.adapters import STALE_STEP, TrainingLabel, _unused_in, not_excluded
 from odpo.db.store.errors import StoreError
 from odpo.db.store.labels import DATASET_SOURCE_PREFIX, source_filter
-from odpo.db.store.prompts import prompt_hash
+from odpo.db.store.prompts import conversation, prompt_hash
 
 DATASET_PURPOSE = "dataset"
 _CHUNK = 500  # rows per multi-row INSERT: under SQLite's and PostgreSQL's parameter limits
@@ -34,12 +34,19 @@ _CHUNK = 500  # rows per multi-row INSERT: under SQLite's and PostgreSQL's param
 
 @dataclass(frozen=True)
 class DatasetRow:
-    """One preference of an imported file; `row` is its line (JSONL) or row (Parquet) number."""
+    """One preference of an imported file; `row` is its line (JSONL) or row (Parquet) number;
+    `context` the earlier turns of a conversational prompt (`prompt` is its final user message)."""
 
     prompt: str
     chosen: str
     rejected: str
     row: int
+    context: tuple[dict[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """The prompt's unique key (store.prompt_hash), earlier turns included."""
+        return prompt_hash(self.prompt, self.context)
 
 
 @dataclass(frozen=True)
@@ -63,10 +70,10 @@ def import_dataset_rows(session: Session, *, name: str, file: str, rows: Sequenc
     if not _claim_name(session, key=source, value={"file": file, "pairs": len(rows)}):
         raise StoreError(f"a dataset named {name!r} is already imported; nothing was imported "
                          "(give this import another --name)")
-    prompt_ids, added = _prompt_ids(session, texts=[r.prompt for r in rows], source=source)
+    prompt_ids, added = _prompt_ids(session, rows=rows, source=source)
     for start in range(0, len(rows), _CHUNK):
         chunk = rows[start:start + _CHUNK]
-        samples = [{"prompt_id": prompt_ids[prompt_hash(r.prompt)], "adapter_version": 0, "text": text,
+        samples = [{"prompt_id": prompt_ids[r.key], "adapter_version": 0, "text": text,
                     "tokens": 0, "finish_reason": "stop", "gen_seconds": 0.0,
                     "params": {"origin": "dataset", "file": file, "row": r.row}, "created_at": utcnow()}
                    for r in chunk for text in (r.chosen, r.rejected)]
@@ -102,21 +109,23 @@ def _claim_name(session: Session, *, key: str, value: dict[str, Any]) -> bool:
     return True
 
 
-def _prompt_ids(session: Session, *, texts: Sequence[str], source: str) -> tuple[dict[str, int], int]:
-    """prompt hash -> id for every text, inserting the ones not stored yet; and how many were new."""
-    hashes = list(dict.fromkeys(prompt_hash(t) for t in texts))
+def _prompt_ids(session: Session, *, rows: Sequence[DatasetRow], source: str) -> tuple[dict[str, int], int]:
+    """prompt hash -> id for every row's prompt, inserting the ones not stored yet; and how many
+    were new."""
+    hashes = list(dict.fromkeys(r.key for r in rows))
     found: dict[str, int] = {}
     for start in range(0, len(hashes), _CHUNK):
         chunk = hashes[start:start + _CHUNK]
         found.update(session.execute(select(Prompt.text_hash, Prompt.id).where(Prompt.text_hash.in_(chunk))).all())
-    first_text = {}
-    for text in texts:
-        first_text.setdefault(prompt_hash(text), text)
+    first: dict[str, DatasetRow] = {}
+    for r in rows:
+        first.setdefault(r.key, r)
     new = [h for h in hashes if h not in found]
     for start in range(0, len(new), _CHUNK):
         chunk = new[start:start + _CHUNK]
-        ids = _insert_ids(session, Prompt, [{"text": first_text[h].strip(), "text_hash": h, "source": source,
+        ids = _insert_ids(session, Prompt, [{"text": first[h].prompt.strip(), "text_hash": h, "source": source,
                                              "tags": ["dataset"], "held_out": False, "times_sampled": 0,
+                                             "context": [dict(m) for m in first[h].context] or None,
                                              "created_at": utcnow()} for h in chunk])
         found.update(zip(chunk, ids, strict=True))
     return found, len(new)
@@ -152,7 +161,7 @@ def trainable_labels(session: Session, *, run: str, sources: str, unused: bool =
                                           human.undone.is_(False), human.choice != "skip").exists()
     sa, sb = aliased(Sample), aliased(Sample)
     stmt = (select(Label.id, Label.pair_id, Label.choice, Label.source, Prompt.text, sa.text, sb.text,
-                   Pair.created_version)
+                   Pair.created_version, Prompt.context)
             .join(Pair, Pair.id == Label.pair_id).join(Prompt, Prompt.id == Pair.prompt_id)
             .join(sa, sa.id == Pair.sample_a_id).join(sb, sb.id == Pair.sample_b_id)
             .where(Label.undone.is_(False), Label.choice.in_(TRAINABLE_CHOICES), source_filter(sources))
@@ -169,10 +178,13 @@ def trainable_labels(session: Session, *, run: str, sources: str, unused: bool =
     wanted = None if label_ids is None else list(dict.fromkeys(label_ids))
     for start in range(0, 1 if wanted is None else len(wanted), _CHUNK):
         part = stmt if wanted is None else stmt.where(Label.id.in_(wanted[start:start + _CHUNK]))
-        for lid, pid, choice, source, prompt, a_text, b_text, version in session.execute(part):
+        for lid, pid, choice, source, prompt, a_text, b_text, version, context in session.execute(part):
             chosen, rejected = (a_text, b_text) if choice == "a" else (b_text, a_text)
-            out.append(TrainingLabel(label_id=lid, pair_id=pid, prompt=prompt, chosen=chosen, rejected=rejected,
-                                     pair_version=version, source=source))
+            # A conversation's label carries its whole context: batching re-tokenises imported rows
+            # (they have no sampled ids) from this, so the earlier turns are trained on too.
+            what = conversation(context, prompt) if context else prompt
+            out.append(TrainingLabel(label_id=lid, pair_id=pid, prompt=what, chosen=chosen,
+                                     rejected=rejected, pair_version=version, source=source))
     return sorted(out, key=lambda lb: lb.label_id)
 
 

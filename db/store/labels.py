@@ -259,6 +259,7 @@ class LabeledPair:
     shown_at: Optional[dt.datetime]
     answered_at: dt.datetime
     consumed_version: Optional[int]
+    context: Optional[list[dict[str, str]]] = None  # the earlier turns of a conversational prompt
 
 
 def labeled_pairs(session: Session, *, sources: str = "all", run: str = "default") -> list[LabeledPair]:
@@ -270,20 +271,20 @@ def labeled_pairs(session: Session, *, sources: str = "all", run: str = "default
     """
     sa, sb = aliased(Sample), aliased(Sample)
     used_in = select(LabelUse.version).where(LabelUse.label_id == Label.id, LabelUse.run == run).scalar_subquery()
-    stmt = (select(Label, Prompt.id, Prompt.text, sa.text, sb.text, Pair.created_version, used_in)
+    stmt = (select(Label, Prompt.id, Prompt.text, sa.text, sb.text, Pair.created_version, used_in, Prompt.context)
             .join(Pair, Pair.id == Label.pair_id).join(Prompt, Prompt.id == Pair.prompt_id)
             .join(sa, sa.id == Pair.sample_a_id).join(sb, sb.id == Pair.sample_b_id)
             .where(Label.undone.is_(False), Label.choice.in_(("a", "b")), source_filter(sources))
             .where((Label.source == "human") | ~human_labeled(skipped=False))
             .order_by(Label.id))
     out = []
-    for label, prompt_id, prompt, a, b, version, used in session.execute(stmt):
+    for label, prompt_id, prompt, a, b, version, used, context in session.execute(stmt):
         chosen, rejected = (a, b) if label.choice == "a" else (b, a)
         out.append(LabeledPair(label_id=label.id, pair_id=label.pair_id, prompt_id=prompt_id, prompt=prompt,
                                chosen=chosen, rejected=rejected, choice=label.choice, labeler=label.labeler,
                                source=label.source, confidence=label.judge_confidence, pair_version=version,
                                shown_left=label.shown_left, shown_at=label.shown_at,
-                               answered_at=label.answered_at, consumed_version=used))
+                               answered_at=label.answered_at, consumed_version=used, context=context or None))
     return out
 
 
