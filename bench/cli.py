@@ -165,6 +165,9 @@ def reload(common: CommonConfig, **opts: Any) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(1), default=None)
 @click.option("--prompts-per-batch", type=click.IntRange(1), default=None)
 @click.option("--rule", default="rule:shorter", show_default=True, help="Judge deciding the labelers' votes.")
+@click.option("--rate-labelers", type=click.IntRange(0), default=20, show_default=True,
+              help="Then measure the sampler worker's pairs/min alone and with this many labelers polling (0: skip).")
+@click.option("--rate-window", type=click.FloatRange(10), default=None, help="Seconds per rate window.")
 @click.pass_obj
 def labelers(common: CommonConfig, **opts: Any) -> None:
     """The real app (odpo up) under simulated labelers voting over HTTP."""

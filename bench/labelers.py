@@ -36,11 +36,13 @@ TARGETS = (Target("labelers: wait p50 while queue non-empty (ms)", "wait_ms_p50"
 SIZES = {"full": (16, 300.0, 3.0, 64, 96, 16), "quick": (4, 120.0, 10.0, 16, 32, 4)}
 DEFAULT_RULE = "rule:shorter"
 START_TIMEOUT_S = 600.0
+RATE_WINDOW_S = {True: 90.0, False: 180.0}  # by ctx.quick
 
 
 def run(ctx: BenchContext, *, labelers: Optional[int] = None, seconds: Optional[float] = None,
         think_s: Optional[float] = None, queue_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
-        prompts_per_batch: Optional[int] = None, rule: str = DEFAULT_RULE) -> BenchResult:
+        prompts_per_batch: Optional[int] = None, rule: str = DEFAULT_RULE, rate_labelers: int = 20,
+        rate_window: Optional[float] = None) -> BenchResult:
     from odpo.trainer.judges import load_judge
 
     size = SIZES["quick" if ctx.quick else "full"]
@@ -50,7 +52,8 @@ def run(ctx: BenchContext, *, labelers: Optional[int] = None, seconds: Optional[
                          params={"model": ctx.model, "labelers": n, "seconds": duration, "think_s": think,
                                  "offered_labels_per_hour": n * 3600.0 / think, "queue_size": queue,
                                  "max_new_tokens": tokens, "prompts_per_batch": batch, "rule": rule,
-                                 "train_batch_size": 8, "app": "odpo up (serve + train) as a child process"})
+                                 "train_batch_size": 8, "rate_labelers": rate_labelers,
+                                 "app": "odpo up (serve + a sample worker + train) as a child process"})
     judge = load_judge(rule)
     with ctx.scratch("labelers") as cfg:
         port = free_port()
@@ -81,6 +84,11 @@ def run(ctx: BenchContext, *, labelers: Optional[int] = None, seconds: Optional[
     result.row("idle /counters round trip p50: plain HTTP / gradio_client",
                f"{_ms(floor['p50'])} / {_ms(gc_floor['p50'])}")
     result.check(TARGETS)
+    if rate_labelers:  # the worker's pace with and without people on the app (bench/labelers_rate.py)
+        from odpo.bench.labelers_rate import measure_rate
+
+        measure_rate(ctx, result, labelers=rate_labelers, window_s=rate_window or RATE_WINDOW_S[ctx.quick],
+                     think_s=1.0, tokens=tokens, batch=batch, judge=judge)
     return result
 
 

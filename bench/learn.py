@@ -135,7 +135,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
 def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any) -> dict[str, Any]:
     """One arm in its own scratch database: its loop with the curve's evaluations on the way."""
     from odpo.app.config import ServeConfig
-    from odpo.app.serve import build_sampler, load_policy
+    from odpo.app.sample import build_sampler, load_policy
     from odpo.trainer.train_config import TrainConfig
     from odpo.trainer.train_loop import DPOTrainer
 

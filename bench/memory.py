@@ -1,13 +1,14 @@
-"""`odpo bench memory`: peak RSS (and GPU memory on a GPU) of serve and train on the bench model.
+"""`odpo bench memory`: peak RSS (and GPU memory on a GPU) of each odpo process on the bench model.
 
-Runs `odpo up` (web app + sampler, trainer, and a rule judge auto-labeling so the trainer really
-trains) as a child process until the trainer has taken `steps` steps, sampling every process of
-its tree: VmHWM (the kernel's own peak RSS) and VmRSS from /proc/<pid>/status, per role, plus the
-peak of their sum at one instant. resource.getrusage(RUSAGE_CHILDREN) cross-checks the largest
-single process after they exit. On a GPU, nvidia-smi's per-process memory is sampled too.
+Runs `odpo up` (the web app, which holds no model, a sampler worker, the trainer, and a rule judge
+auto-labeling so the trainer really trains) as a child process until the trainer has taken `steps`
+steps, sampling every process of its tree: VmHWM (the kernel's own peak RSS) and VmRSS from
+/proc/<pid>/status, per role, plus the peak of their sum at one instant.
+resource.getrusage(RUSAGE_CHILDREN) cross-checks the largest single process after they exit. On a
+GPU, nvidia-smi's per-process memory is sampled too.
 
-With `load_in_4bit`, the same run is repeated with `odpo up --load-in-4bit` (serve and train on a
-4-bit NF4 base) and its peaks are reported beside the full-precision ones.
+With `load_in_4bit`, the same run is repeated with `odpo up --load-in-4bit` (the worker and
+the trainer on a 4-bit NF4 base) and its peaks are reported beside the full-precision ones.
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from odpo.bench.common import BenchContext, BenchResult
+from odpo.bench.common import BenchContext, BenchResult, Target
 from odpo.bench.workspace import Child, free_port
 
 log = logging.getLogger(__name__)
 
 SIZES = {"full": (4, 96, 16), "quick": (2, 32, 4)}  # train steps, max_new_tokens, prompts_per_batch
-ROLES = ("serve", "train", "judge", "up")
+ROLES = ("serve", "sample", "train", "judge", "up")
+SERVE_TARGET = Target("memory: peak RSS of odpo serve (MiB)", "serve_peak_rss_mib", "<=", 400.0)
 TIMEOUT_S = {"full": 1800.0, "quick": 900.0}
 
 
@@ -109,7 +111,7 @@ class TreeSampler:
         role = self._roles.get(pid)
         if role is None:
             role = role_of(_argv(pid))
-            if role in ("serve", "train", "judge") or (role == "up" and pid == self.root):
+            if role in ("serve", "sample", "train", "judge") or (role == "up" and pid == self.root):
                 self._roles[pid] = role
         return role
 
@@ -182,7 +184,8 @@ def fill(result: BenchResult, tree: TreeSampler, *, seconds: float, finished: bo
     children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux, bytes on macOS
     children_mib = children_max / (2**20 if sys.platform == "darwin" else 1024)
     metrics = {"peak_rss_mib": mib, "peak_total_rss_mib": round(tree.peak_total_kib / 1024, 1),
-               "serve_peak_rss_mib": mib.get("serve"), "train_peak_rss_mib": mib.get("train"),
+               "serve_peak_rss_mib": mib.get("serve"), "sample_peak_rss_mib": mib.get("sample"),
+               "train_peak_rss_mib": mib.get("train"),
                "serve_last_rss_mib": round(tree.last_kib["serve"] / 1024, 1) if "serve" in tree.last_kib else None,
                "getrusage_children_max_rss_mib": round(children_mib, 1), "gpu_peak_mib": tree.gpu_peak_mib,
                "samples": tree.samples, "seconds": seconds, "finished": finished, "exit_code": code}
@@ -196,6 +199,8 @@ def fill(result: BenchResult, tree: TreeSampler, *, seconds: float, finished: bo
             result.row(f"peak RSS {role}{label}", value, "MiB")
     result.row(f"peak RSS of the whole tree at one instant{label}", metrics["peak_total_rss_mib"], "MiB")
     result.row(f"RSS serve when last seen, after sampling{label}", metrics["serve_last_rss_mib"], "MiB")
+    if not mode or mode == "full":
+        result.check([SERVE_TARGET])
     for role, value in sorted(tree.gpu_peak_mib.items()):
         result.row(f"peak GPU memory {role}{label}", value, "MiB")
     if not finished or code not in (0, None):

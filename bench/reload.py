@@ -44,7 +44,7 @@ def run(ctx: BenchContext, *, versions: Optional[int] = None, max_new_tokens: Op
 def _drive(ctx: BenchContext, cfg: Any, *, versions: int, tokens: int, batch: int,
            interval: float) -> tuple[list[float], list[float], list[dict[str, float]], dict[str, Any]]:
     from odpo.app.config import ServeConfig
-    from odpo.app.serve import build_sampler, load_policy
+    from odpo.app.sample import build_sampler, load_policy
 
     import_starter_prompts(cfg)
     db = cfg.open_db()

@@ -266,3 +266,22 @@ class Control(Base):
     key: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class SampleRequest(Base):
+    """A prompt a labeler typed, waiting for a sampler worker ("ask your own prompt").
+
+    The web app holds no model: it writes this row, any `odpo sample` worker claims it (one
+    conditional UPDATE, so two workers never sample it twice) and marks it done in the transaction
+    that stores the pair. A claim whose worker died is offered again after a timeout."""
+
+    __tablename__ = "sample_requests"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    labeler: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(10), default="pending")  # pending | claimed | done
+    worker: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    claimed_at: Mapped[Optional[dt.datetime]] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_sample_requests_state", "state", "id"),)

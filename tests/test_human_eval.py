@@ -213,6 +213,48 @@ def test_sampler_makes_every_kth_pair_an_eval_pair_against_the_base(database, ti
     assert len({p.prompt_id for p in evals}) == 3  # least recently used held-out prompts
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_sampler_eval_pairs_against_an_earlier_version(database, tiny_model_and_tokenizer, tiny_model_dir, tmp_path):
+    """--human-eval-reference 1: eval pairs answer with v1 (a second adapter, untouched by hot
+    reloads), only once a newer version serves; greedy answers equal a fresh load of v1's."""
+    from peft import PeftModel
+
+    from odpo.trainer.generation import SamplingParams, generate
+    from odpo.trainer.models import load_model_and_tokenizer
+    from tests.model_fixtures import tiny_model_config
+
+    add_prompts(database, held_out=HELD)
+    v1 = write_adapter(tiny_model_dir, tmp_path / "v1", seed=1)
+    commit(database, v1, 1)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    sampler = make_sampler(database, *tiny_model_and_tokenizer, max_staleness=0, human_eval_share=0.5,
+                           human_eval_reference=1, params=greedy)
+    sampler.watcher.load_initial()
+    fill(sampler)
+    assert rows(database, Pair, purpose="eval") == []  # the reference itself serves: nothing to compare
+    for version in (2, 3):  # v3 swaps in over v2: the reference adapter must survive the reload
+        commit(database, write_adapter(tiny_model_dir, tmp_path / f"v{version}", seed=version), version)
+        sampler.watcher.poll_once()
+        fill(sampler)
+    evals = rows(database, Pair, purpose="eval")
+    assert {p.created_version for p in evals} == {2, 3}
+    fresh, tok = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "fresh"))
+    reference = PeftModel.from_pretrained(fresh, str(v1)).eval()
+    with database.sessions() as s:
+        for pair in evals:
+            a, b = s.get(Sample, pair.sample_a_id), s.get(Sample, pair.sample_b_id)
+            ref = a if a.adapter_version == 1 else b
+            assert sorted((a.adapter_version, b.adapter_version)) == [1, pair.created_version]
+            [[expected]] = generate(reference, tok, [s.get(store_prompt(), pair.prompt_id).text], params=greedy)
+            assert list(ref.token_ids) == list(expected.token_ids)
+
+
+def store_prompt():
+    from odpo.db.models import Prompt
+
+    return Prompt
+
+
 def test_queue_human_eval_on_the_tiny_model(common_config, database, two_versions):  # noqa: F811
     base = ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "eval", "--human"]
     args = ["--max-new-tokens", "6", "--device", "cpu", "--dtype", "fp32", "--json"]
@@ -246,11 +288,11 @@ def test_share_is_checked_where_serve_takes_it(common_config):
     assert result.exit_code == 2 and "--human-eval-share" in result.output
 
 
-def test_up_passes_the_share_to_serve():
+def test_up_passes_the_share_to_the_sampler_worker():
     from odpo.app.cli.serve import serve, up_children
 
     options = {name: None for name in ("batch_size", "save_every", "max_steps", "until_version", "judge_spec")}
     options.update(no_train=True, auto_label=False, train_args="", judge_args="", background_nice=10,
                    human_eval_share=0.1, queue_size=8)
-    [serve_child] = up_children(options, serve_params=serve.params)
-    assert serve_child.args == ("serve", "--human-eval-share", "0.1")
+    serve_child, sample_child = up_children(options, serve_params=serve.params)
+    assert sample_child.args == ("sample", "--human-eval-share", "0.1") and serve_child.args == ("serve",)

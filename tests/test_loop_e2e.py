@@ -15,7 +15,7 @@ import torch
 from sqlalchemy import select
 
 from odpo.app.config import ServeConfig
-from odpo.app.serve import build_sampler, load_policy
+from odpo.app.sample import build_sampler, load_policy
 from odpo.app.services.prompt_files import read_prompt_file
 from odpo.app.services.prompts import import_prompt_records
 from odpo.db import store

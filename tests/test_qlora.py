@@ -396,11 +396,15 @@ def test_the_bench_and_product_commands_take_the_4bit_flags():
     assert "--judge-load-in-4bit" in flags(judge) and "--judge-load-in-4bit" in flags(eval_cmd)
 
 
-def test_odpo_up_passes_load_in_4bit_to_serve_and_train():
+def test_odpo_up_passes_load_in_4bit_to_the_sampler_and_train():
     from odpo.app.cli.serve import serve, up, up_children
 
     options = up.make_context("up", ["--load-in-4bit", "--model", "m"]).params
-    serve_child, train_child = up_children(options, serve_params=serve.params)
+    serve_child, sample_child, train_child = up_children(options, serve_params=serve.params)
+    assert "--load-in-4bit" in sample_child.args and "--load-in-4bit" in train_child.args
+    assert "--load-in-4bit" not in serve_child.args  # serve holds no model
+    inline = up.make_context("up", ["--load-in-4bit", "--inline-sampler"]).params
+    serve_child, train_child = up_children(inline, serve_params=serve.params)
     assert "--load-in-4bit" in serve_child.args and "--load-in-4bit" in train_child.args
 
 

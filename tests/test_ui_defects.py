@@ -236,7 +236,7 @@ def test_serve_shutdown_leaves_no_export_dir_and_starts_the_sampler_once_loaded(
         return Demo()
 
     monkeypatch.setattr(serve, "_launch_ui", launch)
-    serve.run_serve(common_config, ServeConfig(port=ui_fixtures.free_port()))
+    serve.run_serve(common_config, ServeConfig(port=ui_fixtures.free_port(), inline_sampler=True))
     assert seen["phase"] == status.SAMPLING and seen["ramp_up"] is True and seen["closed"]
     assert real.started and real.stopped
     assert list(temp_root.iterdir()) == []  # no odpo temp dir stays behind
@@ -453,4 +453,4 @@ def test_a_model_that_cannot_load_fails_serve_fast_without_a_web_app(common_conf
     monkeypatch.setattr(serve, "load_policy", broken)
     monkeypatch.setattr(serve, "_launch_ui", lambda ctx: pytest.fail("the web app was started"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        serve.run_serve(common_config, ServeConfig(port=ui_fixtures.free_port()))
+        serve.run_serve(common_config, ServeConfig(port=ui_fixtures.free_port(), inline_sampler=True))

@@ -18,6 +18,14 @@ from click.testing import CliRunner
 from odpo.app.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 STARTED = re.compile(r"^\[up\] (?:re)?started (\w+) \(pid (\d+)")  # the latest pid of each child wins
 
 
@@ -78,9 +86,11 @@ def gone(pid: int) -> bool:
 
 @pytest.mark.timeout(300)
 def test_up_trains_to_v2_with_an_auto_labeling_judge_and_exits_0(tiny_model_dir, tmp_path):
+    """The default layout: serve (no model) + one `odpo sample` worker + train + judge."""
     data = tmp_path / "data"
-    up = UpProcess(data, *tiny_args(tiny_model_dir), "--judge", "py:tests.rules:prefer_shorter", "--auto-label",
-                   "--max-steps", "2")
+    args = [a for a in tiny_args(tiny_model_dir) if a != "--headless"]
+    up = UpProcess(data, *args, "--port", str(free_port()), "--judge", "py:tests.rules:prefer_shorter",
+                   "--auto-label", "--max-steps", "2")
     try:
         code = up.proc.wait(timeout=240)
         up.reader.join(5)
@@ -88,11 +98,12 @@ def test_up_trains_to_v2_with_an_auto_labeling_judge_and_exits_0(tiny_model_dir,
         up.kill()
     out = up.output()
     assert code == 0, out
-    assert set(up.children()) == {"serve", "train", "judge"}
+    assert set(up.children()) == {"serve", "sample", "train", "judge"}
     assert all(gone(pid) for pid in up.children().values())
     assert "[up] train finished" in out
     assert re.search(r"^\[train\] .*committed v2", out, re.M)
-    assert re.search(r"^\[serve\] .*serving adapter v0", out, re.M), out  # (v2 may land after up stopped it)
+    assert re.search(r"^\[sample\] .*serving adapter v0", out, re.M), out  # (v2 may land after up stopped it)
+    assert not re.search(r"^\[serve\] .*serving adapter", out, re.M), out  # serve holds no model
     status = CliRunner().invoke(cli, ["--data-dir", str(data), "status", "--json"])
     assert '"latest_version": 2' in status.output
 
@@ -167,10 +178,11 @@ def test_up_passes_options_to_its_children():
                    max_new_tokens=96, max_staleness=1, overlap=1, claim_timeout_s=600.0, guidelines=None,
                    auth_file=None, show_judge_after_vote=False, admins=("ann",), kv_cache="dynamic",
                    sample_autocast=False, sampler_nice=10, judge_spec="rule:shorter", auto_label=False,
-                   no_train=False, train_args="--beta 0.2", judge_args="", max_steps=5, background_nice=7)
+                   no_train=False, train_args="--beta 0.2", judge_args="", max_steps=5, background_nice=7,
+                   inline_sampler=False, workers=1, backend="hf", vllm_urls="")
     serve_child, train_child, judge_child = up_children(options, serve_params=serve.params)
-    assert serve_child.args == ("serve", "--model", "m", "--device", "cpu", "--host", "0.0.0.0", "--headless",
-                                "--temperature", "0.7", "--admin", "ann")
+    assert serve_child.args == ("serve", "--model", "m", "--device", "cpu", "--temperature", "0.7",
+                                "--host", "0.0.0.0", "--headless", "--admin", "ann")
     # only what differs from the defaults, in train's own option order, then the raw extras
     assert train_child.args[0] == "train" and train_child.args[-2:] == ("--beta", "0.2")
     assert _pairs(train_child.args[1:-2]) == {("--model", "m"), ("--device", "cpu"), ("--max-steps", "5")}
@@ -178,6 +190,15 @@ def test_up_passes_options_to_its_children():
     assert judge_child.args == ("judge", "--judge", "rule:shorter", "--shadow")  # no --auto-label: agreement only
     assert not judge_child.uses_torch
     assert (serve_child.nice, train_child.nice, judge_child.nice) == (0, 7, 7)  # background work yields to serve
+
+    # without --headless / --inline-sampler: serve holds no model and workers sample
+    options.update(headless=False, workers=2)
+    serve_child, *workers, train_child, judge_child = up_children(options, serve_params=serve.params)
+    assert serve_child.args == ("serve", "--host", "0.0.0.0", "--admin", "ann")  # model and sampling: workers
+    assert not serve_child.uses_torch
+    assert [w.name for w in workers] == ["sample1", "sample2"]
+    assert workers[0].args == ("sample", "--model", "m", "--device", "cpu", "--temperature", "0.7")
+    assert workers[0].uses_torch and workers[0].nice == 0  # the worker lowers its own sampler thread
 
 
 def _pairs(args: tuple[str, ...]) -> set[tuple[str, str]]:
@@ -191,25 +212,25 @@ def test_auto_label_needs_a_judge(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_serve_with_the_web_app_fills_the_queue_answers_http_and_stops_on_sigterm(tiny_model_dir, tmp_path):
+def test_serve_holds_no_model_a_sample_worker_fills_the_queue_and_both_stop_on_sigterm(tiny_model_dir, tmp_path):
     import json
-    import socket
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     data = tmp_path / "data"
     assert CliRunner().invoke(cli, ["--data-dir", str(data), "init"]).exit_code == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "odpo", "--data-dir", str(data), "serve",
-                             "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--port", str(port),
-                             "--max-new-tokens", "8", "--queue-size", "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    odpo = [sys.executable, "-m", "odpo", "--data-dir", str(data)]
+    serve = subprocess.Popen([*odpo, "serve", "--port", str(port)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    worker = subprocess.Popen([*odpo, "sample", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32",
+                               "--max-new-tokens", "8", "--queue-size", "5", "--name", "w1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    procs = (serve, worker)
     try:
         deadline = time.monotonic() + 200
         while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
                     assert page.status == 200
@@ -222,10 +243,22 @@ def test_serve_with_the_web_app_fills_the_queue_answers_http_and_stops_on_sigter
                 break
             assert time.monotonic() < deadline
             time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
+        maps = Path(f"/proc/{serve.pid}/maps").read_text()
+        assert "libtorch" not in maps and "libtorch" in Path(f"/proc/{worker.pid}/maps").read_text()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
         stopping = time.monotonic()
-        assert proc.wait(timeout=60) == 0
+        assert [p.wait(timeout=60) for p in procs] == [0, 0]
         assert time.monotonic() - stopping < 15  # well inside `up`'s default grace (--grace 30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    from odpo.db import store
+    from odpo.db.engine import Database
+
+    db = Database(f"sqlite:///{data / 'odpo.sqlite3'}")
+    with db.sessions() as s:
+        assert store.get_control(s, key=store.WORKER_PREFIX + "w1")["phase"] == "stopped"
+        assert store.sampler_workers(s, max_age_s=60) == []  # a stopped worker is not counted
+    db.close()

@@ -44,11 +44,12 @@ class _Target:
     created_at: Optional[dt.datetime]
 
 
-def zero_lora(peft_model: Any) -> None:
-    """Make the attached adapter the identity (version 0 = the base policy) in place."""
+def zero_lora(peft_model: Any, adapter_name: str = "default") -> None:
+    """Make the serving adapter the identity (version 0 = the base policy) in place; another
+    adapter (an eval reference, trainer/human_eval.py) is left as it is."""
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name or "lora_embedding_B" in name:
+            if f"lora_B.{adapter_name}." in name or name.endswith(f"lora_embedding_B.{adapter_name}"):
                 param.zero_()
 
 

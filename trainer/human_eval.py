@@ -26,6 +26,9 @@ from odpo.trainer.generation import Generated, SamplingParams, generate
 
 log = logging.getLogger(__name__)
 
+SERVING_ADAPTER = "default"  # the LoRA adapter hot reloads write into
+REFERENCE_ADAPTER = "reference"  # an earlier version eval pairs answer with
+
 BATCH = 16  # prompts per generate call on demand (as trainer.evaluate)
 
 
@@ -81,18 +84,49 @@ def reference_answers(model: Any, tokenizer: Any, texts: Sequence[PromptInput], 
 
 
 def with_references(model: Any, tokenizer: Any, outputs: list[list[Generated]], *, at: Sequence[int],
-                    texts: Sequence[PromptInput], params: SamplingParams,
+                    texts: Sequence[PromptInput], params: SamplingParams, adapter: Optional[str] = None,
                     **generate_kwargs: Any) -> list[list[Generated]]:
     """The sampler's batch with the rows `at` (eval jobs, prompts `texts`) turned into eval pairs:
-    each keeps its first policy sample and gets the base's answer as the second. Called under the
+    each keeps its first policy sample and gets the reference's answer as the second: the base, or
+    with `adapter` that LoRA adapter (an earlier version, `reference_adapter`). Called under the
     sampler's model lock, so no hot reload lands between the two."""
     if not at:
         return outputs
-    refs = reference_answers(model, tokenizer, texts, params=params, **generate_kwargs)
+    if adapter is None:
+        refs = reference_answers(model, tokenizer, texts, params=params, **generate_kwargs)
+    else:
+        model.set_adapter(adapter)
+        try:
+            refs = [rows[0] for rows in generate(model, tokenizer, list(texts), params=params, **generate_kwargs)]
+        finally:
+            model.set_adapter(SERVING_ADAPTER)
     outputs = list(outputs)
     for i, ref in zip(at, refs, strict=True):
         outputs[i] = [outputs[i][0], ref]
     return outputs
+
+
+def reference_adapter(model: Any, db: Database, *, run: str, version: int, base_dir: Optional[Path]) -> str:
+    """Committed `version` as a second LoRA adapter beside the serving one, loaded once: the
+    sampler's eval pairs then answer with it (`--human-eval-reference`). Hot reloads only touch
+    the serving adapter, so the reference stays put. Raises ValueError (one line) when the run has
+    no such version."""
+    from odpo.trainer.checkpoint import load_adapter_into, read_lora_settings
+    from odpo.trainer.hotreload import resolve_adapter_path
+
+    if REFERENCE_ADAPTER in model.peft_config:
+        return REFERENCE_ADAPTER
+    with db.sessions() as s:
+        row = store.get_adapter(s, run=run, version=version)
+        path = None if row is None or row.rolled_back else resolve_adapter_path(row.path, base_dir)
+    if path is None:
+        raise ValueError(f"--human-eval-reference {version}: run {run!r} has no live version v{version}")
+    model.add_adapter(REFERENCE_ADAPTER, read_lora_settings(path).to_peft_config())
+    load_adapter_into(model, path, adapter_name=REFERENCE_ADAPTER)
+    model.set_adapter(SERVING_ADAPTER)
+    model.eval()
+    log.info("blind eval pairs answer with v%d as the reference", version)
+    return REFERENCE_ADAPTER
 
 
 def version_answers(policy: Any, tokenizer: Any, texts: Sequence[PromptInput], *, version: int, params: SamplingParams,

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 FAILING_AFTER = 3  # failed pairs in a row that make a judge "failing" (log line, dashboard)
 REPORT_EVERY_S = 10.0
-JUDGE_STATE_PREFIX = "judge."
+JUDGE_STATE_PREFIX = store.JUDGE_STATE_PREFIX
 
 
 class JudgeWorkerError(OdpoError):

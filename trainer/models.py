@@ -245,10 +245,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
     device, dtype, autocast_dtype = pick_device_dtype(cfg.device, cfg.dtype)
     if cfg.load_in_4bit:
         check_4bit_support(device, four_bit_compute_dtype(device, cfg.dtype))
-    source = resolve_model_spec(cfg.spec)
-    location = source.location
-    if source.kind == "gguf":
-        location = str(ensure_gguf_cached(Path(source.location), cfg.cache_dir))
+    location = model_location(cfg)
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(location, **_model_kwargs(cfg, device, dtype))
     if not cfg.load_in_4bit:
@@ -264,6 +261,23 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrai
         time.perf_counter() - started,
     )
     return model, tokenizer
+
+
+def model_location(cfg: ModelConfig) -> str:
+    """Where the checkpoint lives: the converted cache directory for a GGUF (converted once here),
+    else the spec's own location. A vLLM server is started on this directory."""
+    source = resolve_model_spec(cfg.spec)
+    if source.kind == "gguf":
+        return str(ensure_gguf_cached(Path(source.location), cfg.cache_dir))
+    return source.location
+
+
+def load_tokenizer_only(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The policy's tokenizer without its weights (a vLLM worker renders prompts to exact ids)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_location(cfg), trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _model_kwargs(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

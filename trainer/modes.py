@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROGRESS_KEY = "train.progress"  # control row: what a round / offline job is at, for status and dashboard
+PROGRESS_KEY = store.TRAIN_PROGRESS_KEY  # control row: what a round / offline job is at, for status and dashboard
 
 
 @dataclass(frozen=True)

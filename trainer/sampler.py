@@ -1,32 +1,31 @@
 """The on-policy sampler: keeps `queue_size` pairs from the serving policy ready for labelers.
 
-Runs as two daemon threads inside `odpo serve`. The sampler thread draws the least recently used
-training prompts (typed prompts first), samples two responses per prompt in one batched
-`generate` call and stores them as a queued pair stamped with the serving adapter version. It
-pauses while the queue is full and resumes as pairs are labeled. The watcher thread
-(`trainer.hotreload.ReloadWatcher`) swaps in newly committed adapters between batches and gives
-back pairs whose claims expired (closed browser tabs).
+Two daemon threads in `odpo sample`. The sampler thread takes typed-prompt requests first, then
+the least recently used training prompts, samples two responses per prompt in one batched call and
+stores a queued pair stamped with the serving adapter version; it pauses while the queue is full.
+The watcher thread (`trainer.hotreload.ReloadWatcher`, or a vLLM backend) follows the committed
+versions and gives back pairs whose claims expired (closed browser tabs).
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.models import Prompt
-from odpo.trainer.generation import Generated, GenerationInterrupted, SamplingParams, generate
+from odpo.trainer.generation import Generated, GenerationInterrupted, SamplingParams, generate, stop_inside_forward
 from odpo.trainer.hotreload import ReloadWatcher
-from odpo.trainer.human_eval import EvalCadence, interleave, with_references
+from odpo.trainer.human_eval import EvalCadence, interleave, reference_adapter, with_references
+from odpo.trainer.priority import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,9 @@ class SamplerSettings:
     ramp_up: bool = False  # `odpo serve`: start with batches of 1, 2, 4, … prompts (first pair sooner)
     nice: int = 0  # added to the sampler thread's nice value: labelers' requests go first (trainer/priority.py)
     human_eval_share: float = 0.0  # this share of the queued pairs are blind eval pairs vs the base (human_eval.py)
+    human_eval_reference: int = 0  # the version eval pairs compare against (0 = the base)
+    worker: str = "serve"  # this sampler's name: it claims typed-prompt requests under it (sample_requests)
+    request_stale_s: float = 300.0  # another worker's claim on a typed prompt older than this was abandoned
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class _Job:
     text: str | list[dict[str, str]]  # Prompt.conditioning(): the text, or the whole conversation
     purpose: str = "train"
     requested_by: Optional[str] = None
+    request_id: Optional[int] = None  # the typed-prompt request this job serves
 
 
 class Sampler:
@@ -70,13 +73,17 @@ class Sampler:
     over), so tests drive the sampler without timing races.
     """
 
-    def __init__(self, *, db: Database, model: Any, tokenizer: Any, settings: SamplerSettings) -> None:
+    def __init__(self, *, db: Database, model: Any, tokenizer: Any, settings: SamplerSettings,
+                 backend: Any = None) -> None:
+        """`backend` None: sample with `model` in this process (transformers). Otherwise an object
+        with ReloadWatcher's attributes and `generate`'s contract (trainer/vllm_backend.py), which
+        then both follows versions and samples; `model` is unused."""
         self.db, self.model, self.tokenizer, self.settings = db, model, tokenizer, settings
+        self.backend = backend
         self.lock = threading.Lock()
-        self.watcher = ReloadWatcher(db=db, peft_model=model, lock=self.lock, run=settings.run,
-                                     max_staleness=settings.max_staleness, base_dir=settings.base_dir)
-        self._typed: collections.deque[tuple[int, str]] = collections.deque()
-        self._typed_lock = threading.Lock()
+        self.watcher = backend if backend is not None else ReloadWatcher(
+            db=db, peft_model=model, lock=self.lock, run=settings.run, max_staleness=settings.max_staleness,
+            base_dir=settings.base_dir)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -97,9 +104,14 @@ class Sampler:
     # --- SamplerHandle -----------------------------------------------------------------------
 
     def request_typed(self, *, prompt_id: int, labeler: str) -> None:
-        """Sample this prompt in the next batch, as a pair only `labeler` is offered."""
-        with self._typed_lock:
-            self._typed.append((prompt_id, labeler))
+        """Sample this prompt in the next batch, as a pair only `labeler` is offered. The request
+        goes through the database, as every worker's do (any worker may serve it)."""
+        with self.db.sessions.begin() as s:
+            store.add_sample_request(s, prompt_id=prompt_id, labeler=labeler)
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look for work now instead of at the next poll (a typed prompt was just requested)."""
         self._wake.set()
 
     def state(self) -> dict:
@@ -116,7 +128,7 @@ class Sampler:
             "last_error": self.last_error or self.watcher.last_error,
             "swap_ms": last.swap_ms if last else None,
             "commit_to_serving_ms": last.commit_to_serving_ms if last else None,
-            "typed_pending": len(self._typed),
+            "typed_pending": self._typed_pending(),
             "pairs_made": self.pairs_made,
             "interrupted_batches": self.interrupted_batches,
             "nul_stripped": self.nul_stripped,
@@ -165,7 +177,8 @@ class Sampler:
         """Jobs for `room` queue slots: a held-out prompt for each slot the eval cadence marks (once
         a trained version serves: the reference is the base), least recently sampled training
         prompts for the others, in slot order."""
-        flags = self.eval_cadence.plan(room) if self.settings.human_eval_share and self.watcher.serving_version else []
+        due = self.settings.human_eval_share and self.watcher.serving_version > self.settings.human_eval_reference
+        flags = self.eval_cadence.plan(room) if due else []
         held_out = store.pick_held_out_prompts(s, n=sum(flags))
         evals = [_Job(prompt_id=p.id, text=p.conditioning(), purpose="eval") for p in held_out]
         if sum(flags):  # warn once per run of misses, not once per due eval pair
@@ -190,24 +203,27 @@ class Sampler:
         return max(1, min(ppb, self.pairs_made + 1))
 
     def _take_typed(self, limit: int) -> list[_Job]:
-        with self._typed_lock:
-            taken = [self._typed.popleft() for _ in range(min(limit, len(self._typed)))]
-        if not taken:
-            return []
-        with self.db.sessions() as s:
-            texts = {pid: s.get(Prompt, pid) for pid, _ in taken}
-        jobs = []
-        for pid, labeler in taken:
-            if texts[pid] is None:
-                log.warning("typed prompt %d no longer exists; skipped", pid)
-                continue
-            jobs.append(_Job(prompt_id=pid, text=texts[pid].conditioning(), purpose="typed", requested_by=labeler))
-        return jobs
+        """Claim up to `limit` typed-prompt requests (oldest first) from the database."""
+        with self.db.sessions.begin() as s:
+            claimed = store.claim_sample_requests(s, worker=self.settings.worker, limit=limit,
+                                                  stale_after_s=self.settings.request_stale_s)
+            prompts = {c.id: s.get(Prompt, c.prompt_id) for c in claimed}
+            gone = [c.id for c in claimed if prompts[c.id] is None]
+            if gone:
+                log.warning("typed prompt(s) of request(s) %s no longer exist; dropped", gone)
+                store.finish_sample_requests(s, ids=gone, worker=self.settings.worker)
+            return [_Job(prompt_id=c.prompt_id, text=prompts[c.id].conditioning(), purpose="typed",
+                         requested_by=c.labeler, request_id=c.id) for c in claimed if prompts[c.id] is not None]
 
     def _requeue_typed(self, jobs: list[_Job]) -> None:
-        with self._typed_lock:
-            for job in reversed([j for j in jobs if j.purpose == "typed"]):
-                self._typed.appendleft((job.prompt_id, job.requested_by or ""))
+        ids = [j.request_id for j in jobs if j.request_id is not None]
+        if ids:
+            with self.db.sessions.begin() as s:
+                store.release_sample_requests(s, worker=self.settings.worker, ids=ids)
+
+    def _typed_pending(self) -> int:
+        with self.db.sessions() as s:
+            return store.count_sample_requests(s, state="pending")
 
     def _batch_params(self) -> SamplingParams:
         """The configured params; a configured seed is offset per batch (reproducible, yet no two
@@ -228,7 +244,9 @@ class Sampler:
         def should_stop() -> bool:
             return self._stop.is_set() or (allow_reload and self.watcher.swap_wanted.is_set())
 
-        with self.lock, _stop_inside_forward(self.model, self._stop):
+        if self.backend is not None:
+            return self._generate_remote(jobs, params, should_stop)
+        with self.lock, stop_inside_forward(self.model, self._stop):
             version = self.watcher.serving_version
             self.generating = True
             started = time.perf_counter()
@@ -243,12 +261,32 @@ class Sampler:
                 self.generating = False
         return outputs, version, time.perf_counter() - started
 
+    def _generate_remote(self, jobs: list[_Job], params: SamplingParams,
+                         should_stop: Any) -> tuple[list[list[Generated]], int, float]:
+        """The backend samples under its serving version's name, so the stamp is that version.
+        Versions are loaded into the servers while they keep sampling; only the switch of the
+        serving name waits for the running batch."""
+        with self.backend.lock:  # a version switch waits for this batch: the stamp is exact
+            version = self.watcher.serving_version
+            self.generating = True
+            started = time.perf_counter()
+            try:
+                outputs = self.backend.generate([j.text for j in jobs], params=params, n_per_prompt=2,
+                                                should_stop=should_stop)
+            finally:
+                self.generating = False
+        return outputs, version, time.perf_counter() - started
+
     def _with_references(self, jobs: list[_Job], outputs: list[list[Generated]], *, params: SamplingParams,
                          version: int, should_stop: Any) -> list[list[Generated]]:
-        """Eval jobs: one policy sample and the base's answer (a base-serving sampler makes none)."""
-        at = [i for i, job in enumerate(jobs) if job.purpose == "eval"] if version else []
+        """Eval jobs: one policy sample and the reference's answer (the base, or the version set by
+        `human_eval_reference`; a sampler serving that reference or older makes none)."""
+        ref = self.settings.human_eval_reference
+        at = [i for i, job in enumerate(jobs) if job.purpose == "eval"] if version > ref else []
+        adapter = reference_adapter(self.model, self.db, run=self.settings.run, version=ref,
+                                    base_dir=self.settings.base_dir) if ref and at else None
         return with_references(self.model, self.tokenizer, outputs, at=at, texts=[jobs[i].text for i in at],
-                               params=params, autocast_dtype=self.settings.autocast_dtype,
+                               params=params, adapter=adapter, autocast_dtype=self.settings.autocast_dtype,
                                cache_implementation=self.settings.cache_implementation, should_stop=should_stop)
 
     def _store(self, jobs: list[_Job], outputs: list[list[Generated]], *, version: int,
@@ -261,7 +299,8 @@ class Sampler:
                 samples = [self._new_sample(g, params=base) for g in (a, b)]
                 if job.purpose == "eval":  # held-out: an eval pair, never a training pair
                     if version:
-                        store.add_eval_pair(s, prompt_id=job.prompt_id, version=version, reference_version=0,
+                        store.add_eval_pair(s, prompt_id=job.prompt_id, version=version,
+                                            reference_version=self.settings.human_eval_reference,
                                             policy=samples[0], reference=samples[1],
                                             labels_wanted=self.settings.overlap,
                                             policy_side=self.eval_cadence.policy_side())
@@ -269,6 +308,8 @@ class Sampler:
                 store.add_pair(s, prompt_id=job.prompt_id, version=version, a=samples[0], b=samples[1],
                                labels_wanted=1 if job.purpose == "typed" else self.settings.overlap,
                                purpose=job.purpose, requested_by=job.requested_by)
+            store.finish_sample_requests(s, ids=[j.request_id for j in jobs if j.request_id is not None],
+                                         worker=self.settings.worker)
             serving = self.watcher.serving_version
             if serving != version:
                 store.retire_stale_pairs(s, current_version=serving, max_staleness=self.settings.max_staleness)
@@ -276,11 +317,9 @@ class Sampler:
         log.debug("stored %d pairs from v%d", len(jobs), version)
 
     def _new_sample(self, g: Generated, *, params: dict) -> store.NewSample:
-        """The row to store: the exact ids, and the text without NUL characters.
-
-        A model can emit a token that decodes to NUL (byte-level vocabularies hold all 256 bytes);
-        PostgreSQL text cannot store it and the insert would fail the whole batch. The text is only
-        for people and judges (the trainer scores the ids), so NUL is dropped, counted and logged."""
+        """The row to store: the exact ids, and the text without NUL (a byte-level vocabulary can
+        decode to it; PostgreSQL text cannot store it). The text is only for people and judges (the
+        trainer scores the ids), so NUL is dropped, counted and logged."""
         text = g.text
         if "\x00" in text:
             self.nul_stripped += 1
@@ -307,6 +346,8 @@ class Sampler:
         self._wake.set()
         for t in self._threads:
             t.join(timeout)
+        if self.backend is not None:
+            self.backend.close()
 
     def _sample_loop(self) -> None:
         niced = False
@@ -328,16 +369,13 @@ class Sampler:
                 self._wake.clear()
 
     def _time_to_yield(self) -> bool:
-        """When the thread takes its lower priority: at once, except with `ramp_up` while the first
-        pair is still wanted (an empty queue, nothing made): no vote waits on the sampler then,
-        and a busy machine (nice 0 work) had slowed that first batch about twofold."""
+        """When the thread lowers its priority: at once, except with `ramp_up` while the first pair
+        is wanted (no vote waits on the sampler then; nice 0 work had slowed that batch twofold)."""
         return not self.settings.ramp_up or self.pairs_made > 0 or self.queue > 0
 
     def _lower_priority(self) -> bool:
         """Lower this thread's priority once (settings.nice); True: done or not wanted."""
         if self.settings.nice:
-            from odpo.trainer.priority import lower_thread_priority
-
             lower_thread_priority(self.settings.nice)
         return True
 
@@ -360,31 +398,3 @@ class Sampler:
                 self._stop.wait(self.settings.error_backoff_s)
                 continue
             self._stop.wait(self.settings.poll_s)
-
-
-@contextlib.contextmanager
-def _stop_inside_forward(model: Any, stop: threading.Event) -> Iterator[None]:
-    """While it is open, every block of the model's layer stacks checks `stop` before it runs and
-    raises GenerationInterrupted when it is set.
-
-    The decode-step check (generation's stopping criterion) comes too late for a shutdown: the
-    prompt prefill of a batch is one forward pass, measured at 30+ s for 16 rows on a loaded
-    2-core machine, and `odpo up` kills serve after its 15 s grace. Between blocks, a SIGTERM
-    stops the sampler within one block's time (a few ms to a few hundred ms)."""
-    def check(_module: Any, _args: Any) -> None:
-        if stop.is_set():
-            raise GenerationInterrupted("sampler stopping")
-
-    handles = [block.register_forward_pre_hook(check) for block in _layer_blocks(model)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _layer_blocks(model: Any) -> list[Any]:
-    """The repeated blocks of a model (every ModuleList's members: a transformer's decoder layers,
-    whatever the architecture calls them)."""
-    return [block for module in model.modules() if isinstance(module, torch.nn.ModuleList) and len(module) > 1
-            for block in module]

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "status": "odpo.app.cli.base:status",
     "serve": "odpo.app.cli.serve:serve",
     "up": "odpo.app.cli.serve:up",
+    "sample": "odpo.app.cli.sample:sample",
     "train": "odpo.app.cli.train:train",
     "judge": "odpo.app.cli.judge:judge",
     "eval": "odpo.app.cli.eval:eval_cmd",

@@ -16,7 +16,7 @@ from odpo.trainer.priority import BACKGROUND_NICE
 
 log = logging.getLogger(__name__)
 
-_SHARED = [  # options that serve and train both take, so `up` passes them to both
+SHARED_OPTIONS = [  # options that serve and train both take, so `up` passes them to both
     click.option("--model", default="smollm2-135m", show_default=True,
                  help="Base model: smollm2-135m (bundled), a checkpoint dir, a .gguf file or a hub id."),
     click.option("--run", default="default", show_default=True, help="Run name (runs/<run>/adapters)."),
@@ -26,11 +26,7 @@ _SHARED = [  # options that serve and train both take, so `up` passes them to bo
                  help="QLoRA: the base model's linear layers in 4-bit NF4 (bitsandbytes; CUDA and CPU)."),
     click.option("--seed", type=int, default=0, show_default=True),
 ]
-_SERVE = [
-    click.option("--host", default="127.0.0.1", show_default=True,
-                 help="Interface to bind; 0.0.0.0 exposes the app to your network."),
-    click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True),
-    click.option("--headless", is_flag=True, help="Sampler and hot reload only, no web app."),
+SAMPLER_OPTIONS = [  # options of a sampler: `odpo sample`, and serve's inline sampler
     click.option("--queue-size", type=click.IntRange(1), default=8, show_default=True,
                  help="Unlabeled pairs kept ready; sampling pauses when the queue is full."),
     click.option("--prompts-per-batch", type=click.IntRange(1), default=8, show_default=True,
@@ -42,6 +38,27 @@ _SERVE = [
                  help="Retire queued pairs sampled more than this many versions ago."),
     click.option("--overlap", type=click.IntRange(1), default=1, show_default=True,
                  help="How many labelers see each pair."),
+    click.option("--kv-cache", type=click.Choice(("dynamic", "static")), default="dynamic", show_default=True,
+                 help="KV cache used while sampling."),
+    click.option("--sample-autocast", is_flag=True, help="bf16 autocast while sampling (see README benchmarks)."),
+    click.option("--sampler-nice", type=click.IntRange(0, 19), default=BACKGROUND_NICE, show_default=True,
+                 help="Nice increment of the sampler, so votes are answered first on a busy CPU. 0 = off."),
+    click.option("--human-eval-share", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+                 help="Share of the pairs people see that are blind eval pairs (a held-out prompt, the serving "
+                      "version against the base): 0.1 = 1 in 10; 0 = off. Their votes are never trained on."),
+    click.option("--human-eval-reference", type=click.IntRange(0), default=0, show_default=True, metavar="VERSION",
+                 help="What eval pairs compare the serving version against: 0 = the base, N = committed version N."),
+    click.option("--sampler", "backend", type=click.Choice(("hf", "vllm")), default="hf", show_default=True,
+                 help="hf: transformers in the worker; vllm: OpenAI-compatible vLLM servers (--vllm-url), "
+                      "which load each version as a LoRA adapter."),
+    click.option("--vllm-url", "vllm_urls", default="", metavar="URL[,URL...]",
+                 help="vLLM servers (started with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."),
+]
+WEB_OPTIONS = [
+    click.option("--host", default="127.0.0.1", show_default=True,
+                 help="Interface to bind; 0.0.0.0 exposes the app to your network."),
+    click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True),
+    click.option("--headless", is_flag=True, help="No web app: an inline sampler only (prefer `odpo sample`)."),
     click.option("--claim-timeout", "claim_timeout_s", type=click.FloatRange(0, min_open=True), default=600.0,
                  show_default=True, help="Seconds before an unanswered pair goes back to the queue."),
     click.option("--guidelines", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
@@ -50,18 +67,13 @@ _SERVE = [
                  help="Labeler accounts (enables login)."),
     click.option("--show-judge-after-vote", is_flag=True, help="Show a judge's verdict once a person voted."),
     click.option("--admin", "admins", multiple=True, metavar="NAME", help="Labeler name with admin rights."),
-    click.option("--kv-cache", type=click.Choice(("dynamic", "static")), default="dynamic", show_default=True,
-                 help="KV cache used while sampling."),
-    click.option("--sample-autocast", is_flag=True, help="bf16 autocast while sampling (see README benchmarks)."),
-    click.option("--sampler-nice", type=click.IntRange(0, 19), default=BACKGROUND_NICE, show_default=True,
-                 help="Nice increment of the sampler thread, so votes are answered first on a busy CPU. 0 = off."),
-    click.option("--human-eval-share", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-                 help="Share of the pairs people see that are blind eval pairs (a held-out prompt, the serving "
-                      "version against the base): 0.1 = 1 in 10; 0 = off. Their votes are never trained on."),
+    click.option("--inline-sampler", is_flag=True,
+                 help="Sample in the web server's process (one program; no `odpo sample` workers needed)."),
 ]
+SERVE_OPTIONS = SAMPLER_OPTIONS + WEB_OPTIONS
 
 
-def _apply(options: list) -> Callable:
+def apply_options(options: list) -> Callable:
     def decorate(fn: Callable) -> Callable:
         for option in reversed(options):
             fn = option(fn)
@@ -73,28 +85,49 @@ def serve_config(options: dict[str, Any]) -> Any:
     """Click values -> ServeConfig; its checks become one-line usage errors."""
     from odpo.app.config import ServeConfig
 
-    fields = set(ServeConfig.__dataclass_fields__)
+    return _config(ServeConfig, options)
+
+
+def sample_config(options: dict[str, Any]) -> Any:
+    from odpo.app.config import SampleConfig
+
+    return _config(SampleConfig, options)
+
+
+def _config(kind: Any, options: dict[str, Any]) -> Any:
+    values = {k: v for k, v in options.items() if k in kind.__dataclass_fields__}
+    if "vllm_urls" in values:
+        values["vllm_urls"] = tuple(u.strip() for u in (values["vllm_urls"] or "").split(",") if u.strip())
     try:
-        return ServeConfig(**{k: v for k, v in options.items() if k in fields})
+        return kind(**values)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 
 
 @click.command()
-@_apply(_SHARED)
-@_apply(_SERVE)
+@apply_options(SHARED_OPTIONS)
+@apply_options(SERVE_OPTIONS)
 @click.pass_obj
 def serve(cfg: CommonConfig, admins: tuple[str, ...], **options: Any) -> None:
-    """The labeling web app plus the on-policy sampler and hot reload of new adapter versions."""
-    from odpo.app.serve import exit_now, run_serve
+    """The labeling web app. Pairs come from `odpo sample` workers (or --inline-sampler)."""
+    from odpo.app.lifecycle import exit_now
+    from odpo.app.serve import run_serve
 
-    run_serve(cfg, serve_config(options), admins=set(admins))
+    config = serve_config(options)
+    if not config.inline_sampler:
+        ignored = [p.opts[0] for p in _options_of(SAMPLER_OPTIONS) if options.get(p.name) != p.default]
+        if ignored:
+            log.warning("serve holds no model: %s apply to `odpo sample` workers (or add --inline-sampler)",
+                        ", ".join(ignored))
+    run_serve(cfg, config, admins=set(admins))
     exit_now(0)  # skip the interpreter's seconds-long teardown (see exit_now)
 
 
 @click.command()
-@_apply(_SHARED)
-@_apply(_SERVE)
+@apply_options(SHARED_OPTIONS)
+@apply_options(SERVE_OPTIONS)
+@click.option("--workers", type=click.IntRange(0), default=1, show_default=True,
+              help="`odpo sample` workers to start (0 with --inline-sampler, or with workers run elsewhere).")
 @click.option("--judge", "judge_spec", default=None, metavar="SPEC",
               help="Also run `odpo judge --judge SPEC` (shadow labels for agreement stats; see --auto-label).")
 @click.option("--auto-label", is_flag=True, help="Let the judge label queued pairs (needs --judge).")
@@ -120,7 +153,7 @@ def serve(cfg: CommonConfig, admins: tuple[str, ...], **options: Any) -> None:
               help="Nice increment of the trainer and judge processes (background work yields to the web app).")
 @click.pass_context
 def up(ctx: click.Context, **options: Any) -> None:
-    """Start everything on this machine: serve, train (and a judge), with one log. Ctrl-C stops all."""
+    """Start everything on this machine: serve, sampler workers, train (and a judge), with one log."""
     from odpo.app.services.prompts import ensure_initialised
     from odpo.app.up import RestartPolicy, Supervisor, database_report
 
@@ -156,12 +189,22 @@ def global_args(ctx: click.Context) -> list[str]:
 
 
 def up_children(options: dict[str, Any], *, serve_params: list[click.Parameter]) -> list[Any]:
-    """The child commands `odpo up` runs, from its options."""
+    """The child commands `odpo up` runs, from its options: serve (the web app), the sampler
+    workers (unless serve samples inline), the trainer and a judge."""
     from odpo.app.up import ChildSpec
 
-    shared = {p.name for p in _options_of(_SHARED)}
-    serve_args = _as_args(serve_params, options)
-    children = [ChildSpec("serve", ("serve", *serve_args))]
+    shared = {p.name for p in _options_of(SHARED_OPTIONS)}
+    inline = options.get("inline_sampler") or options.get("headless")
+    sampling = {p.name for p in _options_of(SAMPLER_OPTIONS)}
+    web = {p.name for p in _options_of(WEB_OPTIONS)} | {"run"}  # a serve without a model needs no more
+    serve_args = _as_args([p for p in serve_params if inline or p.name in web], options)
+    children = [ChildSpec("serve", ("serve", *serve_args), uses_torch=bool(inline))]
+    if not inline:
+        worker_args = _as_args([p for p in serve_params if p.name in shared | sampling], options)
+        count = options.get("workers", 1)
+        for i in range(count):
+            name = "sample" if count == 1 else f"sample{i + 1}"
+            children.append(ChildSpec(name, ("sample", *worker_args)))
     if not options["no_train"]:
         train_names = shared | {"batch_size", "save_every", "max_steps", "until_version"}
         from odpo.app.cli.train import train as train_cmd
@@ -181,7 +224,7 @@ def up_children(options: dict[str, Any], *, serve_params: list[click.Parameter])
 
 def _options_of(decorators: list) -> list[click.Option]:
     """The click.Option objects a list of decorators would add (to read their names)."""
-    probe = _apply(decorators)(click.command()(lambda **_: None))
+    probe = apply_options(decorators)(click.command()(lambda **_: None))
     return [p for p in probe.params if isinstance(p, click.Option)]
 
 

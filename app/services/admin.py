@@ -24,8 +24,6 @@ from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import utcnow
-from odpo.trainer.judge_worker import JUDGE_STATE_PREFIX
-from odpo.trainer.modes import PROGRESS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +77,10 @@ class AdminService:
                 "last_step": store.last_train_step(s, run=run),
                 "status": store.status_counts(s, run=run),
                 "paused": _paused(s),
-                "train_progress": store.get_control(s, key=PROGRESS_KEY),
+                "train_progress": store.get_control(s, key=store.TRAIN_PROGRESS_KEY),
                 "trainer": trainer_state(s, run=run),
                 "processes": store.get_control(s, key=up_state_key(run)),
-                "judges": list(store.controls_with_prefix(s, prefix=JUDGE_STATE_PREFIX).values()),
+                "judges": list(store.controls_with_prefix(s, prefix=store.JUDGE_STATE_PREFIX).values()),
             }
         data["now"] = time.time()  # the reports carry wall-clock times: their age is shown
         data["sampler"] = self.labels.sampler_state()

@@ -123,8 +123,10 @@ def update_chip(*, until_update: int, paused: bool, trainer: Optional[TrainerSta
     return "waiting for a trainer"
 
 
-# The sampler's start-up phases, as `odpo serve` reports them in the sampler state ("phase").
+# The sampler's start-up phases, as `odpo sample` (or an inline sampler) reports them in the
+# sampler state ("phase"); NO_WORKER: serve sees no live sampler worker.
 CONVERTING, LOADING, SAMPLING, FAILED = "converting", "loading", "sampling", "failed"
+NO_WORKER = "no_worker"
 
 
 def waiting_message(state: Mapping[str, Any]) -> tuple[str, str]:
@@ -139,6 +141,9 @@ def waiting_message(state: Mapping[str, Any]) -> tuple[str, str]:
         return "Loading the model…", "The first pair appears here by itself as soon as it is sampled."
     if phase == FAILED:
         return "The model failed to load", f"{state.get('last_error') or 'see the server log'}"
+    if phase == NO_WORKER:
+        return ("No sampler is running",
+                "Pairs come from sampler workers: start one with `odpo sample` (`odpo up` starts one for you).")
     if state.get("last_error"):
         return "Sampling failed; retrying…", f"Last error: {state['last_error']}"
     if state.get("no_prompts"):

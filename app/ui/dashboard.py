@@ -120,6 +120,7 @@ def state_markdown(data: dict[str, Any]) -> str:
         f"**Trainer** — {trainer}; last step: {e(last)}; latest version v{status['latest_version']}; "
         f"{status['unconsumed_trainable']} trainable labels waiting" + _progress_part(data.get("train_progress")),
         f"**Sampler** — {_sampler_line(sampler)}",
+        *_worker_lines(sampler.get("workers")),
         *_process_lines(data.get("processes"), data.get("now")),
         *_judge_lines(data.get("judges") or [], data.get("now")),
         f"**Data** — {status['prompts']} prompts ({status['held_out']} held out); pairs "
@@ -151,6 +152,8 @@ def _progress_part(progress: Optional[dict[str, Any]]) -> str:
 def _sampler_line(state: dict[str, Any]) -> str:
     if not state:
         return "not running in this process"
+    if state.get("phase") == "no_worker":
+        return "**no sampler worker is running**: start one with `odpo sample` (`odpo up` does)"
     parts = [f"serving v{state.get('serving_version', '?')}", f"queue {state.get('queue', '?')}",
              "generating" if state.get("generating") else "idle"]
     if state.get("pairs_per_minute") is not None:
@@ -163,6 +166,26 @@ def _sampler_line(state: dict[str, Any]) -> str:
     if state.get("last_error"):
         parts.append("**error:** " + html.escape(str(state["last_error"])[:300]))
     return "; ".join(parts)
+
+
+def _worker_lines(workers: Optional[list[dict[str, Any]]]) -> list[str]:
+    """One line per live `odpo sample` worker, and one per vLLM server it samples with (down ones
+    say when they are retried)."""
+    e, lines = html.escape, []
+    for w in workers or []:
+        parts = [str(w.get("phase")), f"serving v{w.get('serving_version', '?')}"]
+        if w.get("pairs_per_minute") is not None:
+            parts.append(f"{_num(w['pairs_per_minute'])} pairs/min")
+        parts.append(f"heartbeat {_num(w.get('age_s') or 0)} s ago")
+        error = f"; **error:** {e(str(w['last_error'])[:300])}" if w.get("last_error") else ""
+        lines.append(f"**Worker {e(str(w.get('name')))}** ({e(str(w.get('host')))}, {e(str(w.get('backend')))}) — "
+                     + e("; ".join(parts)) + error)
+        for server in w.get("servers") or []:
+            state = "up" if server.get("up") else "**down**"
+            retry = f", retried in {_num(server['next_retry_in_s'])} s" if server.get("next_retry_in_s") else ""
+            why = f": {e(str(server['last_error'])[:200])}" if server.get("last_error") and not server.get("up") else ""
+            lines.append(f"&nbsp;&nbsp;vLLM {e(str(server.get('url')))} {state}{retry}{why}")
+    return lines
 
 
 STALE_REPORT_S = 60.0  # reports refresh every 10 s; older than this, their writer is gone

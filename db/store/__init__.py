@@ -46,7 +46,15 @@ from odpo.db.store.claims import (
     release_assignment,
     release_expired,
 )
-from odpo.db.store.control import controls_with_prefix, get_control, record_reload, set_control, status_counts
+from odpo.db.store.control import (
+    JUDGE_STATE_PREFIX,
+    TRAIN_PROGRESS_KEY,
+    controls_with_prefix,
+    get_control,
+    record_reload,
+    set_control,
+    status_counts,
+)
 from odpo.db.store.datasets import (
     DATASET_PURPOSE,
     DatasetImport,
@@ -122,6 +130,16 @@ from odpo.db.store.quality import (
     labeler_agreement,
     set_gold,
 )
+from odpo.db.store.sample_requests import (
+    WORKER_PREFIX,
+    ClaimedRequest,
+    add_sample_request,
+    claim_sample_requests,
+    count_sample_requests,
+    finish_sample_requests,
+    release_sample_requests,
+    sampler_workers,
+)
 
 __all__ = [
     "AlreadyAnswered", "ClaimMoved", "HeadMoved", "label_uses", "run_head",
@@ -137,12 +155,17 @@ __all__ = [
     "release_expired", "retire_pairs_newer_than", "retire_queue", "retire_stale_pairs", "rollback_to", "set_control",
     "skip_stale_labels", "status_counts", "train_series", "trained_label_counts", "typed_pair_waiting",
     "unconsumed_labels", "undo_label", "version_lineage",
-    "controls_with_prefix", "SampledIds", "sampled_ids",
+    "controls_with_prefix", "SampledIds", "sampled_ids", "JUDGE_STATE_PREFIX", "TRAIN_PROGRESS_KEY",
     # imported datasets and the training modes' label reads (datasets.py)
     "DATASET_PURPOSE", "DATASET_SOURCE_PREFIX", "DatasetImport", "DatasetRow", "LABEL_SOURCES", "dataset_source",
     "import_dataset_rows", "imported_datasets", "trainable_labels", "trained_since", "used_by_run",
     "EVAL_PURPOSE", "add_eval_pair", "count_eval_pairs", "drop_judgment", "human_eval_counts",
     "pick_held_out_prompts", "record_judgment",
+    # conversations: a prompt's earlier turns (prompts.py)
+    "conversation", "pair_conversations", "split_conversation",
     # labeler quality: agreement with people, judges and gold answers (quality.py)
     "GOLD_PREFIX", "excluded_labelers", "gold_answers", "labeler_agreement", "set_gold",
+    # typed-prompt requests and sampler-worker heartbeats (sample_requests.py)
+    "WORKER_PREFIX", "ClaimedRequest", "add_sample_request", "claim_sample_requests", "count_sample_requests",
+    "finish_sample_requests", "release_sample_requests", "sampler_workers",
 ]

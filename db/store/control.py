@@ -14,6 +14,11 @@ from odpo.db.models import Adapter, Control, Eval, Label, LabelUse, Pair, Reload
 from odpo.db.store.adapters import STALE_STEP, count_unconsumed, run_head
 from odpo.db.store.prompts import count_prompts
 
+# Control-row keys other processes publish (defined here so the web app reads them without
+# importing the trainer, which would load torch into `odpo serve`).
+JUDGE_STATE_PREFIX = "judge."  # one row per judge worker (trainer/judge_worker.py)
+TRAIN_PROGRESS_KEY = "train.progress"  # what a round / offline job is at (trainer/modes.py)
+
 
 def status_counts(session: Session, *, run: str = "default") -> dict[str, Any]:
     """Everything `odpo status` shows for one run, as plain data (the CLI renders text or JSON)."""
