@@ -25,10 +25,11 @@ from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import Adapter
 from odpo.trainer import checkpoint as ckpt
+from odpo.trainer import distributed
 from odpo.trainer.modes import make_mode
 from odpo.trainer.on_policy import drop_length_cut, training_examples
 from odpo.trainer.train_config import TrainConfig
-from odpo.trainer.train_step import apply_hyperparameters, dpo_step, make_optimizer
+from odpo.trainer.train_step import dpo_step
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,12 @@ StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
 class DPOTrainer:
-    """One trainer per run and process. Not thread-safe except `request_stop`."""
+    """One trainer per run and process. Not thread-safe except `request_stop`. Under `accelerate
+    launch` it is rank 0's (`dist`): it mirrors every weight change to the followers."""
 
     def __init__(self, cfg: TrainConfig, *, db: Database, adapters_dir: Path, model_cache_dir: Path,
-                 on_step: Optional[StepCallback] = None) -> None:
-        self.cfg, self.db = cfg, db
+                 on_step: Optional[StepCallback] = None, dist: Optional[distributed.Distributed] = None) -> None:
+        self.cfg, self.db, self.dist = cfg, db, dist
         self.adapters_dir, self.model_cache_dir = Path(adapters_dir), Path(model_cache_dir)
         self.on_step = on_step
         self.model: Any = None
@@ -141,7 +143,9 @@ class DPOTrainer:
             if (want.r, want.alpha, want.dropout) != (got.r, got.alpha, got.dropout):
                 log.warning("resuming v%d with its own LoRA shape (r=%d alpha=%s dropout=%s), not the "
                             "command line's", latest.version, got.r, got.alpha, got.dropout)
-        return attach_lora(base, settings)
+        model = attach_lora(base, settings)
+        distributed.lead(self.dist, model, settings)  # followers attach the same shape; DDP wraps
+        return model
 
     def close(self) -> None:
         if self._lock_file is not None:
@@ -181,20 +185,10 @@ class DPOTrainer:
         """Make the live adapter and optimizer exactly those of `row` (None = version 0)."""
         self.pending, self.pending_version = [], None
         self.mode.reset()
-        self.optimizer = make_optimizer(self.model, self.cfg)
-        if row is None:
-            import torch
-
-            ckpt.reset_adapter(self.model, seed=self.cfg.seed)
-            torch.manual_seed(self.cfg.seed)  # a fresh start draws what the first start drew
-            self.version, self.step = 0, 0
-            return
-        path = self._checked_path(row)
-        ckpt.load_adapter_into(self.model, path)
-        ckpt.load_optimizer_state(self.optimizer, path)
-        ckpt.load_rng_state(path)
-        apply_hyperparameters(self.optimizer, self.cfg)
-        self.version, self.step = row.version, row.step
+        path = None if row is None else self._checked_path(row)
+        distributed.mirror_load(self.dist, path)
+        self.optimizer = distributed.restore_weights(self.model, self.cfg, path)
+        self.version, self.step = (0, 0) if row is None else (row.version, row.step)
 
     def sync_with_db(self, *, force: bool = False) -> bool:
         """Follow a rollback: if the latest committed version is not the one we hold (or `force`:
@@ -316,8 +310,9 @@ class DPOTrainer:
             with self.db.sessions() as s:
                 self.pending_version = store.next_version_number(s, run=self.cfg.run)
         examples = training_examples(self.db, labels)  # the sampled ids, exactly (trainer/on_policy.py)
+        distributed.mirror_step(self.dist, examples, step=self.step + 1)
         metrics = dpo_step(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                           examples=examples, cfg=self.cfg, autocast=self._autocast)
+                           examples=examples, cfg=self.cfg, autocast=self._autocast, dist=self.dist)
         metrics["version_lag"] = lag
         self.step += 1
         ids = [lb.label_id for lb in labels]
@@ -366,6 +361,7 @@ class DPOTrainer:
             if idle_limit is not None and time.monotonic() - idle_since >= idle_limit:
                 reason = "idle"
                 break
+            distributed.heartbeat(self.dist)
             self._stop.wait(self.cfg.poll_seconds)
         self.mode.before_exit(reason)  # iterative: an unfinished round is dropped, never committed
         committed = self.commit_pending()

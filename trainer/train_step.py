@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
 from odpo.trainer.batching import PairExample, build_pair_batch, concatenated_forward
 from odpo.trainer.dpo import DPOLossOutput, dpo_loss, dpo_metrics, is_reference_free, needs_length_normalisation
 from odpo.trainer.train_config import TrainConfig
+
+if TYPE_CHECKING:
+    from odpo.trainer.distributed import Distributed
 
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
 
@@ -67,31 +70,32 @@ def _policy_logps(model: Any, batch: dict[str, torch.Tensor], *, average: bool,
 
 def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
              examples: Sequence[PairExample], cfg: TrainConfig,
-             autocast: AutocastFactory = contextlib.nullcontext) -> dict[str, float]:
+             autocast: AutocastFactory = contextlib.nullcontext,
+             dist: Optional[Distributed] = None) -> dict[str, float]:
     """Forward both models on the pairs, backprop the DPO loss, clip, step; return plain metrics.
 
     The loss of each micro-batch is scaled by its share of the pairs, so grad_accum > 1 gives the
     same gradient as one big batch. A non-finite gradient skips the update (reported as
-    `skipped_update`) rather than poisoning the adapter.
+    `skipped_update`) rather than poisoning the adapter. With `dist` (several processes,
+    trainer/distributed.py) `examples` is the global batch: this rank trains its slice through the
+    DDP-wrapped policy, weighted so the all-reduced gradient is the global batch's mean, and the
+    metrics are the global batch's.
     """
     started = time.perf_counter()
-    average = needs_length_normalisation(cfg.loss_type)
-    reference_free = is_reference_free(cfg.loss_type)
     device = trainable_parameters(model)[0].device
     optimizer.zero_grad(set_to_none=True)
+    local, divisor = (list(examples), len(examples)) if dist is None else dist.share(examples)
+    chunks = _micro_batches(local, cfg.grad_accum)
     parts: dict[str, list[torch.Tensor]] = {"pc": [], "pr": [], "rc": [], "rr": []}
-    for chunk in _micro_batches(examples, cfg.grad_accum):
-        batch = build_pair_batch(tokenizer, chunk, max_prompt_tokens=cfg.max_prompt_tokens,
-                                 max_completion_tokens=cfg.max_completion_tokens)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        ref_c, ref_r = (None, None) if reference_free else _reference_logps(model, batch, average=average,
-                                                                              autocast=autocast)
-        pol_c, pol_r = _policy_logps(model, batch, average=average, autocast=autocast)
-        out = _loss(pol_c, pol_r, ref_c, ref_r, cfg)
-        (out.losses.sum() / len(examples)).backward()
-        for key, value in zip(("pc", "pr", "rc", "rr"), (pol_c, pol_r, ref_c, ref_r), strict=True):
-            if value is not None:
-                parts[key].append(value.detach().float())
+    for i, chunk in enumerate(chunks):
+        with contextlib.nullcontext() if dist is None else dist.sync(last=i == len(chunks) - 1):
+            batch = build_pair_batch(tokenizer, chunk, max_prompt_tokens=cfg.max_prompt_tokens,
+                                     max_completion_tokens=cfg.max_completion_tokens)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            _micro_step(model, batch, cfg, autocast=autocast, divisor=divisor, dist=dist,
+                        parts=parts if divisor is not None else None)
+    if dist is not None:
+        parts = dist.gather(parts)
     grad_norm = _clip(model, cfg)
     skipped = not math.isfinite(grad_norm)
     if not skipped:
@@ -99,6 +103,29 @@ def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
     return _metrics(parts, cfg, grad_norm=grad_norm, skipped=skipped, n_pairs=len(examples),
                     seconds=time.perf_counter() - started)
+
+
+def _micro_step(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, *, autocast: AutocastFactory,
+                divisor: Optional[float], dist: Optional[Distributed],
+                parts: Optional[dict[str, list[torch.Tensor]]]) -> None:
+    """Forward and backward of one micro-batch; its log-probs go into `parts` (None: a weight-0
+    stand-in of an empty slice, which only keeps the all-reduce company)."""
+    average = needs_length_normalisation(cfg.loss_type)
+    ref_c, ref_r = ((None, None) if is_reference_free(cfg.loss_type)
+                    else _reference_logps(model, batch, average=average, autocast=autocast))
+    policy = model if dist is None else dist.policy
+    pol_c, pol_r = _policy_logps(policy, batch, average=average, autocast=autocast)
+    out = _loss(pol_c, pol_r, ref_c, ref_r, cfg)
+    loss = out.losses.sum() / divisor if divisor is not None else out.losses.sum() * 0.0
+    if dist is None:
+        loss.backward()
+    else:
+        dist.backward(loss)
+    if parts is None:
+        return
+    for key, value in zip(("pc", "pr", "rc", "rr"), (pol_c, pol_r, ref_c, ref_r), strict=True):
+        if value is not None:
+            parts[key].append(value.detach().float())
 
 
 def _loss(pol_c: torch.Tensor, pol_r: torch.Tensor, ref_c: Optional[torch.Tensor], ref_r: Optional[torch.Tensor],

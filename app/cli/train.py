@@ -101,7 +101,12 @@ LOSS_CHOICES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "simpo")
               help="Answer length in auto-evals (as `odpo eval --max-new-tokens`).")
 @click.pass_obj
 def train(cfg: CommonConfig, **options: Any) -> None:
-    """Train the policy with DPO on new labels, committing adapter versions as it goes."""
+    """Train the policy with DPO on new labels, committing adapter versions as it goes.
+
+    Under `accelerate launch` (several processes) rank 0 is this trainer and the other ranks follow
+    it without opening the database (trainer/distributed.py).
+    """
+    from odpo.trainer.distributed import Follower, leading, start_distributed
     from odpo.trainer.train_loop import DPOTrainer
 
     threads = options.pop("threads")
@@ -110,17 +115,26 @@ def train(cfg: CommonConfig, **options: Any) -> None:
         import torch
 
         torch.set_num_threads(threads)
-    db = cfg.open_db()
-    trainer = DPOTrainer(train_cfg, db=db, adapters_dir=cfg.adapters_dir(train_cfg.run),
-                         model_cache_dir=cfg.model_cache_dir)
-    previous = _install_stop_handlers(trainer)
-    try:
-        trainer.start()
-        stats = _run_with_progress(trainer, train_cfg.max_steps)
-    finally:
-        _restore_handlers(previous)
-        trainer.close()
-        db.close()
+    dist = start_distributed(train_cfg)  # None for a plain `odpo train`
+    if dist is not None and not dist.is_leader:
+        previous = _install_stop_handlers(None)  # rank 0 decides when to stop; its "stop" ends this one
+        try:
+            Follower(dist, train_cfg, model_cache_dir=cfg.model_cache_dir).run()
+        finally:
+            _restore_handlers(previous)
+        return
+    with leading(dist):  # rank 0 of several: the followers are released however this ends
+        db = cfg.open_db()
+        trainer = DPOTrainer(train_cfg, db=db, adapters_dir=cfg.adapters_dir(train_cfg.run),
+                             model_cache_dir=cfg.model_cache_dir, dist=dist)
+        previous = _install_stop_handlers(trainer)
+        try:
+            trainer.start()
+            stats = _run_with_progress(trainer, train_cfg.max_steps)
+        finally:
+            _restore_handlers(previous)
+            trainer.close()
+            db.close()
     versions = ", ".join(f"v{v}" for v in stats.versions) or "none"
     if train_cfg.mode != "online":
         click.echo(f"mode {train_cfg.mode}: " + (f"{len(stats.versions)} round(s) of {train_cfg.round_labels} labels"
@@ -166,10 +180,17 @@ def _run_with_progress(trainer: Any, max_steps: Optional[int]) -> Any:
 
 
 def _install_stop_handlers(trainer: Any) -> dict[int, Any]:
-    """SIGTERM (from `odpo up` or a service manager) and Ctrl-C stop after the current step."""
+    """SIGTERM (from `odpo up` or a service manager) and Ctrl-C stop after the current step.
+
+    `trainer` None (a follower rank): the signal is only logged; the launcher signals every rank,
+    and a follower leaving mid-collective would hang rank 0's step instead of letting it commit.
+    """
     previous: dict[int, Any] = {}
 
     def handler(signum: int, _frame: Any) -> None:
+        if trainer is None:
+            log.info("received %s: waiting for rank 0 to stop", signal.Signals(signum).name)
+            return
         log.warning("received %s: finishing the current step, committing, exiting",
                     signal.Signals(signum).name)
         trainer.request_stop()
