@@ -235,6 +235,17 @@ def chaos(common: CommonConfig, **opts: Any) -> None:
     _finish(execute("chaos", bench_context(common, opts), opts))
 
 
+@bench.command("gpu-smoke", add_help_option=False,
+               context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def gpu_smoke(common: CommonConfig, args: tuple[str, ...]) -> None:
+    """GPU smoke: LoRA and QLoRA DPO steps, hf sampler, hot reload, exports (--help: its options)."""
+    from odpo.bench.gpu_smoke import main  # the same options as `python bench/gpu_smoke.py`
+
+    raise SystemExit(main(list(args), default_cache_dir=common.model_cache_dir, prog="odpo bench gpu-smoke"))
+
+
 @bench.command("all")
 @_shared
 @click.pass_obj

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from odpo.db.errors import OdpoError
-from odpo.trainer.batching import MAX_PROMPT_TOKENS
+from odpo.trainer.batching import LENGTH_CUT_MODES, MAX_PROMPT_TOKENS
 from odpo.trainer.dpo import LOSS_TYPES, SIMPO_DEFAULT_GAMMA, default_beta
 from odpo.trainer.lora import LoraSettings
 from odpo.trainer.models import DEFAULT_SPEC, ModelConfig
-from odpo.trainer.on_policy import LENGTH_CUT_MODES
 
 # AdamW learning rate for the LoRA weights (r=16, all-linear), measured on SmolLM2-135M with the
 # sigmoid loss, beta 0.1, batch 8, a fixed synthetic preference ("the shorter answer wins"), 10 steps,
