@@ -36,8 +36,6 @@ from typing import Any, Iterator, Optional
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
-from odpo.db.store.prompts import pair_conversations
-from odpo.trainer.batching import transcript
 from odpo.trainer.judges import Judge, Verdict, judge_labeler_name
 
 log = logging.getLogger(__name__)
@@ -332,7 +330,11 @@ def judge_requests(db: Database, pairs: list[tuple[int, str]]) -> list[str]:
     """The request a judge reads for each (pair id, prompt text): the text, or for a conversation
     its whole transcript, so the judge weighs the answers against the earlier turns too."""
     with db.sessions() as s:
-        conversations = pair_conversations(s, pair_ids=[pid for pid, _ in pairs])
+        conversations = store.pair_conversations(s, pair_ids=[pid for pid, _ in pairs])
+    if not conversations:
+        return [text for _, text in pairs]
+    from odpo.trainer.batching import transcript  # imports torch: a rule judge needs none otherwise
+
     return [transcript(conversations[pid]) if pid in conversations else text for pid, text in pairs]
 
 
