@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from odpo.app.config import CommonConfig, SampleConfig
-from odpo.app.lifecycle import ignore_sigterm_while_stopping, restore_sigterm, sigterm_as_interrupt
+from odpo.app.lifecycle import (
+    ignore_sigterm_while_stopping,
+    restore_sigterm,
+    sigterm_as_interrupt,
+    wait_until_interrupted,
+)
 from odpo.app.services.status import CONVERTING, FAILED, LOADING, SAMPLING
 from odpo.db import store
 from odpo.db.engine import Database
@@ -136,12 +141,10 @@ def run_sample(common: CommonConfig, cfg: SampleConfig) -> None:
     previous = sigterm_as_interrupt()
     sampler = None
     try:
-        beat.phase = CONVERTING if cfg.backend == "hf" and needs_conversion(common, cfg) else LOADING
+        beat.phase = CONVERTING if needs_conversion(common, cfg) else LOADING
         beat.start()
         sampler = _start_sampler(common, cfg, db, name=name, beat=beat)
         log.info("sampler worker %s is sampling (%s backend)", name, cfg.backend)
-        from odpo.app.lifecycle import wait_until_interrupted
-
         wait_until_interrupted()
     except KeyboardInterrupt:
         log.info("stopping")
@@ -157,8 +160,8 @@ def run_sample(common: CommonConfig, cfg: SampleConfig) -> None:
 
 def _start_sampler(common: CommonConfig, cfg: SampleConfig, db: Database, *, name: str, beat: Heartbeat) -> Any:
     try:
-        if cfg.backend == "vllm":
-            model, tokenizer, backend = None, load_tokenizer(common, cfg), None
+        if cfg.backend == "vllm":  # the servers hold the model; odpo renders prompts to exact ids
+            model, tokenizer = None, load_tokenizer(common, cfg)
             backend = vllm_backend(common, cfg, db, tokenizer=tokenizer)
         else:
             (model, tokenizer), backend = load_policy(common, cfg, db), None

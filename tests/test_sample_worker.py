@@ -258,3 +258,50 @@ def test_a_worker_with_the_vllm_sampler_fills_the_queue_and_follows_versions(com
 
 def _count(db, **where) -> int:
     return len(rows(db, Pair, **where))
+
+
+def test_up_starts_vllm_serve_itself_only_where_vllm_is_installed(monkeypatch, tmp_path):
+    from odpo.app.cli.serve import serve, up, up_children
+    from odpo.trainer import vllm_backend
+
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "up", "--sampler", "vllm"])
+    assert result.exit_code == 2 and "--vllm-url" in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
+    options = up.make_context("up", ["--sampler", "vllm", "--model", "m", "--train-args", "--lora-r 32"]).params
+    serve_child, vllm_child, worker, train = up_children(options, serve_params=serve.params)
+    assert vllm_child.args == ("vllm-serve", "--model", "m", "--port", "8000", "--max-lora-rank", "32",
+                               "--max-loras", "2")
+    assert worker.args[-2:] == ("--vllm-url", "http://127.0.0.1:8000") and "--sampler" in worker.args
+
+
+def test_vllm_serve_execs_vllm_with_lora_and_runtime_loading(monkeypatch, tiny_model_dir, tmp_path):
+    from odpo.trainer import vllm_backend
+
+    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
+    seen = {}
+    monkeypatch.setattr(os, "execvpe", lambda file, argv, env: seen.update(file=file, argv=argv, env=env))
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "vllm-serve", "--model", str(tiny_model_dir),
+                                      "--port", "8123", "--max-lora-rank", "12", "--", "--gpu-memory-utilization",
+                                      "0.5"])
+    assert result.exit_code == 0, result.output
+    assert seen["argv"][:3] == ["vllm", "serve", str(tiny_model_dir)]
+    flags = " ".join(seen["argv"])
+    assert "--enable-lora --max-lora-rank 16 --max-loras 2" in flags  # 12 rounds up to a rank vLLM accepts
+    assert f"--served-model-name {tiny_model_dir}" in flags and flags.endswith("--gpu-memory-utilization 0.5")
+    assert seen["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_serve_names_the_sampling_options_it_leaves_to_workers(monkeypatch, caplog, tmp_path):
+    import logging
+
+    import odpo.app.lifecycle as lifecycle
+    import odpo.app.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "run_serve", lambda *a, **k: None)
+    monkeypatch.setattr(lifecycle, "exit_now", lambda code=0: None)
+    caplog.set_level(logging.WARNING, logger="odpo.app.cli.serve")
+    assert CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "serve"]).exit_code == 0
+    assert not [r for r in caplog.records if "holds no model" in r.getMessage()]
+    assert CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "serve", "--temperature", "0.5"]).exit_code == 0
+    [warning] = [r.getMessage() for r in caplog.records if "holds no model" in r.getMessage()]
+    assert warning.startswith("serve holds no model: --temperature apply to `odpo sample` workers")

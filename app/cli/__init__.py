@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "serve": "odpo.app.cli.serve:serve",
     "up": "odpo.app.cli.serve:up",
     "sample": "odpo.app.cli.sample:sample",
+    "vllm-serve": "odpo.app.cli.sample:vllm_serve",
     "train": "odpo.app.cli.train:train",
     "judge": "odpo.app.cli.judge:judge",
     "eval": "odpo.app.cli.eval:eval_cmd",

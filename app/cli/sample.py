@@ -22,3 +22,30 @@ def sample(cfg: CommonConfig, **options: Any) -> None:
 
     run_sample(cfg, sample_config(options))
     exit_now(0)  # skip the interpreter's seconds-long teardown (see exit_now)
+
+
+@click.command("vllm-serve")
+@click.option("--model", default="smollm2-135m", show_default=True, help="The policy's base model (as odpo names it).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--max-lora-rank", type=click.IntRange(1), default=16, show_default=True,
+              help="At least the trainer's --lora-r (rounded up to a rank vLLM accepts).")
+@click.option("--max-loras", type=click.IntRange(1), default=2, show_default=True,
+              help="Adapters one batch may mix: the staleness window plus one.")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def vllm_serve(cfg: CommonConfig, model: str, port: int, max_lora_rank: int, max_loras: int,
+               extra: tuple[str, ...]) -> None:
+    """Start `vllm serve` on the policy's base, ready for odpo's adapter-only hot loads (what
+    `odpo up --sampler vllm` runs when no --vllm-url is given). Extra arguments go to vllm."""
+    import os
+
+    from odpo.trainer.models import ModelConfig, model_location
+    from odpo.trainer.vllm_backend import vllm_available, vllm_serve_command, vllm_serve_env
+
+    if not vllm_available():
+        raise click.UsageError("the vllm package is not installed here: pip install vllm, or run the servers "
+                               "yourself and pass --vllm-url")
+    where = model_location(ModelConfig(spec=model, cache_dir=cfg.model_cache_dir))
+    argv = vllm_serve_command(where, port=port, max_lora_rank=max_lora_rank, max_loras=max_loras,
+                              extra=("--served-model-name", model, *extra))  # the name odpo samples the base by
+    os.execvpe(argv[0], argv, vllm_serve_env(dict(os.environ)))

@@ -115,7 +115,9 @@ def serve(cfg: CommonConfig, admins: tuple[str, ...], **options: Any) -> None:
 
     config = serve_config(options)
     if not config.inline_sampler:
-        ignored = [p.opts[0] for p in _options_of(SAMPLER_OPTIONS) if options.get(p.name) != p.default]
+        given = click.get_current_context().get_parameter_source
+        ignored = [p.opts[0] for p in _options_of(SAMPLER_OPTIONS)
+                   if given(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
         if ignored:
             log.warning("serve holds no model: %s apply to `odpo sample` workers (or add --inline-sampler)",
                         ", ".join(ignored))
@@ -160,7 +162,8 @@ def up(ctx: click.Context, **options: Any) -> None:
     cfg: CommonConfig = ctx.obj
     if options["auto_label"] and not options["judge_spec"]:
         raise click.UsageError("--auto-label needs --judge SPEC")
-    serve_config(options)  # validate before starting anything
+    vllm_started = options["backend"] == "vllm" and not options["vllm_urls"]  # up starts `vllm serve`
+    serve_config({**options, "vllm_urls": f"http://127.0.0.1:{VLLM_PORT}"} if vllm_started else options)
     if not options["headless"]:
         from odpo.app.serve import check_listen_address, ui_available
 
@@ -201,6 +204,7 @@ def up_children(options: dict[str, Any], *, serve_params: list[click.Parameter])
     children = [ChildSpec("serve", ("serve", *serve_args), uses_torch=bool(inline))]
     if not inline:
         worker_args = _as_args([p for p in serve_params if p.name in shared | sampling], options)
+        children += _vllm_server(options, worker_args)
         count = options.get("workers", 1)
         for i in range(count):
             name = "sample" if count == 1 else f"sample{i + 1}"
@@ -220,6 +224,33 @@ def up_children(options: dict[str, Any], *, serve_params: list[click.Parameter])
                                             *shlex.split(options["judge_args"])), uses_torch=model_judge,
                                   nice=options["background_nice"], essential=False))
     return children
+
+
+VLLM_PORT = 8000
+
+
+def _vllm_server(options: dict[str, Any], worker_args: list[str]) -> list[Any]:
+    """`--sampler vllm` without --vllm-url: a `vllm serve` child (through `odpo vllm-serve`) on
+    VLLM_PORT, and the workers pointed at it (worker_args grows in place)."""
+    from odpo.app.up import ChildSpec
+
+    if options.get("backend") != "vllm" or options.get("vllm_urls"):
+        return []
+    from odpo.trainer.vllm_backend import vllm_available
+
+    if not vllm_available():
+        raise click.UsageError("--sampler vllm needs --vllm-url URL[,URL...], or the vllm package installed here "
+                               "so that odpo up can start `vllm serve` itself")
+    worker_args += ["--vllm-url", f"http://127.0.0.1:{VLLM_PORT}"]
+    rank = _train_option(options.get("train_args", ""), "--lora-r", default="16")
+    return [ChildSpec("vllm", ("vllm-serve", "--model", options["model"], "--port", str(VLLM_PORT),
+                               "--max-lora-rank", rank, "--max-loras", str(options.get("max_staleness", 1) + 1)))]
+
+
+def _train_option(train_args: str, flag: str, *, default: str) -> str:
+    """A value from --train-args (the LoRA rank the trainer will write), else `default`."""
+    args = shlex.split(train_args or "")
+    return args[args.index(flag) + 1] if flag in args[:-1] else default
 
 
 def _options_of(decorators: list) -> list[click.Option]:
