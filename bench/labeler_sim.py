@@ -88,8 +88,8 @@ def _client(url: str) -> ApiClient:
 
 
 def poll_pair(client: Any, name: str, *, deadline: float, stop: threading.Event,
-              stats: LabelerStats) -> Optional[dict[str, Any]]:
-    """Ask /next_pair until it returns a pair, the deadline passes, or `stop` is set."""
+              stats: LabelerStats, poll_s: float = POLL_S) -> Optional[dict[str, Any]]:
+    """Ask /next_pair every `poll_s` until it returns a pair, the deadline passes, or `stop` is set."""
     while time.perf_counter() < deadline and not stop.is_set():
         try:
             pair = client.predict(name, api_name="/next_pair")["pair"]
@@ -98,15 +98,16 @@ def poll_pair(client: Any, name: str, *, deadline: float, stop: threading.Event,
             pair = None
         if pair:
             return pair
-        stop.wait(POLL_S)
+        stop.wait(poll_s)
     return None
 
 
 def run_labeler(*, url: str, stats: LabelerStats, decide: Callable[[dict[str, Any]], str], deadline: float,
-                think_s: float, stop: threading.Event, client: Any = None) -> None:
-    """Label until `deadline` (a perf_counter time): read for think_s, vote, take the next pair."""
+                think_s: float, stop: threading.Event, client: Any = None, poll_s: float = POLL_S) -> None:
+    """Label until `deadline` (a perf_counter time): read for think_s, vote, take the next pair;
+    facing an empty queue, ask again every `poll_s`."""
     client = client or _client(url)
-    pair = poll_pair(client, stats.name, deadline=deadline, stop=stop, stats=stats)
+    pair = poll_pair(client, stats.name, deadline=deadline, stop=stop, stats=stats, poll_s=poll_s)
     began = time.perf_counter()
     while pair is not None and not stop.is_set():
         if stop.wait(think_s) or time.perf_counter() >= deadline:
@@ -117,13 +118,13 @@ def run_labeler(*, url: str, stats: LabelerStats, decide: Callable[[dict[str, An
             reply = client.predict(pair["assignment_id"], side, stats.name, "", api_name="/vote")
         except Exception as exc:  # noqa: BLE001 - counted; fetch whatever the app shows now
             stats.errors.append(f"vote: {type(exc).__name__}: {exc}")
-            pair = poll_pair(client, stats.name, deadline=deadline, stop=stop, stats=stats)
+            pair = poll_pair(client, stats.name, deadline=deadline, stop=stop, stats=stats, poll_s=poll_s)
             continue
         stats.votes += 1
         stats.choices[side] = stats.choices.get(side, 0) + 1
         pair = reply.get("pair")
         if pair is None:
-            pair = poll_pair(client, stats.name, deadline=deadline, stop=stop, stats=stats)
+            pair = poll_pair(client, stats.name, deadline=deadline, stop=stop, stats=stats, poll_s=poll_s)
             waited = time.perf_counter() - sent
             stats.empty_seconds += waited
             if pair is not None:
