@@ -28,7 +28,8 @@ from odpo.bench.learn import DEFAULT_RULE as LEARN_RULE
 log = logging.getLogger(__name__)
 
 RUNNERS = {"sampling": "odpo.bench.sampling", "train-step": "odpo.bench.train_step", "reload": "odpo.bench.reload",
-           "labelers": "odpo.bench.labelers", "learn": "odpo.bench.learn", "memory": "odpo.bench.memory"}
+           "labelers": "odpo.bench.labelers", "learn": "odpo.bench.learn", "memory": "odpo.bench.memory",
+           "first-pair": "odpo.bench.first_pair"}
 SOAKS = {"chaos": "odpo.bench.chaos"}  # long fault soaks: run by name only, never by `bench all`
 OUT_DIR_HELP = "bench/results"  # what --help shows; default_out_dir() says where that is
 
@@ -233,6 +234,15 @@ def memory(common: CommonConfig, **opts: Any) -> None:
 def chaos(common: CommonConfig, **opts: Any) -> None:
     """odpo up under SIGKILLs (serve, train, judge, up) and racing labelers; then the ledger invariants."""
     _finish(execute("chaos", bench_context(common, opts), opts))
+
+
+@bench.command("first-pair")
+@_shared
+@click.option("--runs", type=click.IntRange(1), default=None, help="Fresh starts to time. [5; 2 with --quick]")
+@click.pass_obj
+def first_pair(common: CommonConfig, **opts: Any) -> None:
+    """Seconds from `odpo up` to the page and to the first pair (a fresh data dir, the model converted)."""
+    _finish(execute("first-pair", bench_context(common, opts), opts))
 
 
 @bench.command("gpu-smoke", add_help_option=False,

@@ -32,7 +32,7 @@ from odpo.app.config import CommonConfig
 log = logging.getLogger(__name__)
 
 SCHEMA = "odpo-bench/1"
-BENCH_NAMES = ("sampling", "train-step", "reload", "labelers", "learn", "memory")
+BENCH_NAMES = ("sampling", "train-step", "reload", "labelers", "learn", "memory", "first-pair")
 STATUSES = ("ok", "unavailable", "failed")
 OPS = ("<=", ">=")
 RESULTS_DIR_NAME = "results"  # bench/results/ in a checkout, beside this module; never package data

@@ -399,3 +399,29 @@ def test_learn_bench_spends_exactly_the_budget_in_every_mode(common_config, tiny
     assert it["final_version"] == it["rounds"] <= 2 and it["sampler_versions"][0] == 0
     assert it["sampler_versions"] == sorted(set(it["sampler_versions"])) and it["steps"] > it["rounds"]
     assert (tmp_path / "results" / result.params["curve_plot"]).stat().st_size > 1000
+
+
+@pytest.mark.timeout(300)
+def test_first_pair_bench_times_a_fresh_up_through_the_cli(common_config, tiny_model_dir, tmp_path):
+    out = tmp_path / "results"
+    res = CliRunner().invoke(cli, ["--data-dir", str(common_config.data_dir), "bench", "first-pair", "--quick",
+                                   "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--out",
+                                   str(out), "--runs", "1"])
+    data = json.loads((out / "first-pair-quick.json").read_text())
+    assert common.validate_result(data) == [] and data["status"] == "ok", res.output
+    [page], [pair] = data["metrics"]["page_s"], data["metrics"]["first_pair_s"]
+    assert 0 < page and 0 < pair and data["metrics"]["first_pair_s_p50"] == pair
+    assert [t["metric"] for t in data["targets"]] == ["first_pair_s_p50"]
+
+
+def test_rate_bench_splits_cpu_by_role():
+    import os
+
+    from odpo.bench.labelers_rate import CpuByRole
+
+    cpu = CpuByRole(os.getpid())
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # burn some CPU in this process
+        pass
+    used = cpu.lap()
+    assert used["bench"] > 0 and set(used) >= {"bench"}
