@@ -17,12 +17,7 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.browser]
 GUIDE = "Prefer the answer that finishes its sentence; ignore length otherwise."
 
 
-@pytest.fixture
-def page(browser):
-    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-    p = ctx.new_page()
-    yield p
-    ctx.close()
+page = ui_fixtures.wide_page  # fixture, requested by name
 
 
 def test_admin_marks_gold_and_edits_guidelines(live_app, page):

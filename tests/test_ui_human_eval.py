@@ -73,12 +73,7 @@ def queue_mixed(db, n: int = 20) -> dict[int, str]:
 browser = ui_fixtures.browser  # fixture, requested by name
 
 
-@pytest.fixture
-def page(browser):
-    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-    p = ctx.new_page()
-    yield p
-    ctx.close()
+page = ui_fixtures.wide_page  # fixture, requested by name
 
 
 @pytest.mark.browser

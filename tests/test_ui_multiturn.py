@@ -45,12 +45,7 @@ DETAILS_JS = """() => {
 }"""
 
 
-@pytest.fixture
-def page(browser):
-    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
-    p = ctx.new_page()
-    yield p
-    ctx.close()
+page = ui_fixtures.wide_page  # fixture, requested by name
 
 
 def cli(app, *args: str) -> str:

@@ -160,3 +160,12 @@ def browser():
                                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
         yield b
         b.close()
+
+
+@pytest.fixture
+def wide_page(browser):
+    """A fresh 1280x900 page (its own context: cookies and storage start empty)."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    yield page
+    ctx.close()
