@@ -80,7 +80,7 @@ class Sampler:
         then both follows versions and samples; `model` is unused."""
         self.db, self.model, self.tokenizer, self.settings = db, model, tokenizer, settings
         self.backend = backend
-        self.lock = threading.Lock()
+        self.lock = backend.lock if backend is not None else threading.Lock()  # the version switch's lock
         self.watcher = backend if backend is not None else ReloadWatcher(
             db=db, peft_model=model, lock=self.lock, run=settings.run, max_staleness=settings.max_staleness,
             base_dir=settings.base_dir)
@@ -108,10 +108,6 @@ class Sampler:
         goes through the database, as every worker's do (any worker may serve it)."""
         with self.db.sessions.begin() as s:
             store.add_sample_request(s, prompt_id=prompt_id, labeler=labeler)
-        self._wake.set()
-
-    def wake(self) -> None:
-        """Look for work now instead of at the next poll (a typed prompt was just requested)."""
         self._wake.set()
 
     def state(self) -> dict:
@@ -266,7 +262,7 @@ class Sampler:
         """The backend samples under its serving version's name, so the stamp is that version.
         Versions are loaded into the servers while they keep sampling; only the switch of the
         serving name waits for the running batch."""
-        with self.backend.lock:  # a version switch waits for this batch: the stamp is exact
+        with self.lock:  # a version switch waits for this batch: the stamp is exact
             version = self.watcher.serving_version
             self.generating = True
             started = time.perf_counter()
