@@ -239,6 +239,8 @@ def test_a_worker_with_the_vllm_sampler_fills_the_queue_and_follows_versions(com
             store.commit_adapter_version(s, run="default", version=1, path=str(ADAPTERS / "v1"), parent=None,
                                          step=1, label_steps={}, metrics={})
         _wait(lambda: _count(db, created_version=1) >= 1, 120, [worker], dump=worker)
+        # the heartbeat is rewritten every second: wait for the one written after the switch
+        _wait(lambda: [w.get("serving_version") for w in _workers(db)] == [1], 30, [worker], dump=worker)
         [state] = _workers(db)
     finally:
         worker.send_signal(signal.SIGTERM)
