@@ -221,9 +221,14 @@ def _refuse_reference(model, monkeypatch) -> None:
     monkeypatch.setattr(model, "disable_adapter", refuse)
 
 
-def test_simpo_step_runs_no_reference_forward(tiny_peft, tiny_model_dir, monkeypatch):
+# A pass of the model is one forward in the concatenated layout, two (prompts, then answers) with a shared prompt.
+PASS_CALLS = [pytest.param(False, 1, id="concatenated"), pytest.param(True, 2, id="shared-prompt")]
+
+
+@pytest.mark.parametrize("shared, calls_per_pass", PASS_CALLS)
+def test_simpo_step_runs_no_reference_forward(tiny_peft, tiny_model_dir, monkeypatch, shared, calls_per_pass):
     model, tokenizer = tiny_peft
-    cfg = _cfg(tiny_model_dir, loss_type="simpo", simpo_gamma=0.5)
+    cfg = _cfg(tiny_model_dir, loss_type="simpo", simpo_gamma=0.5, shared_prompt=shared)
     batch = build_pair_batch(tokenizer, EXAMPLES)
     with torch.no_grad():  # dropout is 0, so eval-mode logps are the step's logps
         avg_c, avg_r = concatenated_forward(model, batch, average=True)
@@ -233,20 +238,21 @@ def test_simpo_step_runs_no_reference_forward(tiny_peft, tiny_model_dir, monkeyp
     before = [p.detach().clone() for p in params]
     metrics = dpo_step(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, cfg), examples=EXAMPLES,
                        cfg=cfg)
-    assert calls == [True]  # one forward, the policy's, with the adapter on
+    assert calls == [True] * calls_per_pass  # one pass, the policy's, with the adapter on
     expected = sum(neg_logsigmoid(2.0 * (c - r) - 0.5) for c, r in zip(avg_c.tolist(), avg_r.tolist(), strict=True))
     assert metrics["loss"] == pytest.approx(expected / 2, rel=1e-5)
     assert metrics["reference_free"] == 1.0 and metrics["logps_chosen"] == pytest.approx(avg_c.mean().item(), rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
 
 
-def test_the_counter_sees_the_reference_pass_of_dpo(tiny_peft, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("shared, calls_per_pass", PASS_CALLS)
+def test_the_counter_sees_the_reference_pass_of_dpo(tiny_peft, tiny_model_dir, monkeypatch, shared, calls_per_pass):
     """The control for the test above: the same probes catch sigmoid DPO's reference forward."""
     model, tokenizer = tiny_peft
-    cfg = _cfg(tiny_model_dir, loss_type="sigmoid")
+    cfg = _cfg(tiny_model_dir, loss_type="sigmoid", shared_prompt=shared)
     calls = _count_forwards(model)
     dpo_step(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, cfg), examples=EXAMPLES, cfg=cfg)
-    assert calls == [False, True]  # reference (adapter off), then policy
+    assert calls == [False] * calls_per_pass + [True] * calls_per_pass  # reference (adapter off), then policy
     _refuse_reference(model, monkeypatch)
     with pytest.raises(AssertionError, match="reference forward"):
         dpo_step(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, cfg), examples=EXAMPLES, cfg=cfg)

@@ -50,21 +50,34 @@ def make_trainer(database, tmp_path, tiny_model_dir):
 
 @pytest.fixture
 def batches(monkeypatch) -> list[tuple[list, dict]]:
-    """Every (examples, batch) the trainer's DPO step builds."""
+    """Every (examples, batch) the trainer's DPO step builds, in either layout (shared prompt, the
+    default, or concatenated)."""
     seen: list[tuple[list, dict]] = []
-    real = train_step.build_pair_batch
 
-    def spy(tokenizer, examples, **kwargs):
-        batch = real(tokenizer, examples, **kwargs)
-        seen.append((list(examples), batch))
-        return batch
+    def spy_on(name: str) -> None:
+        real = getattr(train_step, name)
 
-    monkeypatch.setattr(train_step, "build_pair_batch", spy)
+        def spy(tokenizer, examples, **kwargs):
+            batch = real(tokenizer, examples, **kwargs)
+            if batch is not None:
+                seen.append((list(examples), batch))
+            return batch
+
+        monkeypatch.setattr(train_step, name, spy)
+
+    spy_on("build_pair_batch")
+    spy_on("build_shared_batch")
     return seen
 
 
 def rows_of(batch: dict) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) of every row, read back through the masks."""
+    """(prompt ids, completion ids) of every row (2B: chosen rows first), read back through the masks."""
+    if "prompt_ids" in batch:  # shared prompt: B left-padded prompts, 2B right-padded completions
+        prompts = [[i for i, m in zip(ids, mask, strict=True) if m]
+                   for ids, mask in zip(batch["prompt_ids"].tolist(), batch["prompt_mask"].tolist(), strict=True)]
+        completions = [[i for i, m in zip(ids, mask, strict=True) if m] for ids, mask in
+                       zip(batch["completion_ids"].tolist(), batch["completion_mask"].tolist(), strict=True)]
+        return [(prompts[r % len(prompts)], c) for r, c in enumerate(completions)]
     out = []
     for ids, att, comp in zip(*(batch[k].tolist() for k in ("input_ids", "attention_mask", "completion_mask")),
                               strict=True):

@@ -191,23 +191,35 @@ def build_pair_batch(
     than the sampler's); completions from the right, since the model produced them left to right
     (a cut completion loses its EOS, which is right: it did not end there).
     """
+    triples = pair_token_rows(tokenizer, examples, max_prompt_tokens=max_prompt_tokens,
+                              max_completion_tokens=max_completion_tokens)
+    rows, masks = [], []
+    for side in (1, 2):  # chosen rows, then rejected rows
+        for triple in triples:
+            rows.append(triple[0] + triple[side])
+            masks.append([0] * len(triple[0]) + [1] * len(triple[side]))
+    return _pad_right(rows, masks, pad_id_of(tokenizer))
+
+
+def pair_token_rows(tokenizer: Any, examples: list[PairExample], *, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+                    max_completion_tokens: int = 256) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) ids per pair, cut to the limits: what every batch layout holds."""
     if not examples:
-        raise ValueError("build_pair_batch needs at least one example")
+        raise ValueError("a pair batch needs at least one example")
     if max_prompt_tokens < 1 or max_completion_tokens < 1:
         raise ValueError("max_prompt_tokens and max_completion_tokens must be >= 1")
     retokenise = [e for e in examples if not e.exact]
     encoded = iter(_encode_prompts(tokenizer, [e.prompt for e in retokenise]) if retokenise else [])
     triples = [_example_rows(tokenizer, e, [] if e.exact else next(encoded), max_prompt_tokens) for e in examples]
-    rows, masks = [], []
-    for side in (1, 2):  # chosen rows, then rejected rows
-        for triple in triples:
-            prompt_ids, completion_ids = triple[0], triple[side][:max_completion_tokens]
-            rows.append(prompt_ids + completion_ids)
-            masks.append([0] * len(prompt_ids) + [1] * len(completion_ids))
+    return [(p, c[:max_completion_tokens], r[:max_completion_tokens]) for p, c, r in triples]
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The id padding positions hold (never scored nor attended): pad, else eos."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; cannot pad a batch")
-    return _pad_right(rows, masks, pad_id)
+    return pad_id
 
 
 def _maths_dtype(logits: torch.Tensor) -> torch.dtype:

@@ -77,6 +77,7 @@ class TrainConfig:
     max_prompt_tokens: int = MAX_PROMPT_TOKENS  # the sampler's rule too (trainer.batching.cut_prompt)
     max_completion_tokens: int = 256
     length_cut: str = DEFAULT_LENGTH_CUT
+    shared_prompt: bool = True  # one pass over a pair's prompt for both answers (trainer/shared_prompt.py)
     sources: Optional[str] = None  # None: "dataset" with mode offline, else "all"
     poll_seconds: float = 2.0
     max_steps: Optional[int] = None

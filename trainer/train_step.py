@@ -2,9 +2,12 @@
 
 Reference log-probs come from the *same* PeftModel under `disable_adapter()` and `no_grad` (one
 copy of the base weights); policy log-probs from the adapter in train mode (LoRA dropout on).
-Prompt tokens are masked out of both sums by `build_pair_batch`'s completion mask. A
-reference-free loss (SimPO) skips the reference forward altogether: one no-grad forward beside
-the policy's forward and backward (about twice a forward), so roughly a quarter of the step's FLOPs.
+Only completion tokens are summed. By default each pair's prompt runs once for both answers
+(trainer/shared_prompt.py: same log-probs and gradients, fewer tokens); `shared_prompt=False`, a
+gradient-checkpointed model or several processes use TRL's concatenated prompt+answer rows
+(`build_pair_batch`). A reference-free loss (SimPO) skips the reference forward altogether: one
+no-grad forward beside the policy's forward and backward (about twice a forward), so roughly a
+quarter of the step's FLOPs.
 """
 from __future__ import annotations
 
@@ -17,12 +20,14 @@ import torch
 
 from odpo.trainer.batching import PairExample, build_pair_batch, concatenated_forward
 from odpo.trainer.dpo import DPOLossOutput, dpo_loss, dpo_metrics, is_reference_free, needs_length_normalisation
+from odpo.trainer.shared_prompt import build_shared_batch, can_share_prompt, shared_prompt_forward
 from odpo.trainer.train_config import TrainConfig
 
 if TYPE_CHECKING:
     from odpo.trainer.distributed import Distributed
 
 AutocastFactory = Callable[[], contextlib.AbstractContextManager]
+Forward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -51,21 +56,33 @@ def _micro_batches(examples: Sequence[PairExample], parts: int) -> list[list[Pai
     return [list(examples[i:i + size]) for i in range(0, len(examples), size)]
 
 
-def _reference_logps(model: Any, batch: dict[str, torch.Tensor], *, average: bool,
+def _reference_logps(model: Any, batch: dict[str, torch.Tensor], *, forward: Forward, average: bool,
                      autocast: AutocastFactory) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     with torch.no_grad(), model.disable_adapter(), autocast():
-        return concatenated_forward(model, batch, average=average)
+        return forward(model, batch, average=average)
 
 
-def _policy_logps(model: Any, batch: dict[str, torch.Tensor], *, average: bool,
+def _policy_logps(model: Any, batch: dict[str, torch.Tensor], *, forward: Forward, average: bool,
                   autocast: AutocastFactory) -> tuple[torch.Tensor, torch.Tensor]:
     model.train()  # only for this forward: LoRA dropout; the base has no dropout of its own
     try:
         with autocast():
-            return concatenated_forward(model, batch, average=average)
+            return forward(model, batch, average=average)
     finally:
         model.eval()
+
+
+def _layout(model: Any, tokenizer: Any, chunk: list[PairExample], cfg: TrainConfig,
+            dist: Optional[Distributed]) -> tuple[dict[str, torch.Tensor], Forward]:
+    """The micro-batch's tensors and the forward that scores them: the shared-prompt layout
+    (trainer/shared_prompt.py, each prompt run once) unless it is switched off or cannot apply."""
+    limits = {"max_prompt_tokens": cfg.max_prompt_tokens, "max_completion_tokens": cfg.max_completion_tokens}
+    if cfg.shared_prompt and dist is None and can_share_prompt(model):
+        batch = build_shared_batch(tokenizer, chunk, **limits)
+        if batch is not None:
+            return batch, shared_prompt_forward
+    return build_pair_batch(tokenizer, chunk, **limits), concatenated_forward
 
 
 def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
@@ -89,10 +106,9 @@ def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
     parts: dict[str, list[torch.Tensor]] = {"pc": [], "pr": [], "rc": [], "rr": []}
     for i, chunk in enumerate(chunks):
         with contextlib.nullcontext() if dist is None else dist.sync(last=i == len(chunks) - 1):
-            batch = build_pair_batch(tokenizer, chunk, max_prompt_tokens=cfg.max_prompt_tokens,
-                                     max_completion_tokens=cfg.max_completion_tokens)
+            batch, forward = _layout(model, tokenizer, chunk, cfg, dist)
             batch = {k: v.to(device) for k, v in batch.items()}
-            _micro_step(model, batch, cfg, autocast=autocast, divisor=divisor, dist=dist,
+            _micro_step(model, batch, cfg, forward=forward, autocast=autocast, divisor=divisor, dist=dist,
                         parts=parts if divisor is not None else None)
     if dist is not None:
         parts = dist.gather(parts)
@@ -105,16 +121,16 @@ def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
                     seconds=time.perf_counter() - started)
 
 
-def _micro_step(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, *, autocast: AutocastFactory,
-                divisor: Optional[float], dist: Optional[Distributed],
+def _micro_step(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, *, forward: Forward,
+                autocast: AutocastFactory, divisor: Optional[float], dist: Optional[Distributed],
                 parts: Optional[dict[str, list[torch.Tensor]]]) -> None:
     """Forward and backward of one micro-batch; its log-probs go into `parts` (None: a weight-0
     stand-in of an empty slice, which only keeps the all-reduce company)."""
     average = needs_length_normalisation(cfg.loss_type)
     ref_c, ref_r = ((None, None) if is_reference_free(cfg.loss_type)
-                    else _reference_logps(model, batch, average=average, autocast=autocast))
+                    else _reference_logps(model, batch, forward=forward, average=average, autocast=autocast))
     policy = model if dist is None else dist.policy
-    pol_c, pol_r = _policy_logps(policy, batch, average=average, autocast=autocast)
+    pol_c, pol_r = _policy_logps(policy, batch, forward=forward, average=average, autocast=autocast)
     out = _loss(pol_c, pol_r, ref_c, ref_r, cfg)
     loss = out.losses.sum() / divisor if divisor is not None else out.losses.sum() * 0.0
     if dist is None:

@@ -48,6 +48,9 @@ LOSS_CHOICES = ("sigmoid", "ipo", "hinge", "robust", "apo_zero", "simpo")
                    "--mode iterative is always one version).")
 @click.option("--max-prompt-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--max-completion-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--shared-prompt/--no-shared-prompt", default=True, show_default=True,
+              help="Run each pair's prompt through the model once for both answers (same loss and gradient "
+                   "up to rounding, a faster step); --no-shared-prompt scores prompt+answer rows as TRL does.")
 @click.option("--length-cut", type=click.Choice(("keep", "drop")), default="keep", show_default=True,
               help="Pairs with an answer cut at the sampler's max_new_tokens: keep trains them as cut (no "
                    "end-of-text token: the model did not stop there), drop leaves them out.")
