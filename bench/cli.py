@@ -182,9 +182,11 @@ def labelers(common: CommonConfig, **opts: Any) -> None:
                    "and rule:say_the_early beside it]")
 @click.option("--losses", callback=_csv, default=None, help="Comma-separated: sigmoid,simpo (any of odpo's losses).")
 @click.option("--modes", callback=_csv, default=None, help="Comma-separated: online,iterative,offline.")
-@click.option("--seeds", type=click.IntRange(1), default=None, help="Seeds per cell, from --seed on. [3; 1 with --quick]")
+@click.option("--seeds", type=click.IntRange(1), default=None,
+              help="Seeds per cell, from --seed on. [3; 1 with --quick]")
 @click.option("--budget", type=click.IntRange(1), default=None, help="Labels per arm. [200; 48 with --quick]")
-@click.option("--curve", callback=_csv, default=None, help="Label counts to evaluate at, e.g. 50,100,150 (the budget always).")
+@click.option("--curve", callback=_csv, default=None,
+              help="Label counts to evaluate at, e.g. 50,100,150 (the budget always).")
 @click.option("--round-labels", type=click.IntRange(1), default=None,
               help="Labels per round of the iterative mode. [the first curve point]")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)

@@ -32,9 +32,12 @@ With `load_in_4bit` every arm samples and trains on a 4-bit NF4 base (QLoRA).
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from odpo.bench.common import BenchContext, BenchResult
@@ -111,7 +114,8 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
               "round_labels": rounds, "temperature": 0.9, "eval_temperature": 0.7, "first_seed": ctx.seed,
               "load_in_4bit": load_in_4bit}
     result = BenchResult(bench="learn", quick=ctx.quick, params=params)
-    arms = []
+    partial = ctx.out_dir / f"learn{'-quick' if ctx.quick else ''}-arms.partial.json"
+    arms: list[dict[str, Any]] = []
     for rule in grid.rules:
         judge = load_judge(rule)
         for loss in grid.losses:
@@ -123,13 +127,24 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
                     log.info("learn arm: %s %s %s seed %d", rule, loss, mode, seed)
                     arms.append({"rule": rule, "loss": loss, "mode": mode, "seed": seed,
                                  **run_arm(ctx, spec, judge=judge)})
+                    save_partial(partial, arms)
                     gc.collect()
     fill(result, arms)
+    partial.unlink(missing_ok=True)  # the result JSON holds every arm now
     result.params["curve_plot"] = write_curve_plot(result, ctx.out_dir)
     if load_in_4bit:
         result.notes.append("every arm sampled, trained and was evaluated on a 4-bit NF4 base (--load-in-4bit)")
     result.check(TARGETS)
     return result
+
+
+def save_partial(path: Path, arms: list[dict[str, Any]]) -> None:
+    """Every finished arm, rewritten (atomically) after each: a table that runs for hours keeps
+    what it measured when it is stopped early."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(arms, indent=1, default=str))
+    os.replace(tmp, path)
 
 
 def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any) -> dict[str, Any]:

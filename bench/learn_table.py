@@ -118,7 +118,7 @@ def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:
     if not rules:
         return None
     fig, axes = plt.subplots(1, len(rules), figsize=(5.5 * len(rules), 4), squeeze=False)
-    for ax, rule in zip(axes[0], rules):
+    for ax, rule in zip(axes[0], rules, strict=True):
         for c in (c for c in table if c["rule"] == rule):
             pts = [p for p in c["curve"] if p.get("win_rate") is not None]
             xs, ys = [p["labels"] for p in pts], [p["win_rate"] for p in pts]

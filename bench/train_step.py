@@ -10,7 +10,12 @@ judge them with the same rule, and take one DPO (sigmoid, beta 0.1, AdamW, clip 
 - TRL per pair = one `OnlineDPOTrainer` optimizer step / batch (its step generates, scores with a
   reward function that calls our judge on the (first, second) sample pairs, and updates).
 - The update-only part is reported separately: odpo's dpo_step vs TRL's step minus its timed
-  `_generate` and reward calls.
+  `_generate` and reward calls. odpo's step runs each pair's prompt once for both answers
+  (trainer/shared_prompt.py), its default.
+- Beside it, on the same pairs of every round, two more odpo steps are timed and then undone
+  (LoRA weights restored; a scratch optimizer): DPO in TRL's concatenated layout
+  (`--no-shared-prompt`), and SimPO (reference-free: no reference pass). They show what the shared
+  prompt and dropping the reference each save, on identical work.
 
 Measurements interleave: each TRL step is followed (from a TrainerCallback) by one odpo round, so
 load from other processes hits both alike. The first step of each side is a warm-up and dropped.
@@ -31,7 +36,8 @@ from odpo.bench.models import Policy, cycle, load_policy, starter_prompts
 
 log = logging.getLogger(__name__)
 
-TARGETS = (Target("train-step: odpo / TRL seconds per judged pair", "odpo_over_trl_per_pair", "<=", 0.7),)
+TARGETS = (Target("train-step: odpo / TRL seconds per judged pair", "odpo_over_trl_per_pair", "<=", 0.6),)
+VARIANTS = ("dpo_step_concatenated", "simpo_step")  # timed beside the real step, then undone
 SIZES = {"full": (8, 96, 5), "quick": (8, 32, 3)}  # batch, max_new_tokens, measured rounds
 DEFAULT_RULE = "rule:shorter"
 
@@ -115,10 +121,35 @@ class OdpoSide:
         marks.append(time.perf_counter())
         parts = ("generate", "judge", "dpo_step", "write_version", "swap")
         row = {k: b - a for k, a, b in zip(parts, marks[:-1], marks[1:], strict=True)}
+        row.update(self.variant_seconds(examples))  # after the round's own marks: not part of its cost
         row["tokens_per_sample"] = sum(g.tokens for o in out for g in o) / (2 * len(out))
         row["pairs"], row["loss"] = float(len(prompts)), loss
         self.rounds.append(row)
         return row
+
+    def variant_seconds(self, examples: list[Any]) -> dict[str, float]:
+        """Seconds of a DPO step in TRL's layout and of a SimPO step on `examples`; each is undone."""
+        from dataclasses import replace
+
+        import torch
+
+        from odpo.trainer.dpo import default_beta
+        from odpo.trainer.train_step import dpo_step, trainable_parameters
+
+        params = trainable_parameters(self.policy.model)
+        saved = [p.detach().clone() for p in params]
+        configs = (replace(self.cfg, shared_prompt=False),
+                   replace(self.cfg, loss_type="simpo", beta=default_beta("simpo")))
+        out = {}
+        for key, cfg in zip(VARIANTS, configs, strict=True):
+            started = time.perf_counter()
+            dpo_step(model=self.policy.model, tokenizer=self.policy.tokenizer, examples=examples, cfg=cfg,
+                     optimizer=torch.optim.AdamW(params, lr=cfg.lr), autocast=self.policy.autocast())
+            out[key] = time.perf_counter() - started
+            with torch.no_grad():
+                for p, value in zip(params, saved, strict=True):
+                    p.copy_(value)
+        return out
 
 
 def round_all(sides: list[OdpoSide], prompts: list[str]) -> None:
@@ -299,6 +330,7 @@ def fill(result: BenchResult, *, odpo_rounds: list[dict[str, float]], trl_steps:
              odpo_tokens_per_sample=ratio(totals(odpo_rounds, ("tokens_per_sample",)), len(odpo_rounds)),
              trl_tokens_per_sample=ratio(totals(trl_steps, ("tokens_per_sample",)), len(trl_steps)),
              odpo_rounds=odpo_rounds, trl_steps=trl_steps)
+    _fill_variants(result, odpo_rounds, trl_update=trl_update, batch=batch)
     result.row("odpo s/judged pair (sample+judge+step+save+swap)", m["odpo_seconds_per_pair"])
     result.row("TRL s/judged pair (OnlineDPOTrainer step / batch)", m["trl_seconds_per_pair"])
     result.row("odpo / TRL per pair", m["odpo_over_trl_per_pair"], "x")
@@ -309,6 +341,28 @@ def fill(result: BenchResult, *, odpo_rounds: list[dict[str, float]], trl_steps:
     result.row("odpo DPO step p50 (s), pairs/s", f"{_f(m['odpo_dpo_step_seconds']['p50'])}, "
                f"{_f(ratio(batch, m['odpo_dpo_step_seconds']['p50']))}")
     result.row("tokens/sample odpo vs TRL", f"{_f(m['odpo_tokens_per_sample'])} vs {_f(m['trl_tokens_per_sample'])}")
+
+
+def _fill_variants(result: BenchResult, rounds: list[dict[str, float]], *, trl_update: Optional[float],
+                   batch: int) -> None:
+    """The shared prompt's and the reference-free step's savings, p50 against p50 of the same rounds."""
+    timed = [r for r in rounds if all(k in r for k in VARIANTS)]
+    if not timed:
+        return
+    m = result.metrics
+    step, concat, simpo = (summarize([r[k] for r in timed]) for k in ("dpo_step", *VARIANTS))
+    m.update(odpo_dpo_step_concatenated_seconds=concat, odpo_simpo_step_seconds=simpo,
+             odpo_shared_over_concatenated_step=ratio(step["p50"], concat["p50"]),
+             odpo_simpo_over_dpo_step=ratio(simpo["p50"], step["p50"]),
+             odpo_concatenated_over_trl_update=ratio(ratio(totals(timed, (VARIANTS[0],)), batch * len(timed)),
+                                                     trl_update),
+             odpo_simpo_over_trl_update=ratio(ratio(totals(timed, (VARIANTS[1],)), batch * len(timed)), trl_update))
+    result.row("DPO step p50 (s): shared prompt vs TRL's layout",
+               f"{_f(step['p50'])} vs {_f(concat['p50'])} = {_f(m['odpo_shared_over_concatenated_step'])}x")
+    result.row("SimPO step p50 (s) vs DPO step (both shared prompt)",
+               f"{_f(simpo['p50'])} vs {_f(step['p50'])} = {_f(m['odpo_simpo_over_dpo_step'])}x")
+    result.row("update only / TRL: TRL's layout, SimPO",
+               f"{_f(m['odpo_concatenated_over_trl_update'])}x, {_f(m['odpo_simpo_over_trl_update'])}x")
 
 
 def fill_4bit(result: BenchResult, *, full: list[dict[str, float]], four_bit: list[dict[str, float]],

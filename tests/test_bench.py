@@ -209,6 +209,23 @@ def test_train_step_per_pair_costs_and_ratios():
     assert empty.metrics["trl_seconds_per_pair"] is None and empty.metrics["odpo_over_trl_per_pair"] is None
 
 
+def test_train_step_variant_ratios_come_from_the_same_rounds():
+    base = {"generate": 2.0, "judge": 0.0, "write_version": 0.0, "swap": 0.0, "tokens_per_sample": 10.0}
+    odpo = [{**base, "dpo_step": 2.0, "dpo_step_concatenated": 3.0, "simpo_step": 1.5},
+            {**base, "dpo_step": 4.0, "dpo_step_concatenated": 5.0, "simpo_step": 2.5}]
+    trl = [{"step": 8.0, "generate": 5.0, "judge": 0.0, "update": 4.0, "tokens_per_sample": 12.0}] * 2
+    result = BenchResult(bench="train-step", quick=True)
+    train_step.fill(result, odpo_rounds=odpo, trl_steps=trl, batch=4)
+    m = result.metrics
+    assert m["odpo_shared_over_concatenated_step"] == pytest.approx(3.0 / 4.0)  # p50 of [2, 4] vs of [3, 5]
+    assert m["odpo_simpo_over_dpo_step"] == pytest.approx(2.0 / 3.0)
+    assert m["odpo_concatenated_over_trl_update"] == pytest.approx((8.0 / 8) / (8.0 / 8))
+    assert any("TRL's layout" in row[0] for row in result.rows)
+    plain = BenchResult(bench="train-step", quick=True)
+    train_step.fill(plain, odpo_rounds=[{**base, "dpo_step": 1.0}], trl_steps=trl, batch=4)
+    assert "odpo_simpo_over_dpo_step" not in plain.metrics
+
+
 def test_trl_reward_function_matches_the_pairwise_judge():
     reward = train_step.pair_reward(load_judge("rule:shorter"))
     prompts = [[{"role": "user", "content": "p"}]] * 6
@@ -270,7 +287,8 @@ def test_learn_table_pools_seeds_into_one_interval_per_cell():
     assert [p["labels"] for p in on["curve"]] == [12, 24] and on["curve"][0]["win_rate"] == pytest.approx(22 / 48)
     assert on["wall_seconds_mean"] == 15.0
     head = learn_table.headline(table)
-    assert head["rules_online_beats_offline"] == 1 and head["online_minus_offline"] == pytest.approx(42.5 / 48 - 22 / 48)
+    assert head["rules_online_beats_offline"] == 1
+    assert head["online_minus_offline"] == pytest.approx(42.5 / 48 - 22 / 48)
     result = BenchResult(bench="learn", quick=True)
     learn_table.fill(result, arms)
     assert result.rows[0][0] == "x / sigmoid / online: win rate vs base, pooled over 2 seed(s)"

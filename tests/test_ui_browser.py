@@ -165,7 +165,8 @@ def test_expired_claim_never_gets_a_vote(live_app, page):
         labels = s.scalars(select(Label)).all()
     assert len(dead) == 2 and not [lb for lb in labels if lb.pair_id in dead]
     if not labels:  # the vote raced the timer tick that notices dead claims: it must have been refused
-        refusal = re.compile("expired|already answered|another window")  # the claim died under the page: one line says so
+        # the claim died under the page: one line says so
+        refusal = re.compile("expired|already answered|another window")
         page.get_by_text(refusal).first.wait_for(timeout=15000)
     assert "Traceback" not in page.content()
 
