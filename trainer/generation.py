@@ -17,10 +17,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+)
 
 from odpo.trainer.batching import FINISH_LENGTH, FINISH_STOP, MAX_PROMPT_TOKENS, PromptInput, prompt_token_ids
 from odpo.trainer.models import autocast_context
+from odpo.trainer.nucleus import NucleusFilter
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "Generated", "GenerationInterrupted", "SamplingParams", "generate",
            "left_pad", "stop_inside_forward"]
@@ -132,6 +139,7 @@ def generate(
     started = time.perf_counter()
     with torch.inference_mode(), autocast_context(device, autocast_dtype), _seeded(params.seed, device):
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                             logits_processor=_warpers(params),
                              stopping_criteria=StoppingCriteriaList([stopper] if stopper else []))
     seconds = time.perf_counter() - started
     if stopper is not None and stopper.fired:
@@ -160,13 +168,28 @@ def _generation_config(params: SamplingParams, *, eos_ids: list[int], pad_id: in
     temperature) never silently change what the policy samples."""
     kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "eos_token_id": eos_ids,
                               "pad_token_id": pad_id, "use_cache": True, "do_sample": not params.greedy}
-    if not params.greedy:
-        kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+    if not params.greedy:  # temperature and top_p are applied by _warpers
+        kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if cache_implementation:
         kwargs["cache_implementation"] = cache_implementation
     return GenerationConfig(**kwargs)
+
+
+def _warpers(params: SamplingParams) -> LogitsProcessorList:
+    """Temperature, then the nucleus: transformers' own order for its warpers, but with a top-p that
+    keeps the same tokens without sorting the vocabulary every step (trainer/nucleus.py). Handed
+    to `generate` as custom processors, which it runs before any warper of its own (there are none:
+    the config sets temperature 1 and top_p 1)."""
+    if params.greedy:
+        return LogitsProcessorList()
+    warpers: list[Any] = []
+    if params.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_p < 1.0:
+        warpers.append(NucleusFilter(params.top_p))
+    return LogitsProcessorList(warpers)
 
 
 def _decode(tokenizer: Any, ids: list[int], *, eos_ids: list[int], max_new_tokens: int,
