@@ -213,6 +213,26 @@ def learn(common: CommonConfig, **opts: Any) -> None:
     _finish(execute("learn", bench_context(common, opts), opts))
 
 
+@bench.command("learn-merge")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=default_out_dir,
+              show_default=OUT_DIR_HELP)
+def learn_merge(files: tuple[Path, ...], out_dir: Path) -> None:
+    """Pool several `odpo bench learn` results (e.g. one run per seed) into one learn table."""
+    import json
+
+    from odpo.bench.common import result_table
+    from odpo.bench.learn_table import merge
+
+    try:
+        result = merge([json.loads(f.read_text()) for f in files], out_dir)
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"cannot merge: {exc}") from None
+    path = result.write(out_dir)
+    click.echo(result_table(result.to_dict()))
+    click.echo(f"\nwrote {path}\n")
+
+
 @bench.command()
 @_shared
 @click.option("--steps", type=click.IntRange(1), default=None, help="Train steps before stopping.")

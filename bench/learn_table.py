@@ -135,3 +135,40 @@ def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+# Parameters that may differ between runs merged into one table: which seeds, rules, losses and
+# modes each covered (the union is the table), and where each drew its picture.
+MERGEABLE = ("first_seed", "seeds", "rules", "losses", "modes", "curve_plot")
+
+
+def merge(results: Sequence[dict[str, Any]], out_dir: Path) -> BenchResult:
+    """One learn table from several learn results (e.g. one process per seed on a small machine).
+
+    Raises ValueError, naming the parameter, when the runs are not the same experiment (another
+    budget, curve, learning rate, ...) or an arm (rule, loss, mode, seed) appears twice.
+    """
+    if not results:
+        raise ValueError("nothing to merge")
+    first = results[0]
+    for other in results[1:]:
+        for key in sorted(set(first["params"]) | set(other["params"])):
+            if key not in MERGEABLE and first["params"].get(key) != other["params"].get(key):
+                raise ValueError(f"the runs differ in {key}: {first['params'].get(key)!r} vs "
+                                 f"{other['params'].get(key)!r}")
+    arms = [a for r in results for a in r["metrics"].get("arms", [])]
+    seen = set()
+    for arm in arms:
+        key = (arm["rule"], arm["loss"], arm["mode"], arm["seed"])
+        if key in seen:
+            raise ValueError(f"arm {' '.join(map(str, key))} is in two of the runs")
+        seen.add(key)
+    params = {k: v for k, v in first["params"].items() if k not in MERGEABLE}
+    params.update(merged_runs=len(results), seeds=sorted({a["seed"] for a in arms}))
+    result = BenchResult(bench="learn", quick=bool(first["quick"]), params=params, machine=first["machine"],
+                         started_at=min(r["started_at"] for r in results),
+                         seconds=sum(r["seconds"] for r in results))
+    fill(result, arms)
+    result.params["curve_plot"] = write_curve_plot(result, out_dir)
+    result.check(TARGETS)
+    return result

@@ -311,6 +311,41 @@ def test_learn_table_counts_a_rule_only_when_the_intervals_are_apart():
     assert [t["met"] for t in result.targets] == [True, False]
 
 
+def _learn_run(tmp_path, name, arms, **params):
+    base = {"budget": 96, "lr": 1e-3, "first_seed": arms[0]["seed"], "seeds": 1, "rules": ["rule:x"]}
+    data = {"schema": "odpo-bench/1", "bench": "learn", "quick": False, "status": "ok", "seconds": 10.0,
+            "started_at": f"2026-11-29T21:0{len(name)}:00Z", "machine": {"cores": 2},
+            "params": {**base, **params}, "metrics": {"arms": arms}, "targets": [], "rows": [], "notes": []}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_learn_merge_pools_runs_of_one_experiment_and_refuses_others(tmp_path):
+    from click.testing import CliRunner
+
+    from odpo.app.cli import cli
+
+    one = _learn_run(tmp_path, "s0", [_arm("online", 0, 20, 4, 0), _arm("offline", 0, 12, 12, 0)])
+    two = _learn_run(tmp_path, "s1", [_arm("online", 1, 22, 1, 1), _arm("offline", 1, 10, 14, 0)], first_seed=1)
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bench", "learn-merge", str(one), str(two),
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    merged = json.loads((out / "learn.json").read_text())
+    assert merged["params"]["seeds"] == [0, 1] and merged["params"]["merged_runs"] == 2
+    online = next(c for c in merged["metrics"]["cells"] if c["mode"] == "online")
+    assert online["final"]["n"] == 48 and online["final"]["wins"] == 42
+    assert merged["metrics"]["rules_online_beats_offline"] == 1 and merged["seconds"] == 20.0
+    other = _learn_run(tmp_path, "lr", [_arm("online", 2, 1, 1, 0)], lr=5e-4)
+    again = _learn_run(tmp_path, "again", [_arm("online", 0, 1, 1, 0)])
+    for files, words in (([one, other], "differ in lr"), ([one, again], "in two of the runs")):
+        res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bench", "learn-merge", *map(str, files),
+                                       "--out", str(tmp_path / "no")])
+        assert res.exit_code == 1 and words in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "no" / "learn.json").exists()
+
+
 def test_memory_process_tree_helpers():
     me = os.getpid()
     status = memory.read_status_kib(me)
