@@ -192,3 +192,23 @@ def _greedy_ids(model, tok, prompt: str, n: int) -> list[int]:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id)
     return out[0, ids.shape[1]:].tolist()
+
+
+def test_samples_of_a_prompt_share_its_prefill_and_draw_as_without(tiny_model_and_tokenizer, monkeypatch):
+    """The prompts' cache computed once and repeated per sample gives the ids a full prefill gives:
+    greedy rows equal one-sample-per-prompt rows, and a seeded sample equals the unshared one."""
+    from odpo.trainer import generation
+
+    model, tok = tiny_model_and_tokenizer
+    calls = []
+    real = generation._shared_prefix
+    monkeypatch.setattr(generation, "_shared_prefix", lambda *a: calls.append(a[3]) or real(*a))
+    twice = generate(model, tok, PROMPTS, params=GREEDY, n_per_prompt=2)
+    once = generate(model, tok, PROMPTS, params=GREEDY)
+    assert [[g.token_ids for g in row] for row in twice] == [[row[0].token_ids] * 2 for row in once]
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=11)
+    shared = [[g.token_ids for g in row] for row in generate(model, tok, PROMPTS, params=sampled, n_per_prompt=3)]
+    assert calls == [2, 1, 3] and any(len(set(row)) > 1 for row in shared)
+    monkeypatch.setattr(generation, "_shared_prefix", lambda *a: {})
+    plain = [[g.token_ids for g in row] for row in generate(model, tok, PROMPTS, params=sampled, n_per_prompt=3)]
+    assert shared == plain

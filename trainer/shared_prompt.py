@@ -73,7 +73,7 @@ def shared_prompt_forward(model: Any, batch: dict[str, torch.Tensor], *,
     twice = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat(2)
     prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
                        position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
-    name = _cache_name(prompt_out)
+    name = cache_name(prompt_out)
     cache = prompt_out[name]
     cache.reorder_cache(twice)  # index_select: differentiable, the gradient of both halves adds up
     prompt_len = prompt_mask.sum(-1)[twice]
@@ -93,7 +93,7 @@ def shared_prompt_forward(model: Any, batch: dict[str, torch.Tensor], *,
     return chosen, rejected
 
 
-def _cache_name(outputs: Any) -> str:
+def cache_name(outputs: Any) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` during 5.x (the old name still works, with
     a warning): hand the cache back under the name this version returned it by."""
     return "cache" if "cache" in outputs else "past_key_values"
