@@ -117,3 +117,12 @@ def test_real_model_scores_alike(default_model_config):
     torch.testing.assert_close(torch.cat([c2, r2]), torch.cat([c1, r1]), rtol=1e-5, atol=2e-3)
     worst = max(float((a - b).norm() / a.norm().clamp(min=1e-12)) for a, b in zip(g1, g2, strict=True))
     assert worst < 1e-3
+
+
+@pytest.mark.parametrize("args, shared", [([], True), (["--no-shared-prompt"], False)])
+def test_the_train_command_sets_the_layout(args, shared):
+    from odpo.app.cli.train import build_train_config, train
+
+    params = train.make_context("train", args).params
+    params.pop("threads")
+    assert build_train_config(params).shared_prompt is shared
