@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import statistics
 from pathlib import Path
 
@@ -158,17 +157,26 @@ def test_expired_claim_never_gets_a_vote(live_app, page):
                                                                        Assignment.state == "open"))]
         for asg in s.scalars(select(Assignment).where(Assignment.labeler == "Vic", Assignment.state == "open")):
             store.release_assignment(s, assignment_id=asg.id, labeler="Vic")
+    page.evaluate(_TOAST_LOG_JS)  # toasts go away after a few seconds: keep every one that shows
     page.keyboard.press("1")
     wait_visible(page, "vis('prompt') !== arg && /^[AB]/.test(vis('left'))", on_screen)
     page.wait_for_function(SETTLED_JS)
     with live_app.db.sessions() as s:
         labels = s.scalars(select(Label)).all()
     assert len(dead) == 2 and not [lb for lb in labels if lb.pair_id in dead]
-    if not labels:  # the vote raced the timer tick that notices dead claims: it must have been refused
-        # the claim died under the page: one line says so
-        refusal = re.compile("expired|already answered|another window")
-        page.get_by_text(refusal).first.wait_for(timeout=15000)
+    if not labels:  # the vote raced the timer tick that notices dead claims: it must have been refused,
+        # and one line says why (the claim expired, or the page was between pairs when the key came)
+        refusal = "/expired|already answered|another window|out of date|no pair on screen/"
+        page.wait_for_function(f"() => window.__toasts.some(t => {refusal}.test(t))", timeout=15000)
     assert "Traceback" not in page.content()
+
+
+_TOAST_LOG_JS = """() => {
+  window.__toasts = [];
+  new MutationObserver(() => document.querySelectorAll('[data-testid="toast-body"]').forEach((t) => {
+    if (!window.__toasts.includes(t.innerText)) window.__toasts.push(t.innerText);
+  })).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
 
 
 def test_ask_your_own_prompt(live_app, page):
