@@ -219,7 +219,27 @@ def pad_id_of(tokenizer: Any) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token; cannot pad a batch")
-    return pad_id
+    return int(pad_id)
+
+
+def left_pad(rows: Sequence[Sequence[int]], *, pad_id: int,
+             device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the left so every row ends in the last column: where
+    generation appends the next token, and where a shared prompt's last logits sit."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            attention_mask[i, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as transformers' generate derives them: a row's first
+    real token is position 0 (pads get 0 too; they are never attended)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _maths_dtype(logits: torch.Tensor) -> torch.dtype:

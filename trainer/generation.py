@@ -25,7 +25,16 @@ from transformers import (
     TemperatureLogitsWarper,
 )
 
-from odpo.trainer.batching import FINISH_LENGTH, FINISH_STOP, MAX_PROMPT_TOKENS, PromptInput, prompt_token_ids
+from odpo.trainer.batching import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    MAX_PROMPT_TOKENS,
+    PromptInput,
+    left_pad,
+    left_padded_positions,
+    pad_id_of,
+    prompt_token_ids,
+)
 from odpo.trainer.models import autocast_context
 from odpo.trainer.nucleus import NucleusFilter
 from odpo.trainer.shared_prompt import cache_name
@@ -132,9 +141,10 @@ def generate(
     rows = [prompt_token_ids(tokenizer, p, max_tokens=params.max_prompt_tokens)
             for p in prompts for _ in range(n_per_prompt)]
     device = _model_device(model)
-    input_ids, attention_mask = left_pad(rows, pad_id=_pad_id(tokenizer), device=device)
+    pad_id = pad_id_of(tokenizer)
+    input_ids, attention_mask = left_pad(rows, pad_id=pad_id, device=device)
     eos_ids = _eos_ids(model, tokenizer)
-    config = _generation_config(params, eos_ids=eos_ids, pad_id=_pad_id(tokenizer),
+    config = _generation_config(params, eos_ids=eos_ids, pad_id=pad_id,
                                 cache_implementation=cache_implementation)
     stopper = _StopWhen(should_stop) if should_stop else None
     started = time.perf_counter()
@@ -162,23 +172,11 @@ def _shared_prefix(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     if n_per_prompt < 2 or input_ids.shape[1] < 2:
         return {}
     ids, mask = input_ids[::n_per_prompt, :-1], attention_mask[::n_per_prompt, :-1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask), use_cache=True,
+                logits_to_keep=1)
     name = cache_name(out)
     out[name].batch_repeat_interleave(n_per_prompt)
     return {name: out[name]}
-
-
-def left_pad(rows: list[list[int]], *, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad on the left so every row's next token is appended at the same (last) position."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, width - len(row):] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def _generation_config(params: SamplingParams, *, eos_ids: list[int], pad_id: int,
@@ -242,13 +240,6 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     if not ids:
         raise ValueError("neither the tokenizer nor the model defines an eos token; cannot tell when to stop")
     return ids
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token; cannot batch prompts")
-    return int(pad)
 
 
 def _model_device(model: Any) -> torch.device:

@@ -38,14 +38,14 @@ class NucleusFilter(LogitsProcessor):
         values, indices = scores.topk(k, dim=-1)  # descending
         probs = (values.float() - torch.logsumexp(scores.float(), dim=-1, keepdim=True)).exp()
         # transformers' rule, in ascending order: a token goes when the mass of the tokens up to and
-        # including it is <= 1 - top_p. That mass is the non-candidates' (`rest`) plus the
+        # including it is <= 1 - top_p. That mass is the non-candidates' (1 - `held`) plus the
         # candidates' from this one down.
-        rest = 1.0 - probs.sum(-1, keepdim=True)
-        keep = rest + probs.flip(-1).cumsum(-1).flip(-1) > 1.0 - self.top_p
+        held = probs.sum(-1, keepdim=True)  # the candidates' mass
+        keep = (1.0 - held) + probs.flip(-1).cumsum(-1).flip(-1) > 1.0 - self.top_p
         keep[..., 0] = True  # min_tokens_to_keep=1
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(-1, indices, values.masked_fill(~keep, float("-inf")))
-        wide = probs.sum(-1) < self.top_p  # the nucleus reaches past the candidates
+        wide = held.squeeze(-1) < self.top_p  # the nucleus reaches past the candidates
         if bool(wide.any()):
             out[wide] = self._full(input_ids[wide], scores[wide])
         return out

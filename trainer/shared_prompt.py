@@ -24,7 +24,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from odpo.trainer.batching import PairExample, pad_id_of, pair_token_rows, token_logps
+from odpo.trainer.batching import (
+    PairExample,
+    left_pad,
+    left_padded_positions,
+    pad_id_of,
+    pair_token_rows,
+    token_logps,
+)
 
 
 def build_shared_batch(
@@ -46,12 +53,7 @@ def build_shared_batch(
     if not all(prompts):
         return None
     completions = [t[1] for t in triples] + [t[2] for t in triples]
-    width = max(len(p) for p in prompts)
-    prompt_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, row in enumerate(prompts):
-        prompt_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        prompt_mask[i, width - len(row):] = 1
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id=pad)
     span = max(1, max(len(c) for c in completions))
     completion_ids = torch.full((len(completions), span), pad, dtype=torch.long)
     completion_mask = torch.zeros((len(completions), span), dtype=torch.long)
@@ -72,7 +74,7 @@ def shared_prompt_forward(model: Any, batch: dict[str, torch.Tensor], *,
     rows, span = completion_ids.shape
     twice = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat(2)
     prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                       position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+                       position_ids=left_padded_positions(prompt_mask), use_cache=True, logits_to_keep=1)
     name = cache_name(prompt_out)
     cache = prompt_out[name]
     cache.reorder_cache(twice)  # index_select: differentiable, the gradient of both halves adds up
