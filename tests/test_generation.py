@@ -195,20 +195,44 @@ def _greedy_ids(model, tok, prompt: str, n: int) -> list[int]:
 
 
 def test_samples_of_a_prompt_share_its_prefill_and_draw_as_without(tiny_model_and_tokenizer, monkeypatch):
-    """The prompts' cache computed once and repeated per sample gives the ids a full prefill gives:
-    greedy rows equal one-sample-per-prompt rows, and a seeded sample equals the unshared one."""
+    """The prompts' common prefix run once, each prompt's cache computed once and repeated per
+    sample: the ids a full, left-padded prefill gives. Greedy rows equal one-sample-per-prompt
+    rows, and seeded samples equal those of plain left padding with no cache handed over."""
     from odpo.trainer import generation
 
     model, tok = tiny_model_and_tokenizer
     calls = []
     real = generation._shared_prefix
-    monkeypatch.setattr(generation, "_shared_prefix", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(generation, "_shared_prefix", lambda *a: calls.append(a[3:]) or real(*a))
     twice = generate(model, tok, PROMPTS, params=GREEDY, n_per_prompt=2)
     once = generate(model, tok, PROMPTS, params=GREEDY)
     assert [[g.token_ids for g in row] for row in twice] == [[row[0].token_ids] * 2 for row in once]
     sampled = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=11)
     shared = [[g.token_ids for g in row] for row in generate(model, tok, PROMPTS, params=sampled, n_per_prompt=3)]
-    assert calls == [2, 1, 3] and any(len(set(row)) > 1 for row in shared)
+    assert [n for n, _ in calls] == [2, 1, 3] and any(len(set(row)) > 1 for row in shared)
+    assert all(prefix > 0 for _, prefix in calls), "the chat template's common start is shared"
     monkeypatch.setattr(generation, "_shared_prefix", lambda *a: {})
+    monkeypatch.setattr(generation, "common_prefix_length", lambda rows: 0)
     plain = [[g.token_ids for g in row] for row in generate(model, tok, PROMPTS, params=sampled, n_per_prompt=3)]
     assert shared == plain
+
+
+def test_the_shared_prefill_gives_the_first_token_the_full_prefills_logits(tiny_model_and_tokenizer):
+    """Token ids can hide a small error in positions or masks; the logits of the first generated
+    token cannot: continuing from the shared cache must give what a whole left-padded prompt gives."""
+    from odpo.trainer import generation
+    from odpo.trainer.batching import left_pad, left_padded_positions
+
+    model, tok = tiny_model_and_tokenizer
+    rows = [encode_prompt(tok, p) for p in PROMPTS for _ in range(2)]
+    ids, mask, shared = generation._prompt_layout(rows, n_per_prompt=2, pad_id=0, device=None, share=True)
+    assert shared > 0 and ids.shape[1] == max(len(r) for r in rows)
+    with torch.inference_mode():
+        cache = generation._shared_prefix(model, ids, mask, 2, shared)
+        assert next(iter(cache.values())).get_seq_length() == ids.shape[1] - 1
+        out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=left_padded_positions(mask)[:, -1:],
+                    use_cache=True, **cache).logits[:, -1]
+        plain_ids, plain_mask = left_pad(rows, pad_id=0)
+        full = model(input_ids=plain_ids, attention_mask=plain_mask,
+                     position_ids=left_padded_positions(plain_mask)).logits[:, -1]
+    torch.testing.assert_close(out, full, rtol=1e-4, atol=1e-4)

@@ -221,8 +221,9 @@ def _refuse_reference(model, monkeypatch) -> None:
     monkeypatch.setattr(model, "disable_adapter", refuse)
 
 
-# A pass of the model is one forward in the concatenated layout, two (prompts, then answers) with a shared prompt.
-PASS_CALLS = [pytest.param(False, 1, id="concatenated"), pytest.param(True, 2, id="shared-prompt")]
+# A pass of the model is one forward in the concatenated layout; with a shared prompt, three: the
+# prompts' common prefix (EXAMPLES' prompts share their chat-template start), the prompts, the answers.
+PASS_CALLS = [pytest.param(False, 1, id="concatenated"), pytest.param(True, 3, id="shared-prompt")]
 
 
 @pytest.mark.parametrize("shared, calls_per_pass", PASS_CALLS)

@@ -72,8 +72,9 @@ def batches(monkeypatch) -> list[tuple[list, dict]]:
 
 def rows_of(batch: dict) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) of every row (2B: chosen rows first), read back through the masks."""
-    if "prompt_ids" in batch:  # shared prompt: B left-padded prompts, 2B right-padded completions
-        prompts = [[i for i, m in zip(ids, mask, strict=True) if m]
+    if "prompt_ids" in batch:  # shared prompt: [common prefix +] B left-padded prompts, 2B right-padded completions
+        prefix = batch["prefix_ids"][0].tolist() if "prefix_ids" in batch else []
+        prompts = [prefix + [i for i, m in zip(ids, mask, strict=True) if m]
                    for ids, mask in zip(batch["prompt_ids"].tolist(), batch["prompt_mask"].tolist(), strict=True)]
         completions = [[i for i, m in zip(ids, mask, strict=True) if m] for ids, mask in
                        zip(batch["completion_ids"].tolist(), batch["completion_mask"].tolist(), strict=True)]

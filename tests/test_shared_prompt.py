@@ -14,7 +14,12 @@ import torch
 from odpo.trainer.batching import PairExample, build_pair_batch, concatenated_forward, encode_prompt
 from odpo.trainer.lora import LoraSettings, attach_lora
 from odpo.trainer.models import load_model_and_tokenizer
-from odpo.trainer.shared_prompt import build_shared_batch, can_share_prompt, shared_prompt_forward
+from odpo.trainer.shared_prompt import (
+    build_shared_batch,
+    can_share_prompt,
+    common_prefix_length,
+    shared_prompt_forward,
+)
 from odpo.trainer.train_step import _layout, dpo_step, make_optimizer, trainable_parameters
 from tests.model_fixtures import tiny_train_config
 
@@ -66,6 +71,7 @@ def test_logps_and_gradients_match_the_concatenated_layout(tiny_model_and_tokeni
     c1, r1, g1 = score(model, concatenated_forward, build_pair_batch(tok, examples, **LIMITS), average=average)
     shared = build_shared_batch(tok, examples, **LIMITS)
     assert shared["prompt_ids"].shape[0] == len(examples) and shared["completion_ids"].shape[0] == 2 * len(examples)
+    assert shared["prefix_ids"].shape[1] >= 1, "the chat template's common start runs once, as a prefix"
     assert shared["prompt_mask"][:, -1].all(), "left padding: every prompt ends in the last column"
     c2, r2, g2 = score(model, shared_prompt_forward, shared, average=average)
     torch.testing.assert_close(c2, c1, rtol=1e-5, atol=1e-4)
@@ -94,6 +100,30 @@ def test_a_dpo_step_is_the_same_step(tiny_model_dir, tmp_path, tiny_model_and_to
     assert moved
 
 
+def test_the_common_prefix_leaves_every_prompt_a_token():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2, "the shorter prompt keeps its last token"
+    assert common_prefix_length([[7, 2], [1, 2]]) == 0
+    assert common_prefix_length([[1, 2, 3]]) == 0, "one prompt: no separate prefix pass"
+
+
+def test_one_pair_and_prefix_free_prompts_score_alike(tiny_model_and_tokenizer):
+    """Without a common prefix (one pair; prompts that differ from their first token) the prompt
+    pass starts from no cache, and still matches the concatenated layout."""
+    base, tok = tiny_model_and_tokenizer
+    model = lora_model(base)
+    one = pairs(tok)[:1]
+    bare = [replace(e, prompt_ids=ids) for e, ids in zip(pairs(tok)[:2], ([5, 6, 7], [9, 8]), strict=True)]
+    for examples in (one, bare):
+        shared = build_shared_batch(tok, examples, **LIMITS)
+        assert "prefix_ids" not in shared
+        c1, r1, g1 = score(model, concatenated_forward, build_pair_batch(tok, examples, **LIMITS), average=False)
+        c2, r2, g2 = score(model, shared_prompt_forward, shared, average=False)
+        torch.testing.assert_close(torch.cat([c2, r2]), torch.cat([c1, r1]), rtol=1e-5, atol=1e-4)
+        for a, b in zip(g1, g2, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_layout_falls_back_where_the_cache_cannot_be_shared(tiny_model_dir, tiny_model_and_tokenizer):
     base, tok = tiny_model_and_tokenizer
     model, examples = lora_model(base), pairs(tok)
@@ -113,7 +143,9 @@ def test_real_model_scores_alike(default_model_config):
     base, tok = load_model_and_tokenizer(default_model_config)
     model, examples = lora_model(base), pairs(tok)[:1] + pairs(tok)[2:]
     c1, r1, g1 = score(model, concatenated_forward, build_pair_batch(tok, examples, **LIMITS), average=False)
-    c2, r2, g2 = score(model, shared_prompt_forward, build_shared_batch(tok, examples, **LIMITS), average=False)
+    shared = build_shared_batch(tok, examples, **LIMITS)
+    assert shared["prefix_ids"].shape[1] >= 20, "SmolLM2's system turn and user header"
+    c2, r2, g2 = score(model, shared_prompt_forward, shared, average=False)
     torch.testing.assert_close(torch.cat([c2, r2]), torch.cat([c1, r1]), rtol=1e-5, atol=2e-3)
     worst = max(float((a - b).norm() / a.norm().clamp(min=1e-12)) for a, b in zip(g1, g2, strict=True))
     assert worst < 1e-3

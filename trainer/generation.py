@@ -37,7 +37,7 @@ from odpo.trainer.batching import (
 )
 from odpo.trainer.models import autocast_context
 from odpo.trainer.nucleus import NucleusFilter
-from odpo.trainer.shared_prompt import cache_name
+from odpo.trainer.shared_prompt import cache_name, common_prefix_length
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "Generated", "GenerationInterrupted", "SamplingParams", "generate",
            "left_pad", "stop_inside_forward"]
@@ -142,14 +142,16 @@ def generate(
             for p in prompts for _ in range(n_per_prompt)]
     device = _model_device(model)
     pad_id = pad_id_of(tokenizer)
-    input_ids, attention_mask = left_pad(rows, pad_id=pad_id, device=device)
+    input_ids, attention_mask, shared = _prompt_layout(rows, n_per_prompt=n_per_prompt, pad_id=pad_id, device=device,
+                                                       share=not cache_implementation)
     eos_ids = _eos_ids(model, tokenizer)
     config = _generation_config(params, eos_ids=eos_ids, pad_id=pad_id,
                                 cache_implementation=cache_implementation)
     stopper = _StopWhen(should_stop) if should_stop else None
     started = time.perf_counter()
     with torch.inference_mode(), autocast_context(device, autocast_dtype), _seeded(params.seed, device):
-        prefix = {} if cache_implementation else _shared_prefix(model, input_ids, attention_mask, n_per_prompt)
+        prefix = {} if cache_implementation else _shared_prefix(model, input_ids, attention_mask, n_per_prompt,
+                                                                shared)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                              logits_processor=_warpers(params), **prefix,
                              stopping_criteria=StoppingCriteriaList([stopper] if stopper else []))
@@ -162,21 +164,45 @@ def generate(
     return [flat[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompts))]
 
 
+def _prompt_layout(rows: list[list[int]], *, n_per_prompt: int, pad_id: int, device: Any,
+                   share: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(input_ids, attention_mask, shared): the prompts' common prefix (a chat template's system
+    turn and user header; trainer/shared_prompt.py) in the first `shared` columns of every row,
+    then each prompt's own tokens left padded, so the padding sits between the two. `generate`
+    takes positions from the mask's running count, so the pads in the middle are as invisible as
+    on the left. Plain left padding (shared 0) where no prefix is shared."""
+    shared = common_prefix_length(rows[::n_per_prompt]) if share else 0
+    ids, mask = left_pad([r[shared:] for r in rows], pad_id=pad_id, device=device)
+    if not shared:
+        return ids, mask, 0
+    head = torch.tensor(rows[0][:shared], dtype=torch.long, device=ids.device).expand(len(rows), -1)
+    return torch.cat([head, ids], dim=1), torch.cat([torch.ones_like(head), mask], dim=1), shared
+
+
 def _shared_prefix(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   n_per_prompt: int) -> dict[str, Any]:
-    """A prompt's samples share its prefill: a quarter of a sampling call's time here (16 rows of
-    ~44 tokens; the decode steps after it are overhead-bound). Each prompt's columns but the last
-    run once, the cache is repeated for its `n_per_prompt` rows (which sit next to each other), and
-    `generate` continues from it with the last prompt column, whose logits give the first token.
-    Positions come from the mask as `generate` computes them, so left padding is the same."""
-    if n_per_prompt < 2 or input_ids.shape[1] < 2:
+                   n_per_prompt: int, shared: int) -> dict[str, Any]:
+    """The prefill, shared: a quarter of a sampling call's time here when every row ran its whole
+    prompt (16 rows of ~44 tokens; the decode steps after it are overhead-bound). The prompts'
+    common prefix (`shared` columns) runs once as one row; each prompt's columns but the last run
+    once on top of it; the cache is repeated for the prompt's `n_per_prompt` rows (which sit next
+    to each other), and `generate` continues from it with the last column, whose logits give the
+    first token. Positions come from the mask as `generate` computes them."""
+    width, prompts = input_ids.shape[1], input_ids.shape[0] // n_per_prompt
+    if width < 2 or (n_per_prompt < 2 and not shared):
         return {}
-    ids, mask = input_ids[::n_per_prompt, :-1], attention_mask[::n_per_prompt, :-1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask), use_cache=True,
-                logits_to_keep=1)
-    name = cache_name(out)
-    out[name].batch_repeat_interleave(n_per_prompt)
-    return {name: out[name]}
+    cache: dict[str, Any] = {}
+    if shared:
+        out = model(input_ids=input_ids[:1, :shared], use_cache=True, logits_to_keep=1)
+        cache = {cache_name(out): out[cache_name(out)]}
+        next(iter(cache.values())).batch_repeat_interleave(prompts)
+    if width - 1 > shared:
+        ids, mask = input_ids[::n_per_prompt, :-1], attention_mask[::n_per_prompt, :-1]
+        out = model(input_ids=ids[:, shared:], attention_mask=mask, use_cache=True, logits_to_keep=1,
+                    position_ids=left_padded_positions(mask)[:, shared:], **cache)
+        cache = {cache_name(out): out[cache_name(out)]}
+    if n_per_prompt > 1:
+        next(iter(cache.values())).batch_repeat_interleave(n_per_prompt)
+    return cache
 
 
 def _generation_config(params: SamplingParams, *, eos_ids: list[int], pad_id: int,

@@ -15,11 +15,19 @@ right-padded layout, and a completion continues from its own prompt's length. Th
 token is scored by the prompt pass's last logits (every prompt ends in the last column), the
 others by the completion pass.
 
+The prompts of a batch share a prefix too: a chat template's system turn and the user header (24
+of SmolLM2's ~40 prompt tokens). That prefix runs once, as one row, before the prompts (as vLLM's
+prefix caching would keep it); its cache is repeated for every prompt, and each prompt's own
+tokens follow it, left padded, so a row's padding sits between the prefix and its prompt (masked,
+positions continue from the prefix). At least one token of every prompt stays out of the prefix:
+its logits score the first answer token.
+
 Not used under gradient checkpointing (which turns the cache off) nor under DDP (a second forward
 of the wrapped model before backward breaks its gradient hooks); train_step falls back there.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -41,8 +49,10 @@ def build_shared_batch(
     max_prompt_tokens: int,
     max_completion_tokens: int,
 ) -> Optional[dict[str, torch.Tensor]]:
-    """B pairs -> ``prompt_ids``/``prompt_mask`` [B, P] (left padded) and ``completion_ids``/
-    ``completion_mask`` [2B, C] (right padded; chosen rows first, as build_pair_batch).
+    """B pairs -> ``prefix_ids`` [1, S] (the prompts' common prefix, absent when there is none),
+    ``prompt_ids``/``prompt_mask`` [B, P] (the rest of each prompt, left padded) and
+    ``completion_ids``/``completion_mask`` [2B, C] (right padded; chosen rows first, as
+    build_pair_batch).
 
     None when a prompt has no tokens: there is nothing to share, and no logits to score the first
     completion token by (the concatenated layout leaves that token unscored; the caller uses it)."""
@@ -53,7 +63,8 @@ def build_shared_batch(
     if not all(prompts):
         return None
     completions = [t[1] for t in triples] + [t[2] for t in triples]
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id=pad)
+    shared = common_prefix_length(prompts)
+    prompt_ids, prompt_mask = left_pad([p[shared:] for p in prompts], pad_id=pad)
     span = max(1, max(len(c) for c in completions))
     completion_ids = torch.full((len(completions), span), pad, dtype=torch.long)
     completion_mask = torch.zeros((len(completions), span), dtype=torch.long)
@@ -61,8 +72,19 @@ def build_shared_batch(
         if row:
             completion_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             completion_mask[i, : len(row)] = 1
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-            "completion_mask": completion_mask}
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+             "completion_mask": completion_mask}
+    if shared:
+        batch["prefix_ids"] = torch.tensor([prompts[0][:shared]], dtype=torch.long)
+    return batch
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, short of each prompt's last (whose logits score the first
+    answer token); 0 for a single prompt, where a separate prefix pass saves nothing."""
+    if len(prompts) < 2:
+        return 0
+    return min(len(os.path.commonprefix([list(p) for p in prompts])), min(len(p) for p in prompts) - 1)
 
 
 def shared_prompt_forward(model: Any, batch: dict[str, torch.Tensor], *,
@@ -73,16 +95,17 @@ def shared_prompt_forward(model: Any, batch: dict[str, torch.Tensor], *,
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     rows, span = completion_ids.shape
     twice = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat(2)
-    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask,
-                       position_ids=left_padded_positions(prompt_mask), use_cache=True, logits_to_keep=1)
+    cache, past = _prefix_cache(model, batch.get("prefix_ids"), prompt_ids.shape[0])
+    prompt_mask = torch.cat([prompt_mask.new_ones(prompt_mask.shape[0], past), prompt_mask], dim=1)
+    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
+                       position_ids=left_padded_positions(prompt_mask)[:, past:], **cache)
     name = cache_name(prompt_out)
-    cache = prompt_out[name]
-    cache.reorder_cache(twice)  # index_select: differentiable, the gradient of both halves adds up
+    prompt_out[name].reorder_cache(twice)  # index_select: differentiable, the gradient of both halves adds up
     prompt_len = prompt_mask.sum(-1)[twice]
     out = model(input_ids=completion_ids,
                 attention_mask=torch.cat([prompt_mask[twice], torch.ones_like(completion_mask)], dim=1),
                 position_ids=prompt_len[:, None] + torch.arange(span, device=completion_ids.device)[None],
-                use_cache=True, logits_to_keep=span, **{name: cache})
+                use_cache=True, logits_to_keep=span, **{name: prompt_out[name]})
     first = token_logps(prompt_out.logits[twice], completion_ids[:, :1])[:, 0]
     # As in sequence_logps: shift the labels, not the logits (a logits slice would double backward's memory).
     labels = torch.cat([completion_ids[:, 1:], completion_ids.new_zeros(rows, 1)], dim=1)
@@ -93,6 +116,17 @@ def shared_prompt_forward(model: Any, batch: dict[str, torch.Tensor], *,
         sums = sums / completion_mask.sum(dim=1).clamp(min=1)
     chosen, rejected = sums.chunk(2, dim=0)
     return chosen, rejected
+
+
+def _prefix_cache(model: Any, prefix_ids: Optional[torch.Tensor], rows: int) -> tuple[dict[str, Any], int]:
+    """The common prefix's cache repeated for ``rows`` prompts, as the keyword the next forward
+    takes it by, and the prefix's length ({} and 0 without a prefix)."""
+    if prefix_ids is None:
+        return {}, 0
+    out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
+    name = cache_name(out)
+    out[name].reorder_cache(prefix_ids.new_zeros(rows))  # one row -> rows; the gradients add up
+    return {name: out[name]}, prefix_ids.shape[1]
 
 
 def cache_name(outputs: Any) -> str:
