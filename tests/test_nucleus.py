@@ -1,70 +1,102 @@
-"""NucleusFilter keeps exactly the tokens transformers' TopPLogitsWarper keeps, and sampling through
-odpo's generate draws the same ids as transformers' own temperature + top-p for the same seed."""
+"""The nucleus odpo samples from is exactly transformers' TopPLogitsWarper's, and NucleusSampler
+draws from softmax over it, as transformers' multinomial would (not the same ids for a seed: the
+same distribution, checked on many draws)."""
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GenerationConfig, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-from odpo.trainer.batching import prompt_token_ids
-from odpo.trainer.generation import SamplingParams, _warpers, generate, left_pad
-from odpo.trainer.nucleus import NucleusFilter
+from odpo.trainer.generation import SamplingParams, _warpers, generate
+from odpo.trainer.nucleus import NucleusSampler, nucleus
+
+IDS = torch.zeros(1, 1, dtype=torch.long)
 
 
 def logits(rows: int, vocab: int, *, spread: float, seed: int) -> torch.Tensor:
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * spread
 
 
+def hf_nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[rows, vocab] bool: the tokens transformers' top-p keeps."""
+    return torch.isfinite(TopPLogitsWarper(top_p=top_p)(IDS.expand(len(scores), 1), scores))
+
+
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.95, 0.999])
-@pytest.mark.parametrize("spread", [8.0, 2.0, 0.1])  # peaked (nucleus among the candidates) .. flat (fallback)
+@pytest.mark.parametrize("spread", [8.0, 2.0, 0.1])  # peaked (nucleus among the candidates) .. flat (wide)
 def test_keeps_what_transformers_keeps(top_p, spread):
     scores = logits(6, 5000, spread=spread, seed=int(top_p * 1000) + int(spread * 10))
-    ours = NucleusFilter(top_p, candidates=64)(torch.zeros(6, 1, dtype=torch.long), scores)
-    theirs = TopPLogitsWarper(top_p=top_p)(torch.zeros(6, 1, dtype=torch.long), scores)
-    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
-    assert torch.equal(ours[~torch.isinf(ours)], scores[~torch.isinf(theirs)])
+    values, indices, keep, wide = nucleus(scores, top_p, 64)
+    theirs = hf_nucleus(scores, top_p)
+    for row in range(len(scores)):
+        if wide[row]:  # decided on the full row: transformers' nucleus is indeed wider than the candidates
+            assert int(theirs[row].sum()) > int(keep[row].sum())
+            continue
+        assert set(indices[row][keep[row]].tolist()) == set(theirs[row].nonzero().flatten().tolist())
+        assert torch.equal(values[row], scores[row][indices[row]])
 
 
 def test_both_paths_are_exercised():
     """The parametrised cases above cover a row decided by the candidates and a row that falls back."""
     peaked, flat = logits(1, 5000, spread=8.0, seed=1), logits(1, 5000, spread=0.1, seed=2)
     for scores, wide in ((peaked, False), (flat, True)):
-        top = scores.softmax(-1).topk(64).values.sum()
-        assert bool(top < 0.95) is wide
+        assert bool(nucleus(scores, 0.95, 64)[3][0]) is wide
 
 
-def test_one_token_always_survives_and_top_p_one_is_a_no_op():
+def draw_counts(scores: torch.Tensor, top_p: float, candidates: int, n: int = 40_000) -> torch.Tensor:
+    torch.manual_seed(0)
+    out = NucleusSampler(top_p, candidates=candidates)(IDS.expand(n, 1), scores.expand(n, -1))
+    assert torch.equal((out == 0).sum(-1), torch.ones(n, dtype=torch.long)), "one token per row, 0 there"
+    assert bool(torch.isinf(out).sum(-1).eq(scores.shape[-1] - 1).all()), "-inf everywhere else"
+    return torch.bincount(out.argmax(-1), minlength=scores.shape[-1]).float()
+
+
+@pytest.mark.parametrize("top_p, candidates", [(0.9, 64), (0.9, 3), (1.0, 64)],
+                         ids=["candidates", "wider-than-candidates", "no-nucleus"])
+def test_draws_follow_the_nucleus_distribution(top_p, candidates):
+    scores = logits(1, 40, spread=1.5, seed=3)
+    kept = hf_nucleus(scores, top_p)[0]
+    assert 3 < int(kept.sum()) <= 40
+    expected = torch.where(kept, scores[0], float("-inf")).softmax(-1)
+    freq = draw_counts(scores, top_p, candidates) / 40_000
+    assert freq[~kept].sum() == 0, "never a token outside the nucleus"
+    assert float((freq - expected).abs().max()) < 0.01  # the standard error is <= 0.0025 here
+
+
+def test_one_token_always_survives_and_bad_settings_are_refused():
     scores = torch.tensor([[10.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
-    out = NucleusFilter(0.01, candidates=2)(torch.zeros(2, 1, dtype=torch.long), scores)
-    assert torch.isfinite(out[0]).tolist() == [True, False, False]
-    assert torch.isfinite(out[1]).sum() == 1
-    assert NucleusFilter(1.0)(torch.zeros(2, 1, dtype=torch.long), scores) is scores
+    values, indices, keep, _ = nucleus(scores, 0.01, 2)
+    assert keep[0].tolist() == [True, False] and indices[0, 0] == 0
+    assert keep[1].sum() == 1
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            NucleusSampler(bad)
     with pytest.raises(ValueError):
-        NucleusFilter(0.0)
+        NucleusSampler(0.5, candidates=0)
 
 
 def test_temperature_comes_before_the_nucleus_as_in_transformers():
-    ids, scores = torch.zeros(4, 1, dtype=torch.long), logits(4, 3000, spread=3.0, seed=7)
-    params = SamplingParams(temperature=0.5, top_p=0.8)
-    hf_order = TopPLogitsWarper(0.8)(ids, TemperatureLogitsWarper(0.5)(ids, scores))
-    reversed_order = TemperatureLogitsWarper(0.5)(ids, TopPLogitsWarper(0.8)(ids, scores))
-    assert not torch.equal(torch.isinf(hf_order), torch.isinf(reversed_order)), "the order must matter here"
-    torch.testing.assert_close(_warpers(params)(ids, scores), hf_order)
+    scores = logits(1, 3000, spread=3.0, seed=7)
+    hf_order = torch.isfinite(TopPLogitsWarper(0.8)(IDS, TemperatureLogitsWarper(0.5)(IDS, scores)))
+    reversed_order = hf_nucleus(scores, 0.8)  # the nucleus before temperature: wider at T = 0.5 < 1
+    assert int(hf_order.sum()) < int(reversed_order.sum()), "the order must matter here"
+    warpers = _warpers(SamplingParams(temperature=0.5, top_p=0.8))
+    torch.manual_seed(1)
+    drawn = warpers(IDS.expand(20_000, 1), scores.expand(20_000, -1)).argmax(-1)
+    assert bool(hf_order[0][drawn].all())
     assert len(_warpers(SamplingParams(temperature=0))) == 0
 
 
-def test_generate_draws_what_transformers_draws(tiny_model_and_tokenizer):
+def test_generate_samples_from_the_nucleus(tiny_model_and_tokenizer):
+    """A seed reproduces the draws and another seed changes them; a nucleus of one token is greedy."""
     model, tok = tiny_model_and_tokenizer
     prompts = ["The cat looks at the green hill.", "Hi"]
-    params = SamplingParams(temperature=0.8, top_p=0.7, max_new_tokens=10, seed=5)
-    ours = [g.token_ids for row in generate(model, tok, prompts, params=params, n_per_prompt=2) for g in row]
-    rows = [prompt_token_ids(tok, p) for p in prompts for _ in range(2)]
-    input_ids, mask = left_pad(rows, pad_id=tok.pad_token_id, device=torch.device("cpu"))
-    config = GenerationConfig(max_new_tokens=10, do_sample=True, temperature=0.8, top_p=0.7, top_k=0,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(5)
-    with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-    theirs = [tuple(i for i in row if i != tok.pad_token_id) for row in out[:, input_ids.shape[1]:].tolist()]
-    assert [tuple(i for i in ids if i != tok.pad_token_id) for ids in ours] == theirs
-    assert len(set(theirs)) > 1, "the samples should differ (a real draw, not greedy)"
+
+    def ids(**kw):
+        params = SamplingParams(max_new_tokens=10, **kw)
+        return [g.token_ids for row in generate(model, tok, prompts, params=params, n_per_prompt=2) for g in row]
+
+    sampled = ids(temperature=0.8, top_p=0.7, seed=5)
+    assert sampled == ids(temperature=0.8, top_p=0.7, seed=5) != ids(temperature=0.8, top_p=0.7, seed=6)
+    assert len(set(sampled)) > 1, "the samples should differ (a real draw, not greedy)"
+    assert ids(temperature=1.0, top_p=1e-6, seed=5) == ids(temperature=0)

@@ -321,7 +321,9 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor], *, average: bool 
     outputs = model(
         input_ids=input_ids,
         attention_mask=batch["attention_mask"],
-        logits_to_keep=input_ids.shape[1] - start,
+        # Indices, not the int: a strided slice of the hidden states slows the lm_head's matmul
+        # (1.5 vs 2.1 s forward and backward for 16 rows x 30 positions here; shared_prompt.logit_positions).
+        logits_to_keep=torch.arange(start, input_ids.shape[1], device=input_ids.device),
         use_cache=False,
     )
     # Shift labels rather than slicing logits: a slice's backward would allocate a second

@@ -36,8 +36,8 @@ from odpo.trainer.batching import (
     prompt_token_ids,
 )
 from odpo.trainer.models import autocast_context
-from odpo.trainer.nucleus import NucleusFilter
-from odpo.trainer.shared_prompt import cache_name, common_prefix_length
+from odpo.trainer.nucleus import NucleusSampler
+from odpo.trainer.shared_prompt import cache_name, common_prefix_length, logit_positions
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "Generated", "GenerationInterrupted", "SamplingParams", "generate",
            "left_pad", "stop_inside_forward"]
@@ -192,12 +192,14 @@ def _shared_prefix(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
         return {}
     cache: dict[str, Any] = {}
     if shared:
-        out = model(input_ids=input_ids[:1, :shared], use_cache=True, logits_to_keep=1)
+        head = input_ids[:1, :shared]
+        out = model(input_ids=head, use_cache=True, logits_to_keep=logit_positions(head, last=False))
         cache = {cache_name(out): out[cache_name(out)]}
         next(iter(cache.values())).batch_repeat_interleave(prompts)
     if width - 1 > shared:
         ids, mask = input_ids[::n_per_prompt, :-1], attention_mask[::n_per_prompt, :-1]
-        out = model(input_ids=ids[:, shared:], attention_mask=mask, use_cache=True, logits_to_keep=1,
+        out = model(input_ids=ids[:, shared:], attention_mask=mask, use_cache=True,
+                    logits_to_keep=logit_positions(ids, last=False),
                     position_ids=left_padded_positions(mask)[:, shared:], **cache)
         cache = {cache_name(out): out[cache_name(out)]}
     if n_per_prompt > 1:
@@ -209,29 +211,27 @@ def _generation_config(params: SamplingParams, *, eos_ids: list[int], pad_id: in
                        cache_implementation: Optional[str]) -> GenerationConfig:
     """A complete config, so a model's shipped defaults (repetition penalty, top_k, its own
     temperature) never silently change what the policy samples."""
+    # do_sample stays off even when sampling: the last of _warpers draws the token itself
+    # (trainer/nucleus.py), so generate's argmax takes it; none of generate's own warpers run.
     kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "eos_token_id": eos_ids,
-                              "pad_token_id": pad_id, "use_cache": True, "do_sample": not params.greedy}
-    if not params.greedy:  # temperature and top_p are applied by _warpers
-        kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+                              "pad_token_id": pad_id, "use_cache": True, "do_sample": False,
+                              "temperature": None, "top_p": None, "top_k": None}
     if cache_implementation:
         kwargs["cache_implementation"] = cache_implementation
     return GenerationConfig(**kwargs)
 
 
 def _warpers(params: SamplingParams) -> LogitsProcessorList:
-    """Temperature, then the nucleus: transformers' own order for its warpers, but with a top-p that
-    keeps the same tokens without sorting the vocabulary every step (trainer/nucleus.py). Handed
-    to `generate` as custom processors, which it runs before any warper of its own (there are none:
-    the config sets temperature 1 and top_p 1)."""
+    """Temperature, then the nucleus and the draw: transformers' own order for its warpers, with a
+    top-p that keeps the same tokens without sorting the vocabulary every step, and a draw that
+    needs random variates for those tokens only, not the whole vocabulary (trainer/nucleus.py).
+    Empty for greedy decoding."""
     if params.greedy:
         return LogitsProcessorList()
     warpers: list[Any] = []
     if params.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_p < 1.0:
-        warpers.append(NucleusFilter(params.top_p))
+    warpers.append(NucleusSampler(params.top_p))
     return LogitsProcessorList(warpers)
 
 

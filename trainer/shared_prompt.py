@@ -97,7 +97,8 @@ def shared_prompt_forward(model: Any, batch: dict[str, torch.Tensor], *,
     twice = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat(2)
     cache, past = _prefix_cache(model, batch.get("prefix_ids"), prompt_ids.shape[0])
     prompt_mask = torch.cat([prompt_mask.new_ones(prompt_mask.shape[0], past), prompt_mask], dim=1)
-    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, logits_to_keep=1,
+    prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
+                       logits_to_keep=logit_positions(prompt_ids, last=True),
                        position_ids=left_padded_positions(prompt_mask)[:, past:], **cache)
     name = cache_name(prompt_out)
     prompt_out[name].reorder_cache(twice)  # index_select: differentiable, the gradient of both halves adds up
@@ -123,10 +124,20 @@ def _prefix_cache(model: Any, prefix_ids: Optional[torch.Tensor], rows: int) -> 
     takes it by, and the prefix's length ({} and 0 without a prefix)."""
     if prefix_ids is None:
         return {}, 0
-    out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=logit_positions(prefix_ids, last=False))
     name = cache_name(out)
     out[name].reorder_cache(prefix_ids.new_zeros(rows))  # one row -> rows; the gradients add up
     return {name: out[name]}, prefix_ids.shape[1]
+
+
+def logit_positions(input_ids: torch.Tensor, *, last: bool) -> torch.Tensor:
+    """``logits_to_keep`` for a pass that needs only its last position's logits (``last``) or none
+    (a prefix pass, run for its cache). Given as indices rather than the int 1: transformers slices
+    the hidden states with it, and the int's strided [rows, 1, hidden] view made the lm_head's
+    matmul 2.5x slower here (117 vs 45 ms for 8 rows of SmolLM2's 49k vocabulary); indices give a
+    contiguous copy, and no indices skip the lm_head altogether."""
+    wanted = [input_ids.shape[1] - 1] if last else []
+    return torch.tensor(wanted, dtype=torch.long, device=input_ids.device)
 
 
 def cache_name(outputs: Any) -> str:
