@@ -37,7 +37,7 @@ from odpo.trainer.batching import (
 )
 from odpo.trainer.models import autocast_context
 from odpo.trainer.nucleus import NucleusSampler
-from odpo.trainer.shared_prompt import cache_name, common_prefix_length, logit_positions
+from odpo.trainer.shared_prompt import cache_name, common_prefix_length, logit_positions, prefix_cache
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "Generated", "GenerationInterrupted", "SamplingParams", "generate",
            "left_pad", "stop_inside_forward"]
@@ -190,12 +190,7 @@ def _shared_prefix(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     width, prompts = input_ids.shape[1], input_ids.shape[0] // n_per_prompt
     if width < 2 or (n_per_prompt < 2 and not shared):
         return {}
-    cache: dict[str, Any] = {}
-    if shared:
-        head = input_ids[:1, :shared]
-        out = model(input_ids=head, use_cache=True, logits_to_keep=logit_positions(head, last=False))
-        cache = {cache_name(out): out[cache_name(out)]}
-        next(iter(cache.values())).batch_repeat_interleave(prompts)
+    cache, _ = prefix_cache(model, input_ids[:1, :shared] if shared else None, prompts)
     if width - 1 > shared:
         ids, mask = input_ids[::n_per_prompt, :-1], attention_mask[::n_per_prompt, :-1]
         out = model(input_ids=ids[:, shared:], attention_mask=mask, use_cache=True,

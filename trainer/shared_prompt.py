@@ -95,7 +95,7 @@ def shared_prompt_forward(model: Any, batch: dict[str, torch.Tensor], *,
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]
     rows, span = completion_ids.shape
     twice = torch.arange(prompt_ids.shape[0], device=prompt_ids.device).repeat(2)
-    cache, past = _prefix_cache(model, batch.get("prefix_ids"), prompt_ids.shape[0])
+    cache, past = prefix_cache(model, batch.get("prefix_ids"), prompt_ids.shape[0])
     prompt_mask = torch.cat([prompt_mask.new_ones(prompt_mask.shape[0], past), prompt_mask], dim=1)
     prompt_out = model(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True,
                        logits_to_keep=logit_positions(prompt_ids, last=True),
@@ -119,9 +119,10 @@ def shared_prompt_forward(model: Any, batch: dict[str, torch.Tensor], *,
     return chosen, rejected
 
 
-def _prefix_cache(model: Any, prefix_ids: Optional[torch.Tensor], rows: int) -> tuple[dict[str, Any], int]:
+def prefix_cache(model: Any, prefix_ids: Optional[torch.Tensor], rows: int) -> tuple[dict[str, Any], int]:
     """The common prefix's cache repeated for ``rows`` prompts, as the keyword the next forward
-    takes it by, and the prefix's length ({} and 0 without a prefix)."""
+    takes it by, and the prefix's length ({} and 0 without a prefix). The trainer's prompt pass and
+    the sampler's prefill both start from it."""
     if prefix_ids is None:
         return {}, 0
     out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=logit_positions(prefix_ids, last=False))
