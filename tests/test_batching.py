@@ -172,6 +172,21 @@ def test_stored_prompt_ids_follow_the_same_prompt_cut(tokenizer):
         cut_prompt(full, 0)
 
 
+def test_right_pad_and_left_pad_mirror_each_other():
+    from odpo.trainer.batching import left_pad, right_pad
+
+    rows = [[5, 6, 7], [], [8]]
+    ids, mask = right_pad(rows, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 0], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 0], [1, 0, 0]]
+    left_ids, left_mask = left_pad(rows, pad_id=0)
+    assert left_ids.flip(-1).tolist() == [list(reversed(r)) + [0] * (3 - len(r)) for r in rows]
+    assert left_mask.flip(-1).tolist() == mask.tolist()
+    # every row empty (answers that were only a cut EOS): still one column to index, all masked
+    ids, mask = right_pad([[], []], pad_id=9)
+    assert ids.tolist() == [[9], [9]] and mask.sum() == 0
+
+
 def test_bad_inputs_raise(tokenizer):
     with pytest.raises(ValueError, match="at least one"):
         build_pair_batch(tokenizer, [])

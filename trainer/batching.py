@@ -165,14 +165,8 @@ def _example_rows(tokenizer: Any, ex: PairExample, prompt_ids: list[int],
 
 
 def _pad_right(rows: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, mask) in enumerate(zip(rows, masks, strict=True)):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-        completion_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.long)
+    input_ids, attention_mask = right_pad(rows, pad_id=pad_id)
+    completion_mask = right_pad(masks, pad_id=0)[0]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
@@ -234,6 +228,19 @@ def left_pad(rows: Sequence[Sequence[int]], *, pad_id: int,
             input_ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
             attention_mask[i, width - len(row):] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+def right_pad(rows: Sequence[Sequence[int]], *, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), padded on the right; at least one column wide, so a batch whose
+    rows are all empty (answers that are nothing but a cut EOS) is still a tensor to index."""
+    width = max(1, max(len(r) for r in rows))
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+            attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
 
 
 def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from odpo.trainer.batching import (
     left_padded_positions,
     pad_id_of,
     pair_token_rows,
+    right_pad,
     token_logps,
 )
 
@@ -65,13 +66,7 @@ def build_shared_batch(
     completions = [t[1] for t in triples] + [t[2] for t in triples]
     shared = common_prefix_length(prompts)
     prompt_ids, prompt_mask = left_pad([p[shared:] for p in prompts], pad_id=pad)
-    span = max(1, max(len(c) for c in completions))
-    completion_ids = torch.full((len(completions), span), pad, dtype=torch.long)
-    completion_mask = torch.zeros((len(completions), span), dtype=torch.long)
-    for i, row in enumerate(completions):
-        if row:
-            completion_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            completion_mask[i, : len(row)] = 1
+    completion_ids, completion_mask = right_pad(completions, pad_id=pad)
     batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
              "completion_mask": completion_mask}
     if shared:
