@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -264,7 +265,7 @@ def machine_description() -> dict[str, Any]:
     info: dict[str, Any] = {"cpu_model": _cpu_model(), "cores": os.cpu_count(),
                             "usable_cores": _usable_cores(), "memory_gib": _mem_total_gib(),
                             "load_average_1m": _load_average(), "python": platform.python_version(),
-                            "platform": platform.platform(), "versions": _versions()}
+                            "platform": platform.platform(), "versions": _versions(), "code": code_commit()}
     info.update(_device_info())
     return info
 
@@ -311,6 +312,22 @@ def _versions() -> dict[str, Optional[str]]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def code_commit() -> Optional[dict[str, Any]]:
+    """The git commit odpo ran from, and whether its tracked files had edits: a number measured on
+    a branch is only comparable with one from the same code. None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        edits = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(edits.stdout.strip())}
 
 
 def _device_info() -> dict[str, Any]:

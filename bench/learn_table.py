@@ -164,11 +164,15 @@ def merge(results: Sequence[dict[str, Any]], out_dir: Path) -> BenchResult:
             raise ValueError(f"arm {' '.join(map(str, key))} is in two of the runs")
         seen.add(key)
     params = {k: v for k, v in first["params"].items() if k not in MERGEABLE}
-    params.update(merged_runs=len(results), seeds=sorted({a["seed"] for a in arms}))
+    commits = sorted({(r["machine"].get("code") or {}).get("commit") or "unknown" for r in results})
+    params.update(merged_runs=len(results), seeds=sorted({a["seed"] for a in arms}), code_commits=commits)
     result = BenchResult(bench="learn", quick=bool(first["quick"]), params=params, machine=first["machine"],
                          started_at=min(r["started_at"] for r in results),
                          seconds=sum(r["seconds"] for r in results))
     fill(result, arms)
+    if len(commits) > 1:
+        result.notes.append(f"the runs ran on {len(commits)} versions of the code ({', '.join(commits)}): "
+                            "compare wall times only between arms of one version")
     result.params["curve_plot"] = write_curve_plot(result, out_dir)
     result.check(TARGETS)
     return result

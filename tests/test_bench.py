@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -96,6 +97,9 @@ def test_result_json_schema_roundtrip_and_tables(tmp_path):
     machine = data["machine"]
     assert machine["cores"] == os.cpu_count() and machine["versions"]["torch"] == torch.__version__
     assert machine["device"] == "cpu" and machine["cpu_model"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    if head.returncode == 0:  # a git checkout (CI's is one): the result names the code it measured
+        assert machine["code"]["commit"] == head.stdout.strip() and isinstance(machine["code"]["dirty"], bool)
     assert data["targets"][0]["met"] is False and data["rows"] == [["speedup", "2 x"]]
     table = common.result_table(data)
     assert "| sampling: batched / one pair at a time | 2 | >= 3 | **no** |" in table
@@ -311,10 +315,11 @@ def test_learn_table_counts_a_rule_only_when_the_intervals_are_apart():
     assert [t["met"] for t in result.targets] == [True, False]
 
 
-def _learn_run(tmp_path, name, arms, **params):
+def _learn_run(tmp_path, name, arms, commit="c0ffee", **params):
     base = {"budget": 96, "lr": 1e-3, "first_seed": arms[0]["seed"], "seeds": 1, "rules": ["rule:x"]}
     data = {"schema": "odpo-bench/1", "bench": "learn", "quick": False, "status": "ok", "seconds": 10.0,
-            "started_at": f"2026-11-29T21:0{len(name)}:00Z", "machine": {"cores": 2},
+            "started_at": f"2026-11-29T21:0{len(name)}:00Z",
+            "machine": {"cores": 2, "code": {"commit": commit, "dirty": False}},
             "params": {**base, **params}, "metrics": {"arms": arms}, "targets": [], "rows": [], "notes": []}
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(data))
@@ -337,6 +342,13 @@ def test_learn_merge_pools_runs_of_one_experiment_and_refuses_others(tmp_path):
     online = next(c for c in merged["metrics"]["cells"] if c["mode"] == "online")
     assert online["final"]["n"] == 48 and online["final"]["wins"] == 42
     assert merged["metrics"]["rules_online_beats_offline"] == 1 and merged["seconds"] == 20.0
+    assert merged["params"]["code_commits"] == ["c0ffee"] and merged["notes"] == []
+    later = _learn_run(tmp_path, "s2", [_arm("online", 2, 20, 4, 0)], commit="beef", first_seed=2)
+    res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bench", "learn-merge", str(one), str(later),
+                                   "--out", str(out)])
+    merged = json.loads((out / "learn.json").read_text())
+    assert merged["params"]["code_commits"] == ["beef", "c0ffee"]
+    assert any("2 versions of the code" in note for note in merged["notes"]), merged["notes"]
     other = _learn_run(tmp_path, "lr", [_arm("online", 2, 1, 1, 0)], lr=5e-4)
     again = _learn_run(tmp_path, "again", [_arm("online", 0, 1, 1, 0)])
     for files, words in (([one, other], "differ in lr"), ([one, again], "in two of the runs")):
