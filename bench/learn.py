@@ -23,7 +23,8 @@ the budget but are not trained on (odpo's default).
 Which rules show what on-policy labels add (measured on SmolLM2-135M, 2 CPU cores, one seed):
 - finished_and_short (default: an answer that ends its sentence beats one cut off, then the
   shorter wins) rewards what the base rarely does within the limit (~1 in 5 of its samples end):
-  online 1.00 vs offline 0.86 with 96 labels, 0.98 vs 0.90 with 200.
+  online 1.00 vs offline 0.86 with 96 labels, 0.98 vs 0.90 with 200 (one seed each); over three
+  seeds with eval n 48 each, 0.95 vs 0.93 at 96 labels: the direction holds, the gap is small.
 - say_the_early ("the response that says 'the' earlier wins") is visible in the first tokens, but
   42 % of the base model's samples already satisfy it: online and offline tied at 200 labels.
 
