@@ -106,6 +106,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
         seeds: Optional[int] = None, budget: Optional[int] = None, curve: Sequence[int] = (), batch_size: int = 8,
         max_new_tokens: Optional[int] = None, eval_n: Optional[int] = None, lr: Optional[float] = None,
         beta: Optional[float] = None, round_labels: Optional[int] = None, load_in_4bit: bool = False) -> BenchResult:
+    from odpo.trainer.evaluate import BaseAnswers
     from odpo.trainer.judges import load_judge
 
     grid = resolve_grid(ctx.quick, rules=rules, losses=losses, modes=modes, seeds=seeds, budget=budget, curve=curve,
@@ -117,6 +118,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
     result = BenchResult(bench="learn", quick=ctx.quick, params=params)
     partial = ctx.out_dir / f"learn{'-quick' if ctx.quick else ''}-arms.partial.json"
     arms: list[dict[str, Any]] = []
+    base_answers = BaseAnswers()  # every arm evaluates against the same base: its answers once per seed
     for rule in grid.rules:
         judge = load_judge(rule)
         for loss in grid.losses:
@@ -127,10 +129,11 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
                                    curve=grid.curve, round_labels=rounds, load_in_4bit=load_in_4bit)
                     log.info("learn arm: %s %s %s seed %d", rule, loss, mode, seed)
                     arms.append({"rule": rule, "loss": loss, "mode": mode, "seed": seed,
-                                 **run_arm(ctx, spec, judge=judge)})
+                                 **run_arm(ctx, spec, judge=judge, base_answers=base_answers)})
                     save_partial(partial, arms)
                     gc.collect()
     fill(result, arms)
+    result.metrics["base_answers_reused"] = base_answers.reused  # evaluations that drew no base answers
     partial.unlink(missing_ok=True)  # the result JSON holds every arm now
     result.params["curve_plot"] = write_curve_plot(result, ctx.out_dir)
     if load_in_4bit:
@@ -148,7 +151,7 @@ def save_partial(path: Path, arms: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any) -> dict[str, Any]:
+def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any, base_answers: Any = None) -> dict[str, Any]:
     """One arm in its own scratch database: its loop with the curve's evaluations on the way."""
     from odpo.app.config import ServeConfig
     from odpo.app.sample import build_sampler, load_policy
@@ -174,7 +177,8 @@ def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any) -> dict[str, Any]:
         trainer.start()
         try:
             c = _Counter(judge, lambda: evaluate(db, trainer, judge=judge, n=spec.eval_n, tokens=spec.tokens,
-                                                 seed=spec.seed, base_dir=cfg.data_dir))
+                                                 seed=spec.seed, base_dir=cfg.data_dir,
+                                                 base_answers=base_answers))
             started = time.perf_counter()
             arm = LOOPS[spec.mode](db=db, sampler=sampler, trainer=trainer, c=c, spec=spec)
             arm["wall_seconds"] = time.perf_counter() - started - c.seconds["eval"]
@@ -292,8 +296,10 @@ def _arm_facts(c: _Counter, trainer: Any, *, steps: int, served: list[int]) -> d
             "seconds": {k: round(v, 3) for k, v in c.seconds.items()}}
 
 
-def evaluate(db: Any, trainer: Any, *, judge: Any, n: int, tokens: int, seed: int, base_dir: Any) -> dict[str, Any]:
-    """The trainer's current version vs the base (v0) on held-out prompts, from its own weights."""
+def evaluate(db: Any, trainer: Any, *, judge: Any, n: int, tokens: int, seed: int, base_dir: Any,
+             base_answers: Any = None) -> dict[str, Any]:
+    """The trainer's current version vs the base (v0) on held-out prompts, from its own weights;
+    the base's answers from `base_answers` when an earlier evaluation drew them (same seed)."""
     from odpo.trainer.evaluate import run_eval
     from odpo.trainer.generation import SamplingParams
 
@@ -303,7 +309,8 @@ def evaluate(db: Any, trainer: Any, *, judge: Any, n: int, tokens: int, seed: in
     t0 = time.perf_counter()
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=tokens, seed=seed + 7919)
     res = run_eval(db, policy=trainer.model, tokenizer=trainer.tokenizer, version_a=trainer.version, version_b=0,
-                   judge=judge, n=n, params=params, holds=trainer.version, base_dir=base_dir)
+                   judge=judge, n=n, params=params, holds=trainer.version, base_dir=base_dir,
+                   base_answers=base_answers)
     wr = res.win_rate
     return {"win_rate": wr.rate, "version": trainer.version, "eval_seconds": time.perf_counter() - t0,
             "eval": {"wins": wr.wins, "losses": wr.losses, "ties": wr.ties, "n": wr.n, "low": wr.low,

@@ -464,6 +464,8 @@ def test_learn_bench_spends_exactly_the_budget_in_every_mode(common_config, tiny
     assert it["final_version"] == it["rounds"] <= 2 and it["sampler_versions"][0] == 0
     assert it["sampler_versions"] == sorted(set(it["sampler_versions"])) and it["steps"] > it["rounds"]
     assert (tmp_path / "results" / result.params["curve_plot"]).stat().st_size > 1000
+    evaluated = sum(1 for arm in arms.values() for point in arm["curve"] if point.get("eval"))
+    assert evaluated >= 2 and result.metrics["base_answers_reused"] == evaluated - 1  # one seed: the base answered once
 
 
 @pytest.mark.timeout(300)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from odpo.app.cli import cli
 from odpo.db import store
-from odpo.trainer.evaluate import EvalError, maybe_auto_eval, pair_scores, run_eval, tally, wilson_interval
+from odpo.trainer.evaluate import BaseAnswers, EvalError, maybe_auto_eval, pair_scores, run_eval, tally, wilson_interval
 from odpo.trainer.generation import SamplingParams, generate
 from odpo.trainer.judges import load_judge
 from tests.test_export import commit_version, perturb
@@ -127,6 +127,37 @@ def test_eval_loads_what_it_needs_whatever_the_policy_holds(database, two_versio
                      judge="rule:shorter", n=4, params=FAST, holds=1)
     assert first.details["examples"] == again.details["examples"]
     assert first.details["scores"] == again.details["scores"]
+
+
+def test_base_answers_are_drawn_once_per_seeded_request(database, two_versions, monkeypatch):
+    from dataclasses import replace
+
+    from odpo.trainer import evaluate
+
+    policy, tokenizer = two_versions  # holds v3
+    kwargs = dict(policy=policy, tokenizer=tokenizer, version_a=3, version_b=0, judge="rule:longer", n=4,
+                  holds=3, record=False)
+    plain = run_eval(database, params=FAST, **kwargs)
+    calls, real = [], evaluate.policy_outputs
+    monkeypatch.setattr(evaluate, "policy_outputs", lambda *a, **k: calls.append(k["version"]) or real(*a, **k))
+    kept = BaseAnswers()
+    first = run_eval(database, params=FAST, base_answers=kept, **kwargs)
+    second = run_eval(database, params=FAST, base_answers=kept, **kwargs)
+    assert calls == [3, 0, 3] and kept.reused == 1  # the base answered once
+    assert first.details["examples"] == second.details["examples"] == plain.details["examples"]
+    assert first.details["scores"] == second.details["scores"] == plain.details["scores"]
+    calls.clear()
+    run_eval(database, params=replace(FAST, seed=FAST.seed + 1), base_answers=kept, **kwargs)
+    run_eval(database, params=replace(FAST, max_new_tokens=6), base_answers=kept, **kwargs)
+    assert calls == [3, 0, 3, 0]  # another seed or length is another request
+    calls.clear()
+    for _ in range(2):  # unseeded answers are meant to differ: never kept
+        run_eval(database, params=replace(FAST, seed=None), base_answers=kept, **kwargs)
+    assert calls == [3, 0, 3, 0] and kept.reused == 1
+    small = BaseAnswers(limit=1)
+    small.get(["a"], FAST, None, lambda: ["x"])
+    small.get(["b"], FAST, None, lambda: ["y"])
+    assert small.get(["a"], FAST, None, lambda: ["fresh"]) == ["fresh"]  # the oldest went first
 
 
 def test_eval_errors(database, two_versions, tmp_path):

@@ -436,6 +436,7 @@ def test_auto_eval_every_k_versions_scores_exactly_that_version(make_trainer, da
                      params=dataclasses.replace(DEFAULT_PARAMS, max_new_tokens=12))
     assert evals[4].details["params"]["max_new_tokens"] == 12
     assert again.details["examples"] == evals[4].details["examples"]  # same texts, same verdicts
+    assert trainer.base_answers.reused == 1  # v4's eval took the base's answers from v2's
 
 
 def test_auto_eval_needs_a_judge_and_a_valid_spec(make_trainer):

@@ -15,6 +15,7 @@ out of n (and counted in details). Win rate = (wins + ties/2) / n, with a Wilson
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -128,6 +129,36 @@ def policy_outputs(policy: Any, tokenizer: Any, prompts: Sequence[PromptInput], 
     return texts
 
 
+class BaseAnswers:
+    """The base's answers to seeded eval requests, kept for the next eval of the same requests.
+
+    Version 0 is the same frozen weights under disable_adapter() every time, and a seeded request
+    draws the same tokens, so a trainer evaluating every k versions against the base (or a bench
+    evaluating each arm at several points) regenerated identical text: half of each eval's
+    generation. One instance belongs to one base model (the key does not name the model); unseeded
+    requests are never kept, since their answers are meant to differ."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self.reused = 0
+        self._kept: dict[str, list[str]] = {}
+
+    def get(self, prompts: Sequence[PromptInput], params: SamplingParams, autocast_dtype: Any,
+            make: Callable[[], list[str]]) -> list[str]:
+        """The kept answers for these requests, or make() them (and keep them when seeded)."""
+        if params.seed is None:
+            return make()
+        key = json.dumps([list(prompts), params.as_dict(), str(autocast_dtype)], sort_keys=True, default=str)
+        if key in self._kept:
+            self.reused += 1
+            return list(self._kept[key])
+        answers = make()
+        if len(self._kept) >= self.limit:
+            self._kept.pop(next(iter(self._kept)))  # the oldest request: evals repeat the latest
+        self._kept[key] = list(answers)
+        return answers
+
+
 def eval_prompts(db: Database, *, n: int) -> list[tuple[int, PromptInput]]:
     """n (prompt id, what the policy is conditioned on: the text or the whole conversation) from the
     held-out set, cycling through it when it has fewer than n."""
@@ -181,12 +212,15 @@ def each_version(policy: Any, *, paths: dict[int, Path], versions: Sequence[int]
 def run_eval(db: Database, *, policy: Any, tokenizer: Any, version_a: int, version_b: int,
              judge: Union[Judge, str], n: int = 64, params: SamplingParams = DEFAULT_PARAMS,
              run: str = "default", holds: Optional[int] = None, base_dir: Optional[Path] = None,
-             autocast_dtype: Any = None, record: bool = True) -> EvalResult:
+             autocast_dtype: Any = None, record: bool = True,
+             base_answers: Optional[BaseAnswers] = None) -> EvalResult:
     """Sample both versions on n held-out prompts, judge every pair, store the result in `evals`.
 
     `policy` is a PeftModel whose adapter fits the versions; `holds` names the version its adapter
     holds now, so that one is not reloaded (the trainer passes its live version). Other versions
     are copied in place into the adapter, so the caller's weights change unless `holds` covers it.
+    `base_answers` (kept by the caller across evals of one base) answers for version 0 when it has
+    seen the same seeded requests.
     """
     if version_a == version_b:
         raise EvalError(f"--a and --b are the same policy (v{version_a}); pick two versions")
@@ -195,9 +229,17 @@ def run_eval(db: Database, *, policy: Any, tokenizer: Any, version_a: int, versi
     chosen = eval_prompts(db, n=n)
     prompts = [text for _, text in chosen]
     started = time.perf_counter()
-    outputs = each_version(policy, paths=paths, versions=(version_a, version_b), holds=holds,
-                           answer=lambda v: policy_outputs(policy, tokenizer, prompts, version=v, params=params,
-                                                           autocast_dtype=autocast_dtype))
+
+    def answer(version: int) -> list[str]:
+        def make() -> list[str]:
+            return policy_outputs(policy, tokenizer, prompts, version=version, params=params,
+                                  autocast_dtype=autocast_dtype)
+
+        if version == 0 and base_answers is not None:
+            return base_answers.get(prompts, params, autocast_dtype, make)
+        return make()
+
+    outputs = each_version(policy, paths=paths, versions=(version_a, version_b), holds=holds, answer=answer)
     generated = time.perf_counter()
     requests = [transcript(p) for p in prompts]  # a judge reads a conversation with its earlier turns
     scores = pair_scores(judge_impl, requests, outputs[version_a], outputs[version_b])
@@ -231,7 +273,8 @@ def _examples(prompts: Sequence[str], outs_a: Sequence[str], outs_b: Sequence[st
 
 def maybe_auto_eval(db: Database, *, policy: Any, tokenizer: Any, version: int, every: int,
                     judge: Union[Judge, str], n: int = 32, params: SamplingParams = DEFAULT_PARAMS,
-                    run: str = "default", autocast_dtype: Any = None) -> Optional[EvalResult]:
+                    run: str = "default", autocast_dtype: Any = None,
+                    base_answers: Optional[BaseAnswers] = None) -> Optional[EvalResult]:
     """For the trainer, right after it commits `version` while `policy` holds exactly that version:
     every `every` versions, evaluate it against the base (no weights are loaded or changed; the
     base is the same model under disable_adapter). Skipped when `every` <= 0, when this version
@@ -246,7 +289,8 @@ def maybe_auto_eval(db: Database, *, policy: Any, tokenizer: Any, version: int, 
             return None
     try:
         return run_eval(db, policy=policy, tokenizer=tokenizer, version_a=version, version_b=0, judge=judge,
-                        n=n, params=params, run=run, holds=version, autocast_dtype=autocast_dtype)
+                        n=n, params=params, run=run, holds=version, autocast_dtype=autocast_dtype,
+                        base_answers=base_answers)
     except OdpoError as exc:
         log.warning("auto-eval of v%d skipped: %s", version, exc)
         return None

@@ -85,6 +85,7 @@ class DPOTrainer:
         self._autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self._autocast_dtype: Any = None
         self._eval_judge: Any = None  # built once in start() when cfg.eval_every asks for evals
+        self.base_answers: Any = None  # the base's eval answers, kept between auto-evals (start())
         self._excluded: dict[str, dict[str, Any]] = {}  # --min-labeler-agreement's last verdict, for its log
         self.mode = make_mode(self)  # online / iterative / offline (trainer/modes.py)
 
@@ -102,9 +103,10 @@ class DPOTrainer:
         self._acquire_lock()
         torch.manual_seed(self.cfg.seed)
         if self.cfg.eval_every:  # before the model: a bad judge spec fails in seconds, not after loading
+            from odpo.trainer.evaluate import BaseAnswers
             from odpo.trainer.judges import load_judge
 
-            self._eval_judge = load_judge(self.cfg.eval_judge)
+            self._eval_judge, self.base_answers = load_judge(self.cfg.eval_judge), BaseAnswers()
         if model is None:
             model, tokenizer = load_model_and_tokenizer(self.cfg.model_config(self.model_cache_dir))
         device, _, autocast_dtype = pick_device_dtype(self.cfg.device, self.cfg.dtype)
@@ -338,7 +340,7 @@ class DPOTrainer:
         params = replace(DEFAULT_PARAMS, max_new_tokens=self.cfg.eval_max_new_tokens)
         maybe_auto_eval(self.db, policy=self.model, tokenizer=self.tokenizer, version=version,
                         every=self.cfg.eval_every, judge=self._eval_judge, n=self.cfg.eval_n, run=self.cfg.run,
-                        params=params, autocast_dtype=self._autocast_dtype)
+                        params=params, autocast_dtype=self._autocast_dtype, base_answers=self.base_answers)
 
     # --- the loop ----------------------------------------------------------------------------
 
