@@ -139,11 +139,20 @@ def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:
 
 # Parameters that may differ between runs merged into one table: which seeds, rules, losses and
 # modes each covered (the union is the table), and where each drew its picture.
-MERGEABLE = ("first_seed", "seeds", "rules", "losses", "modes", "curve_plot")
+MERGEABLE = ("first_seed", "seeds", "rules", "losses", "modes", "curve_plot", "merged_runs", "code_commits")
+
+
+def run_commits(result: dict[str, Any]) -> list[str]:
+    """The commits a result measured: a merged one lists its runs' in params, a single run has one."""
+    if result["params"].get("code_commits"):
+        return list(result["params"]["code_commits"])
+    return [(result["machine"].get("code") or {}).get("commit") or "unknown"]
 
 
 def merge(results: Sequence[dict[str, Any]], out_dir: Path) -> BenchResult:
     """One learn table from several learn results (e.g. one process per seed on a small machine).
+
+    A merged table is itself an input: new cells or seeds can be pooled with it later.
 
     Raises ValueError, naming the parameter, when the runs are not the same experiment (another
     budget, curve, learning rate, ...) or an arm (rule, loss, mode, seed) appears twice.
@@ -164,8 +173,9 @@ def merge(results: Sequence[dict[str, Any]], out_dir: Path) -> BenchResult:
             raise ValueError(f"arm {' '.join(map(str, key))} is in two of the runs")
         seen.add(key)
     params = {k: v for k, v in first["params"].items() if k not in MERGEABLE}
-    commits = sorted({(r["machine"].get("code") or {}).get("commit") or "unknown" for r in results})
-    params.update(merged_runs=len(results), seeds=sorted({a["seed"] for a in arms}), code_commits=commits)
+    commits = sorted({c for r in results for c in run_commits(r)})
+    params.update(merged_runs=sum(r["params"].get("merged_runs", 1) for r in results),
+                  seeds=sorted({a["seed"] for a in arms}), code_commits=commits)
     result = BenchResult(bench="learn", quick=bool(first["quick"]), params=params, machine=first["machine"],
                          started_at=min(r["started_at"] for r in results),
                          seconds=sum(r["seconds"] for r in results))

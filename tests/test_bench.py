@@ -349,6 +349,21 @@ def test_learn_merge_pools_runs_of_one_experiment_and_refuses_others(tmp_path):
     merged = json.loads((out / "learn.json").read_text())
     assert merged["params"]["code_commits"] == ["beef", "c0ffee"]
     assert any("2 versions of the code" in note for note in merged["notes"]), merged["notes"]
+    res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bench", "learn-merge", str(one), str(two),
+                                   "--out", str(out)])  # seeds 0 and 1 again, on one commit
+    assert res.exit_code == 0, res.output
+    pooled = tmp_path / "pooled"  # a merged table merges again: here with a later seed on another commit
+    res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bench", "learn-merge", str(out / "learn.json"),
+                                   str(later), "--out", str(pooled)])
+    assert res.exit_code == 0, res.output
+    again = json.loads((pooled / "learn.json").read_text())
+    assert again["params"]["seeds"] == [0, 1, 2] and again["params"]["merged_runs"] == 3
+    assert again["params"]["code_commits"] == ["beef", "c0ffee"]
+    online = next(c for c in again["metrics"]["cells"] if c["mode"] == "online")
+    assert online["final"]["n"] == 72 and online["final"]["wins"] == 62
+    res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bench", "learn-merge", str(out / "learn.json"),
+                                   str(one), "--out", str(tmp_path / "no")])
+    assert res.exit_code == 1 and "in two of the runs" in res.output
     other = _learn_run(tmp_path, "lr", [_arm("online", 2, 1, 1, 0)], lr=5e-4)
     again = _learn_run(tmp_path, "again", [_arm("online", 0, 1, 1, 0)])
     for files, words in (([one, other], "differ in lr"), ([one, again], "in two of the runs")):
