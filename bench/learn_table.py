@@ -138,7 +138,8 @@ def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:
 
 
 # Parameters that may differ between runs merged into one table: which seeds, rules, losses and
-# modes each covered (the union is the table), and where each drew its picture.
+# modes each covered (the union is the table), where each drew its picture, and, for an input that
+# is itself a merged table, how many runs and which commits it already pooled (merge sums/unites them).
 MERGEABLE = ("first_seed", "seeds", "rules", "losses", "modes", "curve_plot", "merged_runs", "code_commits")
 
 

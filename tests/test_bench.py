@@ -356,10 +356,10 @@ def test_learn_merge_pools_runs_of_one_experiment_and_refuses_others(tmp_path):
     res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bench", "learn-merge", str(out / "learn.json"),
                                    str(later), "--out", str(pooled)])
     assert res.exit_code == 0, res.output
-    again = json.loads((pooled / "learn.json").read_text())
-    assert again["params"]["seeds"] == [0, 1, 2] and again["params"]["merged_runs"] == 3
-    assert again["params"]["code_commits"] == ["beef", "c0ffee"]
-    online = next(c for c in again["metrics"]["cells"] if c["mode"] == "online")
+    repooled = json.loads((pooled / "learn.json").read_text())
+    assert repooled["params"]["seeds"] == [0, 1, 2] and repooled["params"]["merged_runs"] == 3
+    assert repooled["params"]["code_commits"] == ["beef", "c0ffee"]
+    online = next(c for c in repooled["metrics"]["cells"] if c["mode"] == "online")
     assert online["final"]["n"] == 72 and online["final"]["wins"] == 62
     res = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "bench", "learn-merge", str(out / "learn.json"),
                                    str(one), "--out", str(tmp_path / "no")])
