@@ -40,12 +40,20 @@ WEIGHT_ATOL = 0.01 * LR
 
 # Loaded into every launched Python (PYTHONPATH): each worker rank notes that it started and every
 # SQLite database it connects to (Python's "sqlite3.connect" audit event), so the test can see
-# that rank 1 never opened the database, not just that the product says so.
+# that rank 1 never opened the database, not just that the product says so. At exit (this atexit
+# handler runs last) each rank notes whether its process group was still alive: one left to
+# interpreter shutdown can SIGABRT a finished run (gloo's threads), so both must be torn down.
 AUDIT_SITECUSTOMIZE = '''
-import os, sys
+import atexit, os, sys
 _rank, _out = os.environ.get("RANK"), os.environ.get("ODPO_TEST_AUDIT_DIR")
 if _rank is not None and _out:
     open(os.path.join(_out, "rank%s.started" % _rank), "w").close()
+    def _odpo_exit():
+        dist = sys.modules.get("torch.distributed")
+        alive = bool(dist is not None and dist.is_available() and dist.is_initialized())
+        with open(os.path.join(_out, "rank%s.exit" % _rank), "w") as f:
+            f.write("process group alive" if alive else "process group destroyed")
+    atexit.register(_odpo_exit)
     def _odpo_audit(event, args):
         if event == "sqlite3.connect":
             with open(os.path.join(_out, "rank%s.sqlite" % _rank), "a") as f:
@@ -185,6 +193,8 @@ def test_two_processes_train_what_one_process_trains(name, two_copies, tiny_mode
     assert sorted(p.name for p in audit.glob("*.started")) == ["rank0.started", "rank1.started"]
     assert (audit / "rank0.sqlite").read_text().strip()  # the hook sees rank 0's connections...
     assert not (audit / "rank1.sqlite").exists()  # ...and rank 1 made none
+    for rank in (0, 1):  # a clean exit tears the process group down on every rank
+        assert (audit / f"rank{rank}.exit").read_text() == "process group destroyed"
 
 
 @pytest.mark.parametrize("n", range(0, 10))

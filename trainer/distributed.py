@@ -129,6 +129,16 @@ class Distributed:
             log.error("rank 0 failed inside a step; the launcher stops the other ranks")
             return
         self.send(Command("stop"))
+        self.end()
+
+    def end(self) -> None:
+        """Every rank, after `stop` went out or came in: meet once more, then tear the process
+        group down while the interpreter is whole. Left to interpreter exit, gloo's worker threads
+        can abort the process (SIGABRT, "terminate called without an active exception") after a
+        run that succeeded. Never after a failed step: there the ranks are not in step, a barrier
+        would hang, and the launcher ends the survivors anyway."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     # --- the data-parallel step (called by train_step.dpo_step) --------------------------------
 
@@ -262,6 +272,7 @@ class Follower:
             command = self.dist.receive()
             if command.kind == "stop":
                 log.info("rank %d: stopping after %d step(s)", self.dist.rank, self.steps)
+                self.dist.end()
                 return self.steps
             self.apply(command)
 
