@@ -53,8 +53,16 @@ def cells(arms: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "per_seed": [a.get("win_rate") for a in mine],
                     "wall_seconds_mean": sum(a["wall_seconds"] for a in mine) / len(mine),
                     "steps": [a["steps"] for a in mine], "labels_used": [a["labels_used"] for a in mine],
-                    "curve": curve})
+                    "decisive_labels": [decisive(a) for a in mine], "curve": curve})
     return out
+
+
+def decisive(arm: dict[str, Any]) -> int:
+    """Labels of an arm that named a winner (A or B): the only ones DPO can train on. Ties and
+    "both bad" spend the budget too, and how many a mode draws is part of what the table measures:
+    a policy that already does what the rule wants yields pairs where both answers pass."""
+    choices = arm.get("choices") or {}
+    return int(choices.get("a", 0)) + int(choices.get("b", 0))
 
 
 def _find(table: Sequence[dict[str, Any]], rule: str, loss: str, mode: str) -> Optional[dict[str, Any]]:
@@ -95,8 +103,8 @@ def fill(result: BenchResult, arms: Sequence[dict[str, Any]]) -> None:
         curve = ", ".join(f"{p['labels']}: {'-' if p['win_rate'] is None else format(p['win_rate'], '.2f')}"
                           for p in c["curve"])
         result.row(f"{name}: win rate vs base, pooled over {len(c['seeds'])} seed(s)", _rate(c["final"]))
-        result.row(f"{name}: per seed | curve (labels: rate) | wall per arm",
-                   f"{seeds} | {curve} | {c['wall_seconds_mean']:.0f} s")
+        result.row(f"{name}: per seed | curve (labels: rate) | wall per arm | decisive labels per seed",
+                   f"{seeds} | {curve} | {c['wall_seconds_mean']:.0f} s | {' '.join(map(str, c['decisive_labels']))}")
     for arm in arms:
         if arm.get("eval_note"):
             result.notes.append(f"{arm['rule']} {arm['loss']} {arm['mode']} seed {arm['seed']}: {arm['eval_note']}")

@@ -268,11 +268,12 @@ def test_labelers_fill_counts_waits_and_empty_share():
     assert m["version_lag"]["mean"] == 1.0 and m["choices"] == {"left": 3, "right": 1, "tie": 1}
 
 
-def _arm(mode, seed, w, lo, t, *, rule="rule:x", loss="sigmoid", curve=()):
+def _arm(mode, seed, w, lo, t, *, rule="rule:x", loss="sigmoid", curve=(), choices=None):
     ev = {"wins": w, "losses": lo, "ties": t, "n": w + lo + t}
     rate = (w + t / 2) / (w + lo + t) if w + lo + t else None
     return {"rule": rule, "loss": loss, "mode": mode, "seed": seed, "win_rate": rate,
-            "eval": ev, "wall_seconds": 10.0 * (seed + 1), "steps": 3, "labels_used": 24, "choices": {"a": 24},
+            "eval": ev, "wall_seconds": 10.0 * (seed + 1), "steps": 3, "labels_used": 24,
+            "choices": choices or {"a": 24},
             "curve": [{"labels": n, "eval": {"wins": cw, "losses": cl, "ties": 0}} for n, cw, cl in curve]}
 
 
@@ -281,7 +282,8 @@ def test_learn_table_pools_seeds_into_one_interval_per_cell():
     from odpo.trainer.evaluate import wilson_interval
 
     arms = [_arm("online", 0, 20, 4, 0, curve=[(12, 10, 14), (24, 20, 4)]),
-            _arm("online", 1, 22, 1, 1, curve=[(12, 12, 12), (24, 22, 1)]),
+            _arm("online", 1, 22, 1, 1, curve=[(12, 12, 12), (24, 22, 1)],
+                 choices={"a": 9, "b": 6, "tie": 7, "both_bad": 2}),
             _arm("offline", 0, 12, 12, 0), _arm("offline", 1, 10, 14, 0)]
     table = learn_table.cells(arms)
     on = table[0]
@@ -290,6 +292,7 @@ def test_learn_table_pools_seeds_into_one_interval_per_cell():
     assert on["final"]["low"] == pytest.approx(expected.low) and on["final"]["win_rate"] == pytest.approx(42.5 / 48)
     assert [p["labels"] for p in on["curve"]] == [12, 24] and on["curve"][0]["win_rate"] == pytest.approx(22 / 48)
     assert on["wall_seconds_mean"] == 15.0
+    assert on["decisive_labels"] == [24, 15]  # ties and "both bad" spend labels DPO cannot train on
     head = learn_table.headline(table)
     assert head["rules_online_beats_offline"] == 1
     assert head["online_minus_offline"] == pytest.approx(42.5 / 48 - 22 / 48)
@@ -297,7 +300,7 @@ def test_learn_table_pools_seeds_into_one_interval_per_cell():
     learn_table.fill(result, arms)
     assert result.rows[0][0] == "x / sigmoid / online: win rate vs base, pooled over 2 seed(s)"
     assert result.rows[0][1].startswith("0.89 [") and result.rows[0][1].endswith("n=48")
-    assert "0.83 0.94 | 12: 0.46, 24: 0.89 | 15 s" == result.rows[1][1]
+    assert "0.83 0.94 | 12: 0.46, 24: 0.89 | 15 s | 24 15" == result.rows[1][1]
 
 
 def test_learn_table_counts_a_rule_only_when_the_intervals_are_apart():
@@ -473,6 +476,9 @@ def test_learn_bench_spends_exactly_the_budget_in_every_mode(common_config, tiny
         assert [p["labels"] for p in arm["curve"]] == [6, 12]
         trainable = arm["choices"].get("a", 0) + arm["choices"].get("b", 0)
         assert arm["steps"] == trainable // 3
+    cells = {c["mode"]: c for c in result.metrics["cells"]}
+    assert {m: c["decisive_labels"] for m, c in cells.items()} == {
+        m: [a["choices"].get("a", 0) + a["choices"].get("b", 0)] for m, a in arms.items()}
     assert arms["online"]["final_version"] == arms["online"]["steps"]
     assert arms["offline"]["sampler_versions"] == [0] and arms["offline"]["final_version"] == arms["offline"]["steps"]
     it = arms["iterative"]  # one version per round, each round sampled from the one before
