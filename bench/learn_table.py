@@ -126,11 +126,13 @@ def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:
     if not rules:
         return None
     fig, axes = plt.subplots(1, len(rules), figsize=(5.5 * len(rules), 4), squeeze=False)
+    styles = line_styles(table)
+    order = list(styles)
     for ax, rule in zip(axes[0], rules, strict=True):
-        for c in (c for c in table if c["rule"] == rule):
+        for c in sorted((c for c in table if c["rule"] == rule), key=lambda c: order.index((c["mode"], c["loss"]))):
             pts = [p for p in c["curve"] if p.get("win_rate") is not None]
             xs, ys = [p["labels"] for p in pts], [p["win_rate"] for p in pts]
-            line = ax.plot(xs, ys, marker="o", label=f"{c['mode']} / {c['loss']}")[0]
+            line = ax.plot(xs, ys, marker="o", label=f"{c['mode']} / {c['loss']}", **styles[(c["mode"], c["loss"])])[0]
             ax.fill_between(xs, [p["low"] for p in pts], [p["high"] for p in pts], alpha=0.12,
                             color=line.get_color())
         ax.set(title=rule, xlabel="labels spent", ylabel="win rate vs base (95 % CI)", ylim=(0, 1.02))
@@ -144,6 +146,18 @@ def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:
     plt.close(fig)
     return path.name
 
+
+def line_styles(table: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, str]]:
+    """One colour per mode and one dash per loss, the same in every panel, so a reader matches
+    lines across rules (cells come in the order their arms ran, which differs between rules)."""
+    modes = sorted({c["mode"] for c in table}, key=lambda m: (MODE_ORDER.index(m) if m in MODE_ORDER else 99, m))
+    losses = sorted({c["loss"] for c in table}, key=lambda x: (x != "sigmoid", x))
+    dashes = ("-", "--", ":", "-.")
+    return {(m, loss): {"color": f"C{i % 10}", "linestyle": dashes[j % len(dashes)]}
+            for j, loss in enumerate(losses) for i, m in enumerate(modes)}  # legend order: by loss, then mode
+
+
+MODE_ORDER = ("online", "iterative", "offline")
 
 # Parameters that may differ between runs merged into one table: which seeds, rules, losses and
 # modes each covered (the union is the table), where each drew its picture, and, for an input that

@@ -303,6 +303,21 @@ def test_learn_table_pools_seeds_into_one_interval_per_cell():
     assert "0.83 0.94 | 12: 0.46, 24: 0.89 | 15 s | 24 15" == result.rows[1][1]
 
 
+def test_learn_curve_styles_a_mode_and_a_loss_alike_in_every_panel():
+    from odpo.bench import learn_table
+
+    # the second rule's cells ran in another order; its lines must still match the first rule's
+    table = learn_table.cells([_arm("offline", 0, 1, 1, 0), _arm("online", 0, 1, 1, 0, loss="simpo"),
+                               _arm("online", 0, 1, 1, 0), _arm("online", 0, 1, 1, 0, rule="rule:y", loss="simpo"),
+                               _arm("offline", 0, 1, 1, 0, rule="rule:y", loss="simpo")])
+    styles = learn_table.line_styles(table)
+    assert set(styles) == {(m, loss) for m in ("online", "offline") for loss in ("sigmoid", "simpo")}
+    assert styles[("online", "sigmoid")]["color"] == styles[("online", "simpo")]["color"]  # colour = mode
+    assert styles[("online", "sigmoid")]["color"] != styles[("offline", "sigmoid")]["color"]
+    assert styles[("online", "sigmoid")]["linestyle"] == "-" != styles[("online", "simpo")]["linestyle"]
+    assert styles[("offline", "simpo")]["linestyle"] == styles[("online", "simpo")]["linestyle"]  # dash = loss
+
+
 def test_learn_table_counts_a_rule_only_when_the_intervals_are_apart():
     from odpo.bench import learn_table
 
