@@ -42,14 +42,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from odpo.bench.common import BenchContext, BenchResult
-from odpo.bench.learn_table import TARGETS, fill, write_curve_plot
+from odpo.bench.learn_table import MODES, TARGETS, fill, write_curve_plot
 from odpo.bench.workspace import import_starter_prompts
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RULE = "rule:finished_and_short"
 SECOND_RULE = "rule:say_the_early"
-MODES = ("online", "iterative", "offline")
 LOSSES = ("sigmoid", "simpo")
 
 

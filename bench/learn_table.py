@@ -16,6 +16,9 @@ from odpo.bench.common import BenchResult, Target, result_path
 
 log = logging.getLogger(__name__)
 
+# The training modes the bench compares, in the order tables and legends show them (odpo train's
+# own list, trainer/train_config.py MODES, is not imported: that module loads torch).
+MODES = ("online", "iterative", "offline")
 TARGETS = (Target("learn: online win rate vs base (first rule, DPO, pooled)", "online_win_rate", ">=", 0.80),
            Target("learn: rules where online beats offline (DPO, 95 % intervals apart)",
                   "rules_online_beats_offline", ">=", 2))
@@ -150,14 +153,12 @@ def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:
 def line_styles(table: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, str]]:
     """One colour per mode and one dash per loss, the same in every panel, so a reader matches
     lines across rules (cells come in the order their arms ran, which differs between rules)."""
-    modes = sorted({c["mode"] for c in table}, key=lambda m: (MODE_ORDER.index(m) if m in MODE_ORDER else 99, m))
+    modes = sorted({c["mode"] for c in table}, key=lambda m: (MODES.index(m) if m in MODES else 99, m))
     losses = sorted({c["loss"] for c in table}, key=lambda x: (x != "sigmoid", x))
     dashes = ("-", "--", ":", "-.")
     return {(m, loss): {"color": f"C{i % 10}", "linestyle": dashes[j % len(dashes)]}
             for j, loss in enumerate(losses) for i, m in enumerate(modes)}  # legend order: by loss, then mode
 
-
-MODE_ORDER = ("online", "iterative", "offline")
 
 # Parameters that may differ between runs merged into one table: which seeds, rules, losses and
 # modes each covered (the union is the table), where each drew its picture, and, for an input that
