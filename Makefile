@@ -42,9 +42,12 @@ postgres:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null) || \
 	    echo "postgresql-15 could not be installed: the database tests will run on SQLite only"; }
 
-# Every database test runs twice: on SQLite and on the throwaway PostgreSQL.
+# Every database test runs twice: on SQLite and on the throwaway PostgreSQL. pytest-xdist runs one
+# worker per core (each with one torch thread, its own PostgreSQL database); PYTEST_WORKERS=0 runs
+# the suite in one process.
+PYTEST_WORKERS ?= auto
 test: $(STAMP) browser postgres
-	bash tests/with-postgres $(VENV)/bin/python -m pytest
+	bash tests/with-postgres $(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check odpo app trainer db bench tests

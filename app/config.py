@@ -1,8 +1,9 @@
 """Settings of the app's processes: CommonConfig (where the data lives, which database) that every
-odpo process shares, and ServeConfig for `odpo serve`.
+odpo process shares, SampleConfig for `odpo sample` and ServeConfig for `odpo serve`.
 
-The trainer and judge processes keep their config dataclasses beside their code (trainer/); this is
-the only place the data-directory layout is spelled out.
+The fields are declared with `odpo.trainer.options.option`: their help text and range are the
+command line's too (odpo.app.cli.flags builds the click options from them). This is the only
+place the data-directory layout is spelled out.
 """
 from __future__ import annotations
 
@@ -12,7 +13,25 @@ from typing import Optional
 
 from odpo.db.engine import Database
 from odpo.db.settings import resolve_data_dir, resolve_db_url
-from odpo.trainer.priority import BACKGROUND_NICE
+from odpo.trainer.options import (
+    BACKGROUND_NICE,
+    CLAIM_TIMEOUT_S,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    DEVICE_HELP,
+    KV_CACHES,
+    LOAD_IN_4BIT_HELP,
+    MODEL_HELP,
+    SAMPLER_BACKENDS,
+    comma_list,
+    join_list,
+    option,
+)
+
+# The fields a sampler shares with the trainer: `odpo up` gives both the same model and run.
+MODEL_FIELDS = ("model", "run", "device", "dtype", "load_in_4bit", "seed")
 
 
 @dataclass(frozen=True)
@@ -43,34 +62,47 @@ class CommonConfig:
 @dataclass
 class SampleConfig:
     """`odpo sample`: one sampler worker (model, sampling, hot reload). Any number can run, on any
-    host that reaches the database and the adapter directories. `odpo serve --sampler inline`
+    host that reaches the database and the adapter directories. `odpo serve --inline-sampler`
     runs the same sampler as a thread of the web server (ServeConfig extends this)."""
 
-    model: str = "smollm2-135m"
-    run: str = "default"
-    queue_size: int = 8
-    max_staleness: int = 1
-    temperature: float = 0.9
-    top_p: float = 0.95
-    max_new_tokens: int = 96
-    prompts_per_batch: int = 8  # measured: 8 prompts x 2 = 1.3-1.4x the pairs/min of 4 on CPU (README)
-    load_in_4bit: bool = False
-    overlap: int = 1  # how many labelers see each pair
-    seed: int = 0
-    # device/dtype as in trainer.models.pick_device_dtype.
-    device: str = "auto"
-    dtype: str = "auto"
+    model: str = option(DEFAULT_MODEL, help=MODEL_HELP)
+    run: str = option("default", help="Run name (runs/<run>/adapters).")
+    device: str = option("auto", help=DEVICE_HELP)  # as in trainer.policy.loading.pick_device_dtype
+    dtype: str = option("auto", help="auto, fp32, bf16 or fp16.")
+    load_in_4bit: bool = option(False, help=LOAD_IN_4BIT_HELP)
+    seed: int = option(0, help="Seed of the sampling draws (each batch records its own).")
+    queue_size: int = option(8, min=1, help="Unlabeled pairs kept ready; sampling pauses when the queue is full.")
+    # measured: 8 prompts x 2 = 1.3-1.4x the pairs/min of 4 on CPU (docs/benchmarks.md)
+    prompts_per_batch: int = option(8, min=1, help="Prompts per generate call (x2 samples each).")
+    temperature: float = option(DEFAULT_TEMPERATURE, min=0, min_open=True, help="Sampling temperature.")
+    top_p: float = option(DEFAULT_TOP_P, min=0, max=1, min_open=True, help="Nucleus (top-p) sampling.")
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, min=1, help="Longest answer sampled, in tokens.")
+    max_staleness: int = option(1, min=0, help="Retire queued pairs sampled more than this many versions ago.")
+    overlap: int = option(1, min=1, help="How many labelers see each pair.")
+    kv_cache: str = option("dynamic", choices=KV_CACHES, help="KV cache used while sampling.")
+    sample_autocast: bool = option(False, help="bf16 autocast while sampling (see docs/benchmarks.md).")
+    sampler_nice: int = option(BACKGROUND_NICE, min=0, max=19,
+                               help="Nice increment of the sampler, so votes are answered first on a busy CPU. "
+                                    "0 = off.")
+    human_eval_share: float = option(0.0, min=0, max=1, max_open=True,
+                                     help="Share of the pairs people see that are blind eval pairs (a held-out "
+                                          "prompt, the serving version against the base): 0.1 = 1 in 10; 0 = off. "
+                                          "Their votes are never trained on.")
+    human_eval_reference: int = option(0, min=0, metavar="VERSION",
+                                       help="What eval pairs compare the serving version against: 0 = the base, "
+                                            "N = committed version N.")
+    backend: str = option("hf", names=("--sampler",), choices=SAMPLER_BACKENDS,
+                          help="hf: transformers in the worker; vllm: OpenAI-compatible vLLM servers (--vllm-url), "
+                               "which load each version as a LoRA adapter.")
+    vllm_urls: tuple[str, ...] = option((), names=("--vllm-url",), kind=str, cli_default="", metavar="URL[,URL...]",
+                                        parse=comma_list, render=join_list,
+                                        help="vLLM servers (started with --enable-lora and "
+                                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).")
+    name: Optional[str] = option(None, kind=str, help="This worker's name on the dashboard (default: host-pid).")
     reload_poll_s: float = 0.5  # a committed version must be serving within 2 s
-    sample_autocast: bool = False  # bf16 autocast for generation (measured slower on CPU; see README)
-    kv_cache: str = "dynamic"  # or "static" (transformers' StaticCache)
-    sampler_nice: int = BACKGROUND_NICE  # the sampler yields the CPU to web requests (trainer/priority.py)
-    human_eval_share: float = 0.0  # share of queued pairs that are blind eval pairs (trainer/human_eval.py); 0 = off
-    human_eval_reference: int = 0  # the version those eval pairs compare against; 0 = the base
-    backend: str = "hf"  # hf: transformers in this process; vllm: OpenAI-compatible vLLM servers (vllm_urls)
-    vllm_urls: tuple[str, ...] = ()
-    name: Optional[str] = None  # the worker's name on the dashboard and in its claims (default host-pid)
 
     def __post_init__(self) -> None:
+        self.vllm_urls = comma_list(self.vllm_urls)
         checks = [(self.queue_size >= 1, "queue_size must be >= 1"),
                   (self.max_staleness >= 0, "max_staleness must be >= 0"),
                   (self.temperature > 0, "temperature must be > 0 (pairs need two different samples)"),
@@ -79,11 +111,11 @@ class SampleConfig:
                   (self.prompts_per_batch >= 1, "prompts_per_batch must be >= 1"),
                   (self.overlap >= 1, "overlap must be >= 1"),
                   (0 < self.reload_poll_s <= 2, "reload_poll_s must be in (0, 2]"),
-                  (self.kv_cache in ("dynamic", "static"), "kv_cache must be dynamic or static"),
+                  (self.kv_cache in KV_CACHES, "kv_cache must be dynamic or static"),
                   (0 <= self.sampler_nice <= 19, "sampler_nice must be 0..19"),
                   (0 <= self.human_eval_share < 1, "human_eval_share must be in [0, 1): 0.1 = 1 pair in 10"),
                   (self.human_eval_reference >= 0, "human_eval_reference must be a version number >= 0"),
-                  (self.backend in ("hf", "vllm"), "backend must be hf or vllm"),
+                  (self.backend in SAMPLER_BACKENDS, "backend must be hf or vllm"),
                   (self.backend != "vllm" or bool(self.vllm_urls), "the vllm backend needs --vllm-url URL[,URL...]"),
                   (self.backend != "vllm" or not self.human_eval_share,
                    "blind eval pairs (--human-eval-share) need the hf backend (the reference is the base model)")]
@@ -102,17 +134,22 @@ class ServeConfig(SampleConfig):
     workers through the database. `inline_sampler` runs one sampler thread in this process
     instead (the SampleConfig fields configure it), as `--headless` does without the web app."""
 
-    host: str = "127.0.0.1"
-    port: int = 7860
-    claim_timeout_s: float = 600.0
-    guidelines: Optional[Path] = None
-    auth_file: Optional[Path] = None
-    show_judge_after_vote: bool = False
-    headless: bool = False  # the inline sampler only, no web app (prefer `odpo sample`)
-    inline_sampler: bool = False  # sample in this process (one program, no workers)
+    host: str = option("127.0.0.1", help="Interface to bind; 0.0.0.0 exposes the app to your network.")
+    port: int = option(7860, min=1, max=65535, help="Port to listen on.")
+    headless: bool = option(False, help="No web app: an inline sampler only (prefer `odpo sample`).")
+    claim_timeout_s: float = option(CLAIM_TIMEOUT_S, names=("--claim-timeout",), min=0, min_open=True,
+                                    help="Seconds before an unanswered pair goes back to the queue.")
+    guidelines: Optional[Path] = option(None, kind=Path, help="Markdown file shown next to the pair.")
+    auth_file: Optional[Path] = option(None, kind=Path, help="Labeler accounts (enables login).")
+    show_judge_after_vote: bool = option(False, help="Show a judge's verdict once a person voted.")
+    admins: tuple[str, ...] = option((), names=("--admin",), kind=str, multiple=True, metavar="NAME",
+                                     help="Labeler name with admin rights.")
+    inline_sampler: bool = option(False, help="Sample in the web server's process (one program; no `odpo sample` "
+                                              "workers needed).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.admins = tuple(self.admins)
         self.inline_sampler = self.inline_sampler or self.headless  # headless without a sampler does nothing
         _check([(1 <= self.port <= 65535, "port must be 1..65535"),
                 (self.claim_timeout_s > 0, "claim_timeout_s must be > 0")])

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 _ENTRY = "from odpo.app.cli import main; main()"
 HEARTBEAT_S = 10.0  # the dashboard shows how old the report is; a dead `up` stops refreshing it
 
-__all__ = ["ChildSpec", "RestartPolicy", "Supervisor", "threads_per_child", "up_state_key"]
+__all__ = ["ChildSpec", "RestartPolicy", "Supervisor", "threads_per_child"]
 
 
 @dataclass(frozen=True)
@@ -127,17 +127,12 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def up_state_key(run: str) -> str:
-    """The control row `odpo up` reports its children in (one per run, as the dashboard shows one run)."""
-    return f"up.{run}"[:100]
-
-
 def database_report(db: Any, *, run: str) -> Callable[[dict[str, Any]], None]:
     """A Supervisor `report` that upserts the state into the run's control row (the database is
     the only channel between odpo's processes; the dashboard reads it from there)."""
     from odpo.db import store
 
-    key = up_state_key(run)
+    key = store.up_state_key(run)
 
     def report(state: dict[str, Any]) -> None:
         with db.sessions.begin() as s:

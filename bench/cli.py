@@ -24,6 +24,7 @@ import click
 from odpo.app.config import CommonConfig
 from odpo.bench.common import default_out_dir
 from odpo.bench.learn import DEFAULT_RULE as LEARN_RULE
+from odpo.trainer.options import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def _shared(fn: Callable) -> Callable:
         click.option("--quick", is_flag=True, help="Small sizes: a few minutes on 2 CPU cores."),
         click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
                      default=default_out_dir, show_default=OUT_DIR_HELP, help="Where result JSON files go."),
-        click.option("--model", default="smollm2-135m", show_default=True, help="Model spec (as for odpo serve)."),
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model spec (as for odpo serve)."),
         click.option("--device", default="auto", show_default=True),
         click.option("--dtype", default="auto", show_default=True),
         click.option("--threads", type=click.IntRange(1), default=None,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from odpo.app.config import CommonConfig
+from odpo.trainer.options import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class BenchContext:
 
     common: CommonConfig
     quick: bool = False
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
     out_dir: Path = field(default_factory=default_out_dir)
@@ -133,7 +134,7 @@ class BenchContext:
     threads: Optional[int] = None  # torch CPU threads here and in child processes (None: torch's default)
 
     def model_config(self) -> Any:
-        from odpo.trainer.models import ModelConfig
+        from odpo.trainer.policy.loading import ModelConfig
 
         return ModelConfig(spec=self.model, cache_dir=self.common.model_cache_dir, device=self.device,
                            dtype=self.dtype)
@@ -333,7 +334,7 @@ def code_commit() -> Optional[dict[str, Any]]:
 def _device_info() -> dict[str, Any]:
     import torch
 
-    from odpo.trainer.models import cpu_has_native_bf16
+    from odpo.trainer.policy.loading import cpu_has_native_bf16
 
     info: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16()}
     if torch.cuda.is_available():

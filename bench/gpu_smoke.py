@@ -122,7 +122,7 @@ def pick_device(requested: str, dtype: str) -> tuple[Optional[str], str]:
         requested = "cuda"
     if requested == "mps":
         raise SetupError("--device mps: this smoke runs on cuda, cuda:N or cpu")
-    from odpo.trainer.models import pick_device_dtype  # imports transformers: not for the no-CUDA answer
+    from odpo.trainer.policy.loading import pick_device_dtype  # imports transformers: not for the no-CUDA answer
 
     try:
         pick_device_dtype(requested, dtype)
@@ -135,11 +135,12 @@ def resolve_model(spec: Optional[str], cache_dir: Optional[Path]) -> Path:
     """A local checkpoint directory: --model as given, or the bundled GGUF converted (once, cached)."""
     from odpo.bench.gpu_smoke_stages import importable
     from odpo.db.settings import resolve_data_dir
-    from odpo.trainer.gguf_cache import ensure_gguf_cached, gguf_cache_path
-    from odpo.trainer.models import DEFAULT_SPEC, ModelNotFoundError, resolve_model_spec
+    from odpo.trainer.options import DEFAULT_MODEL
+    from odpo.trainer.policy.gguf_cache import ensure_gguf_cached, gguf_cache_path
+    from odpo.trainer.policy.loading import ModelNotFoundError, resolve_model_spec
 
     try:
-        source = resolve_model_spec(spec or DEFAULT_SPEC)
+        source = resolve_model_spec(spec or DEFAULT_MODEL)
     except ModelNotFoundError as exc:
         raise SetupError(f"--model {spec}: {exc}" if spec else
                          f"no model: {exc}; or pass --model DIR (a converted checkpoint)") from None

@@ -3,9 +3,9 @@
 Only database-free odpo modules are imported (models, lora, generation, batching, train_step,
 checkpoint): the smoke must run where SQLAlchemy, gradio and vLLM are not installed. For the same
 reason two small pieces are done here rather than through their odpo homes, which import odpo.db at
-the top: the hot swap is trainer/hotreload.py's load_version_into minus its database-era extras
+the top: the hot swap is trainer/sampling/hotreload.py's load_version_into minus its database-era extras
 (version 0, reshaping), i.e. checkpoint.load_adapter_into; and the exports do what
-trainer/export.py's export_adapter / export_merged do to the files, without the adapters row and
+trainer/export/exporters.py's export_adapter / export_merged do to the files, without the adapters row and
 model card (merge on a CPU fp32 base, as odpo export does).
 """
 from __future__ import annotations
@@ -85,9 +85,9 @@ class SmokeState:
 # --- imports -----------------------------------------------------------------------------------
 
 def import_train_step() -> types.ModuleType:
-    """odpo.trainer.train_step: it imports nothing of the database (the tests check that with
+    """odpo.trainer.training.step: it imports nothing of the database (the tests check that with
     SQLAlchemy hidden), so it loads where only torch, transformers and peft are installed."""
-    return importlib.import_module("odpo.trainer.train_step")
+    return importlib.import_module("odpo.trainer.training.step")
 
 
 def importable(name: str) -> bool:
@@ -121,7 +121,7 @@ def _steady(times: list[float]) -> float:
 
 def _load(s: SmokeSettings, *, device: Optional[str] = None, dtype: Optional[str] = None,
           four_bit: bool = False) -> tuple[Any, Any]:
-    from odpo.trainer.models import ModelConfig, load_model_and_tokenizer
+    from odpo.trainer.policy.loading import ModelConfig, load_model_and_tokenizer
 
     cfg = ModelConfig(spec=str(s.model_dir), cache_dir=s.work_dir / "model-cache", device=device or s.device,
                       dtype=dtype or s.dtype, load_in_4bit=four_bit)
@@ -129,7 +129,7 @@ def _load(s: SmokeSettings, *, device: Optional[str] = None, dtype: Optional[str
 
 
 def _lora_model(s: SmokeSettings, **load: Any) -> tuple[Any, Any]:
-    from odpo.trainer.lora import LoraSettings, attach_lora
+    from odpo.trainer.policy.lora import LoraSettings, attach_lora
 
     model, tokenizer = _load(s, **load)
     peft_model = attach_lora(model, LoraSettings())
@@ -153,12 +153,12 @@ def _prompts(n: int) -> list[str]:
 def stage_train(s: SmokeSettings, state: SmokeState, row: StageRow, *, four_bit: bool) -> None:
     """`steps` DPO steps of odpo's own dpo_step on `batch` pairs, then the version written as the
     trainer writes it (checkpoint.write_version) for the reload and export stages."""
-    from odpo.trainer.checkpoint import write_version
-    from odpo.trainer.models import QLoRAUnavailableError, autocast_context, pick_device_dtype
+    from odpo.trainer.policy.checkpoint import write_version
+    from odpo.trainer.policy.loading import QLoRAUnavailableError, autocast_context, pick_device_dtype
 
     train_step = import_train_step()  # first: it may register the database-free on_policy stand-in
-    from odpo.trainer.batching import PairExample
-    from odpo.trainer.train_config import TrainConfig
+    from odpo.trainer.policy.batching import PairExample
+    from odpo.trainer.training.train_config import TrainConfig
 
     try:
         model, tokenizer = _lora_model(s, four_bit=four_bit)
@@ -191,7 +191,7 @@ def stage_train(s: SmokeSettings, state: SmokeState, row: StageRow, *, four_bit:
 
 def stage_sampler(s: SmokeSettings, state: SmokeState, row: StageRow) -> None:
     """The `hf` sampler's work: `batch` prompts x 2 samples in one batched generate, `rounds` times."""
-    from odpo.trainer.generation import SamplingParams, generate
+    from odpo.trainer.sampling.generation import SamplingParams, generate
 
     model, tokenizer = _lora_model(s)
     prompts, times, tokens = _prompts(s.batch), [], []
@@ -209,8 +209,8 @@ def stage_sampler(s: SmokeSettings, state: SmokeState, row: StageRow) -> None:
 def stage_reload(s: SmokeSettings, state: SmokeState, row: StageRow) -> None:
     """Copy the trained version into a live sampler model in place, time the swaps, check that the
     served weights are now exactly the version's and that the policy changed, then sample again."""
-    from odpo.trainer.checkpoint import adapter_weights_norm, load_adapter_into
-    from odpo.trainer.generation import SamplingParams, generate
+    from odpo.trainer.policy.checkpoint import adapter_weights_norm, load_adapter_into
+    from odpo.trainer.sampling.generation import SamplingParams, generate
 
     version = _trained_version(state)
     model, tokenizer = _lora_model(s)
@@ -243,7 +243,7 @@ def _matches_version(model: Any, version: Path) -> bool:
     from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from odpo.trainer.checkpoint import ADAPTER_WEIGHTS
+    from odpo.trainer.policy.checkpoint import ADAPTER_WEIGHTS
 
     saved = load_file(str(version / ADAPTER_WEIGHTS))
     live = get_peft_model_state_dict(model)
@@ -254,7 +254,7 @@ def stage_export_adapter(s: SmokeSettings, state: SmokeState, row: StageRow) -> 
     """The PEFT directory odpo export writes (config + weights), then loaded back with PEFT."""
     from peft import PeftModel
 
-    from odpo.trainer.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from odpo.trainer.policy.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     version, out = _trained_version(state), s.work_dir / "export-adapter"
     started = time.perf_counter()

@@ -16,7 +16,7 @@ rules x losses x modes x seeds, each arm in its own scratch database, with the s
 Losses: sigmoid (DPO, beta 0.1) and simpo (reference-free, beta 2.0, gamma 1.0), each with its own
 default beta unless --beta is given. The learning curve: after 50, 100, ... labels spent (the
 `curve` points), the policy of that moment is evaluated against the base on the held-out starter
-prompts with trainer.evaluate.run_eval, judged by the same rule (ties as half, Wilson 95 %). The
+prompts with trainer.evaluation.win_rate.run_eval, judged by the same rule (ties as half, Wilson 95 %). The
 table pools wins/losses/ties over seeds (learn_table.py). Ties and both-bad labels count against
 the budget but are not trained on (odpo's default).
 
@@ -105,7 +105,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
         seeds: Optional[int] = None, budget: Optional[int] = None, curve: Sequence[int] = (), batch_size: int = 8,
         max_new_tokens: Optional[int] = None, eval_n: Optional[int] = None, lr: Optional[float] = None,
         beta: Optional[float] = None, round_labels: Optional[int] = None, load_in_4bit: bool = False) -> BenchResult:
-    from odpo.trainer.evaluate import BaseAnswers
+    from odpo.trainer.evaluation.win_rate import BaseAnswers
     from odpo.trainer.judges import load_judge
 
     grid = resolve_grid(ctx.quick, rules=rules, losses=losses, modes=modes, seeds=seeds, budget=budget, curve=curve,
@@ -153,9 +153,9 @@ def save_partial(path: Path, arms: list[dict[str, Any]]) -> None:
 def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any, base_answers: Any = None) -> dict[str, Any]:
     """One arm in its own scratch database: its loop with the curve's evaluations on the way."""
     from odpo.app.config import ServeConfig
-    from odpo.app.sample import build_sampler, load_policy
-    from odpo.trainer.train_config import TrainConfig
-    from odpo.trainer.train_loop import DPOTrainer
+    from odpo.app.sampler_worker import build_sampler, load_policy
+    from odpo.trainer.training.loop import DPOTrainer
+    from odpo.trainer.training.train_config import TrainConfig
 
     queue = {"online": spec.batch, "iterative": spec.round_labels, "offline": spec.budget}[spec.mode]
     with ctx.scratch(f"learn-{spec.mode}") as cfg:
@@ -195,8 +195,8 @@ class _Counter:
     """Labels the judge worker stored, by choice; where the time went; the curve so far."""
 
     def __init__(self, judge: Any, evaluate_now: Callable[[], dict[str, Any]]) -> None:
-        from odpo.trainer.judge_worker import JudgeWorkerConfig, WorkerStats
         from odpo.trainer.judges import judge_labeler_name
+        from odpo.trainer.judges.worker import JudgeWorkerConfig, WorkerStats
 
         self.judge, self.stats, self.config = judge, WorkerStats(), JudgeWorkerConfig(poll_seconds=0)
         self.labeler = judge_labeler_name(judge.spec)
@@ -205,7 +205,7 @@ class _Counter:
         self.curve: list[dict[str, Any]] = []
 
     def label(self, db: Any, limit: int) -> int:
-        from odpo.trainer.judge_worker import judge_batch
+        from odpo.trainer.judges.worker import judge_batch
 
         t0 = time.perf_counter()
         handled = judge_batch(db, self.judge, config=self.config, stats=self.stats, labeler=self.labeler,
@@ -299,8 +299,8 @@ def evaluate(db: Any, trainer: Any, *, judge: Any, n: int, tokens: int, seed: in
              base_answers: Any = None) -> dict[str, Any]:
     """The trainer's current version vs the base (v0) on held-out prompts, from its own weights;
     the base's answers from `base_answers` when an earlier evaluation drew them (same seed)."""
-    from odpo.trainer.evaluate import run_eval
-    from odpo.trainer.generation import SamplingParams
+    from odpo.trainer.evaluation.win_rate import run_eval
+    from odpo.trainer.sampling.generation import SamplingParams
 
     if trainer.version == 0:
         return {"win_rate": None, "eval": None, "version": 0,

@@ -13,12 +13,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from odpo.bench.common import BenchResult, Target, result_path
+from odpo.trainer.options import MODES  # the order tables and legends show them in
 
 log = logging.getLogger(__name__)
 
-# The training modes the bench compares, in the order tables and legends show them (odpo train's
-# own list, trainer/train_config.py MODES, is not imported: that module loads torch).
-MODES = ("online", "iterative", "offline")
 TARGETS = (Target("learn: online win rate vs base (first rule, DPO, pooled)", "online_win_rate", ">=", 0.80),
            Target("learn: rules where online beats offline (DPO, 95 % intervals apart)",
                   "rules_online_beats_offline", ">=", 2))
@@ -26,7 +24,7 @@ TARGETS = (Target("learn: online win rate vs base (first rule, DPO, pooled)", "o
 
 def pooled(evals: Sequence[Optional[dict[str, Any]]]) -> Optional[dict[str, Any]]:
     """Wins/losses/ties summed over seeds, with the Wilson interval of the sum; None if none ran."""
-    from odpo.trainer.evaluate import wilson_interval
+    from odpo.trainer.evaluation.win_rate import wilson_interval
 
     done = [e for e in evals if e]
     if not done:

@@ -2,7 +2,7 @@
 
 A real Sampler (model, reload watcher and sampler threads, as `odpo serve` runs them) keeps
 generating while a second copy of the model, standing in for the trainer, commits versions with
-the trainer's own writer (`trainer.checkpoint.write_version` + `store.commit_adapter_version`).
+the trainer's own writer (`trainer.policy.checkpoint.write_version` + `store.commit_adapter_version`).
 Each version gets fresh random LoRA weights. Per version we record the watcher's own numbers
 (the `reloads` table: swap ms, commit-to-serving ms measured from the adapter row) and our own
 stopwatch from the committed transaction until `sampler.state()` reports the new version.
@@ -44,7 +44,7 @@ def run(ctx: BenchContext, *, versions: Optional[int] = None, max_new_tokens: Op
 def _drive(ctx: BenchContext, cfg: Any, *, versions: int, tokens: int, batch: int,
            interval: float) -> tuple[list[float], list[float], list[dict[str, float]], dict[str, Any]]:
     from odpo.app.config import ServeConfig
-    from odpo.app.sample import build_sampler, load_policy
+    from odpo.app.sampler_worker import build_sampler, load_policy
 
     import_starter_prompts(cfg)
     db = cfg.open_db()
@@ -81,9 +81,9 @@ def _drive(ctx: BenchContext, cfg: Any, *, versions: int, tokens: int, batch: in
 
 def _trainer_side(ctx: BenchContext) -> tuple[Any, Any]:
     """The trainer's model and optimizer: what write_version saves."""
-    from odpo.bench.models import load_policy as load_bench_policy
-    from odpo.trainer.train_config import TrainConfig
-    from odpo.trainer.train_step import make_optimizer
+    from odpo.bench.model_setup import load_policy as load_bench_policy
+    from odpo.trainer.training.step import make_optimizer
+    from odpo.trainer.training.train_config import TrainConfig
 
     policy = load_bench_policy(ctx)
     return policy.model, make_optimizer(policy.model, TrainConfig(model=ctx.model))
@@ -95,7 +95,7 @@ def commit_version(cfg: Any, db: Any, model: Any, optimizer: Any, *, version: in
     import torch
 
     from odpo.db import store
-    from odpo.trainer import checkpoint as ckpt
+    from odpo.trainer.policy import checkpoint as ckpt
 
     gen = torch.Generator().manual_seed(seed * 100_003 + version)
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """`odpo bench sampling`: pairs/minute of the sampler's batched generation vs one pair at a time.
 
-Both modes call `trainer.generation.generate` exactly as the sampler does (the LoRA-wrapped policy,
+Both modes call `trainer.sampling.generation.generate` exactly as the sampler does (the LoRA-wrapped policy,
 serve's default sampling params, two samples per prompt), on the SAME prompts: each round generates
 `prompts_per_batch` prompts in one call, then the same prompts again one pair per call. Rounds
 interleave the two modes so that load from other processes on a shared machine hits both alike.
@@ -12,7 +12,7 @@ import time
 from typing import Any, Optional
 
 from odpo.bench.common import BenchContext, BenchResult, Target, per_minute, ratio, summarize
-from odpo.bench.models import cycle, load_policy, starter_prompts
+from odpo.bench.model_setup import cycle, load_policy, starter_prompts
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ SIZES = {  # (prompts_per_batch, rounds, max_new_tokens); quick batches like `od
 def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: Optional[int] = None,
         max_new_tokens: Optional[int] = None) -> BenchResult:
     """Measure both modes and their ratio; see the module docstring."""
-    from odpo.trainer.generation import SamplingParams
+    from odpo.trainer.sampling.generation import SamplingParams
 
     size_b, size_r, size_t = SIZES["quick" if ctx.quick else "full"]
     batch, rounds, tokens = prompts_per_batch or size_b, rounds or size_r, max_new_tokens or size_t
@@ -36,7 +36,7 @@ def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: O
                                  "samples_per_prompt": 2, "seed": ctx.seed})
     policy = load_policy(ctx)
     prompts = starter_prompts(held_out=False)
-    params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=tokens, seed=ctx.seed)
+    params = SamplingParams(max_new_tokens=tokens, seed=ctx.seed)  # serve's temperature and top-p
     _timed(policy, prompts[:1], params)  # warm-up: first-call allocations are not sampling speed
     batched: list[dict[str, float]] = []
     single: list[dict[str, float]] = []
@@ -51,7 +51,7 @@ def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: O
 
 
 def _seeded(params: Any, offset: int) -> Any:
-    from odpo.trainer.generation import SamplingParams
+    from odpo.trainer.sampling.generation import SamplingParams
 
     return SamplingParams(temperature=params.temperature, top_p=params.top_p,
                           max_new_tokens=params.max_new_tokens, seed=params.seed + offset)
@@ -59,7 +59,7 @@ def _seeded(params: Any, offset: int) -> Any:
 
 def _timed(policy: Any, prompts: list[str], params: Any) -> dict[str, float]:
     """One generate call as the sampler makes it: pairs, seconds, generated tokens."""
-    from odpo.trainer.generation import generate
+    from odpo.trainer.sampling.generation import generate
 
     started = time.perf_counter()
     out = generate(policy.model, policy.tokenizer, prompts, params=params, n_per_prompt=2)

@@ -4,14 +4,14 @@ Both sides start from the same base weights with the same LoRA (odpo's defaults)
 batch size, sampling params and generation length, and both generate two samples per prompt,
 judge them with the same rule, and take one DPO (sigmoid, beta 0.1, AdamW, clip 1.0) step.
 
-- odpo per pair = (sampling the pairs + judging + `trainer.train_step.dpo_step` + writing the
+- odpo per pair = (sampling the pairs + judging + `trainer.training.step.dpo_step` + writing the
   version + the sampler's in-place swap) / batch: everything odpo does per pair, although in odpo
   the sampler and trainer run in different processes.
 - TRL per pair = one `OnlineDPOTrainer` optimizer step / batch (its step generates, scores with a
   reward function that calls our judge on the (first, second) sample pairs, and updates).
 - The update-only part is reported separately: odpo's dpo_step vs TRL's step minus its timed
   `_generate` and reward calls. odpo's step runs each pair's prompt once for both answers
-  (trainer/shared_prompt.py), its default.
+  (trainer/policy/shared_prompt.py), its default.
 - Beside it, on the same pairs of every round, two more odpo steps are timed and then undone
   (LoRA weights restored; a scratch optimizer): DPO in TRL's concatenated layout
   (`--no-shared-prompt`), and SimPO (reference-free: no reference pass). They show what the shared
@@ -32,7 +32,7 @@ import time
 from typing import Any, Callable, Optional
 
 from odpo.bench.common import BenchContext, BenchResult, Target, ratio, summarize
-from odpo.bench.models import Policy, cycle, load_policy, starter_prompts
+from odpo.bench.model_setup import Policy, cycle, load_policy, starter_prompts
 
 log = logging.getLogger(__name__)
 
@@ -83,23 +83,23 @@ class OdpoSide:
 
     def __init__(self, ctx: BenchContext, *, judge: Any, batch: int, tokens: int, lr: float, adapters_dir: Any,
                  load_in_4bit: bool = False) -> None:
-        from odpo.trainer.generation import SamplingParams
-        from odpo.trainer.train_config import TrainConfig
-        from odpo.trainer.train_step import make_optimizer
+        from odpo.trainer.sampling.generation import SamplingParams
+        from odpo.trainer.training.step import make_optimizer
+        from odpo.trainer.training.train_config import TrainConfig
 
         self.policy: Policy = load_policy(ctx, load_in_4bit=load_in_4bit)
         self.judge, self.batch, self.adapters_dir = judge, batch, adapters_dir
         self.cfg = TrainConfig(model=ctx.model, batch_size=batch, lr=lr, max_completion_tokens=max(tokens, 1),
                                device=ctx.device, dtype=ctx.dtype, seed=ctx.seed, load_in_4bit=load_in_4bit)
         self.optimizer = make_optimizer(self.policy.model, self.cfg)
-        self.params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=tokens, seed=ctx.seed)
+        self.params = SamplingParams(max_new_tokens=tokens, seed=ctx.seed)  # serve's temperature and top-p
         self.rounds: list[dict[str, float]] = []
 
     def round(self, prompts: list[str]) -> dict[str, float]:
-        from odpo.trainer import checkpoint as ckpt
-        from odpo.trainer.batching import PairExample
-        from odpo.trainer.generation import generate
-        from odpo.trainer.train_step import dpo_step
+        from odpo.trainer.policy import checkpoint as ckpt
+        from odpo.trainer.policy.batching import PairExample
+        from odpo.trainer.sampling.generation import generate
+        from odpo.trainer.training.step import dpo_step
 
         model, tok = self.policy.model, self.policy.tokenizer
         marks = [time.perf_counter()]
@@ -133,8 +133,8 @@ class OdpoSide:
 
         import torch
 
-        from odpo.trainer.dpo import default_beta
-        from odpo.trainer.train_step import dpo_step, trainable_parameters
+        from odpo.trainer.training.losses import default_beta
+        from odpo.trainer.training.step import dpo_step, trainable_parameters
 
         params = trainable_parameters(self.policy.model)
         saved = [p.detach().clone() for p in params]
@@ -227,8 +227,8 @@ def build_trl_trainer(ctx: BenchContext, odpo: OdpoSide, *, prompts: list[str], 
     from datasets import Dataset
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from odpo.trainer.lora import LoraSettings
-    from odpo.trainer.models import load_model_and_tokenizer
+    from odpo.trainer.options import LoraSettings
+    from odpo.trainer.policy.loading import load_model_and_tokenizer
 
     base, tokenizer = load_model_and_tokenizer(ctx.model_config())
     policy, params = odpo.policy, odpo.params

@@ -8,3 +8,8 @@ clear line, and the CLI and UI show exactly that line instead of a traceback.
 
 class OdpoError(Exception):
     """An error caused by input or environment, with a one-line message saying what to do."""
+
+
+class StoreError(OdpoError, ValueError):
+    """A request the store refuses (unknown pair, a vote already trained, a bad choice): the user's to
+    fix, so an OdpoError whose one-line message the CLI and UI show instead of a traceback."""

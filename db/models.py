@@ -62,7 +62,7 @@ class Prompt(Base):
         return [*(self.context or []), {"role": "user", "content": self.text}]
 
     def conditioning(self) -> str | list[dict[str, str]]:
-        """The prompt as trainer/batching.py takes it: the bare text for a single-turn prompt (so
+        """The prompt as trainer/policy/batching.py takes it: the bare text for a single-turn prompt (so
         its rendering stays byte-identical to before conversations existed), else the messages."""
         return self.messages() if self.context else self.text
 

@@ -36,11 +36,11 @@ class Moment:
 
 
 MOMENTS = {
-    "step": Moment("odpo.trainer.train_step", "_clip", after=True,
+    "step": Moment("odpo.trainer.training.step", "_clip", after=True,
                    describe=lambda args, kw: "gradients computed, before optimizer.step"),
-    "save": Moment("odpo.trainer.checkpoint", "fsync_tree", after=True,
+    "save": Moment("odpo.trainer.policy.checkpoint", "fsync_tree", after=True,
                    describe=lambda args, kw: f"{getattr(args[0], 'name', args[0])} written, before the rename"),
-    "commit": Moment("odpo.trainer.train_loop", "DPOTrainer._commit_row", after=False,
+    "commit": Moment("odpo.trainer.training.loop", "DPOTrainer._commit_row", after=False,
                      describe=lambda args, kw: f"v{kw.get('version')}/ renamed, before the DB commit"),
 }
 

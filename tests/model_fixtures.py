@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from odpo.trainer.models import ModelConfig, load_model_and_tokenizer
+from odpo.trainer.policy.loading import ModelConfig, load_model_and_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_CACHE_ENV = "ODPO_TEST_MODEL_CACHE"
@@ -110,8 +110,8 @@ def tiny_model_config(model_dir: Path, cache_dir: Path) -> ModelConfig:
 
 def tiny_train_config(model_dir: Path, **overrides):
     """A TrainConfig for trainer tests on the tiny model: CPU, fp32, a small LoRA, quick polling."""
-    from odpo.trainer.lora import LoraSettings
-    from odpo.trainer.train_config import TrainConfig
+    from odpo.trainer.options import LoraSettings
+    from odpo.trainer.training.train_config import TrainConfig
 
     base = dict(model=str(model_dir), device="cpu", dtype="fp32", batch_size=4, lr=1e-3, poll_seconds=0.02,
                 exit_when_idle=0.0, lora=LoraSettings(r=4, alpha=8, dropout=0.0))

@@ -1,4 +1,4 @@
-"""`odpo train` under `accelerate launch` (trainer/distributed.py): 2 CPU processes (gloo) train
+"""`odpo train` under `accelerate launch` (trainer/training/distributed.py): 2 CPU processes (gloo) train
 the same steps as 1 process, only rank 0 touches the database, and the followers mirror every
 weight change rank 0 decides (start, steps, rollback reloads)."""
 from __future__ import annotations
@@ -21,9 +21,9 @@ from sqlalchemy import select
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.models import Adapter, TrainStep
-from odpo.trainer import distributed
-from odpo.trainer.distributed import Command, Distributed, Follower, shard_bounds
-from odpo.trainer.train_loop import DPOTrainer
+from odpo.trainer.training import distributed
+from odpo.trainer.training.distributed import Command, Distributed, Follower, shard_bounds
+from odpo.trainer.training.loop import DPOTrainer
 from tests.db_helpers import label_all
 from tests.model_fixtures import tiny_train_config
 
@@ -174,8 +174,12 @@ def test_two_processes_train_what_one_process_trains(name, two_copies, tiny_mode
     assert [s.step for s in b] == [1, 2, 3] and [s.label_ids for s in b] == [s.label_ids for s in a]
     for x, y in zip(a, b, strict=True):
         assert y.metrics.keys() == x.metrics.keys()
+        # kl is a difference of two sums of log-probs (~-30 each): fp32 rounding of those sums, which
+        # two processes reduce in another order, is ~1e-6 of them, so its absolute tolerance scales too
+        scale = max(1.0, abs(x.metrics["logps_chosen"]), abs(x.metrics["logps_rejected"]))
         for key in sorted(x.metrics.keys() - {"seconds", "pairs_per_second"}):  # the global batch's metrics
-            assert y.metrics[key] == pytest.approx(x.metrics[key], rel=1e-4, abs=1e-6), (x.step, key)
+            tol = 1e-6 * scale if key == "kl" else 1e-6
+            assert y.metrics[key] == pytest.approx(x.metrics[key], rel=1e-4, abs=tol), (x.step, key)
     assert abs(a[2].loss - a[0].loss) > 1e-3  # the weights moved: the comparison is not of two no-ops
     log.info("%s step seconds: 1 process %s, 2 processes %s", name, [round(s.seconds, 3) for s in a],
              [round(s.seconds, 3) for s in b])

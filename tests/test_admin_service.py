@@ -7,9 +7,9 @@ import pytest
 from sqlalchemy import select
 
 from odpo.app.config import ServeConfig
+from odpo.app.services.accounts import AuthFileError, load_auth, load_users, resolve_auth_file, sha256_hex
 from odpo.app.services.admin import AdminError, AdminService, NotAdminError
 from odpo.app.services.labeling import LabelService
-from odpo.app.ui.auth import AuthFileError, load_auth, load_users, resolve_auth_file, sha256_hex
 from odpo.app.ui.dashboard import dashboard_outputs, state_markdown
 from odpo.db import store
 from odpo.db.models import Eval, Label, Pair
@@ -114,7 +114,7 @@ def test_export_download_and_its_guard(database, tmp_path, monkeypatch):
     svc = admin_service(database)
     make_pairs(database, 3)
     label_all(database, "ann", "b")
-    if svc.export_available():  # trainer/export.py is there: the admin download works end to end
+    if svc.export_available():  # trainer/export/exporters.py is there: the admin download works end to end
         path = svc.export(username=None, fmt="jsonl", out_dir=tmp_path / "x")
         assert path.suffix == ".jsonl" and len(path.read_text(encoding="utf-8").splitlines()) == 3
     monkeypatch.setattr(AdminService, "export_available", lambda self: False)

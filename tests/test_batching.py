@@ -8,9 +8,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from odpo.trainer import batching
-from odpo.trainer.batching import (
-    MAX_PROMPT_TOKENS,
+from odpo.trainer.options import MAX_PROMPT_TOKENS
+from odpo.trainer.policy import batching
+from odpo.trainer.policy.batching import (
     PairExample,
     build_pair_batch,
     concatenated_forward,
@@ -173,7 +173,7 @@ def test_stored_prompt_ids_follow_the_same_prompt_cut(tokenizer):
 
 
 def test_right_pad_and_left_pad_mirror_each_other():
-    from odpo.trainer.batching import left_pad, right_pad
+    from odpo.trainer.policy.batching import left_pad, right_pad
 
     rows = [[5, 6, 7], [], [8]]
     ids, mask = right_pad(rows, pad_id=0)

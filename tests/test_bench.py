@@ -279,7 +279,7 @@ def _arm(mode, seed, w, lo, t, *, rule="rule:x", loss="sigmoid", curve=(), choic
 
 def test_learn_table_pools_seeds_into_one_interval_per_cell():
     from odpo.bench import learn_table
-    from odpo.trainer.evaluate import wilson_interval
+    from odpo.trainer.evaluation.win_rate import wilson_interval
 
     arms = [_arm("online", 0, 20, 4, 0, curve=[(12, 10, 14), (24, 20, 4)]),
             _arm("online", 1, 22, 1, 1, curve=[(12, 12, 12), (24, 22, 1)],

@@ -1,4 +1,4 @@
-"""Adapter version directories: atomic writes, crash leftovers, in-place loading (trainer/checkpoint.py)."""
+"""Adapter version directories: atomic writes, crash leftovers, in-place loading (trainer/policy/checkpoint.py)."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from odpo.trainer import checkpoint as ckpt
-from odpo.trainer.lora import LoraSettings, attach_lora
+from odpo.trainer.policy import checkpoint as ckpt
+from odpo.trainer.policy.lora import LoraSettings, attach_lora
 
 torch.set_num_threads(1)
 
@@ -104,7 +104,7 @@ def test_load_adapter_into_copies_in_place(peft_model, tmp_path):
 
 
 def test_load_adapter_into_rejects_a_different_rank(tiny_model_dir, peft_model, tmp_path):
-    from odpo.trainer.models import load_model_and_tokenizer
+    from odpo.trainer.policy.loading import load_model_and_tokenizer
     from tests.model_fixtures import tiny_model_config
 
     other, _ = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "models"))

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from odpo.db import store
 from odpo.db.models import Adapter, Label, TrainStep
-from odpo.trainer import checkpoint as ckpt
+from odpo.trainer.policy import checkpoint as ckpt
 from tests.db_helpers import label_all, make_pairs
 from tests.fault_injection import MOMENTS, announcement
 

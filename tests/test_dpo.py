@@ -8,7 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from odpo.trainer.dpo import LOSS_TYPES, dpo_loss, dpo_metrics, is_reference_free, needs_length_normalisation
+from odpo.trainer.training.losses import (
+    LOSS_TYPES,
+    dpo_loss,
+    dpo_metrics,
+    is_reference_free,
+    needs_length_normalisation,
+)
 
 LOG2 = math.log(2.0)
 # The losses that compare the policy with a reference; reference-free SimPO is tested in test_losses.py.

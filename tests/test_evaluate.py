@@ -10,9 +10,17 @@ from click.testing import CliRunner
 
 from odpo.app.cli import cli
 from odpo.db import store
-from odpo.trainer.evaluate import BaseAnswers, EvalError, maybe_auto_eval, pair_scores, run_eval, tally, wilson_interval
-from odpo.trainer.generation import SamplingParams, generate
+from odpo.trainer.evaluation.win_rate import (
+    BaseAnswers,
+    EvalError,
+    maybe_auto_eval,
+    pair_scores,
+    run_eval,
+    tally,
+    wilson_interval,
+)
 from odpo.trainer.judges import load_judge
+from odpo.trainer.sampling.generation import SamplingParams, generate
 from tests.test_export import commit_version, perturb
 
 torch.set_num_threads(1)
@@ -69,8 +77,8 @@ def test_pair_scores_asks_position_dependent_judges_in_both_orders():
 @pytest.fixture
 def two_versions(database, tiny_model_dir, tmp_path):
     """v1 and v2 with identical weights, v3 different; the policy holds v3 at the end."""
-    from odpo.trainer.lora import LoraSettings, attach_lora
-    from odpo.trainer.models import load_model_and_tokenizer
+    from odpo.trainer.policy.loading import load_model_and_tokenizer
+    from odpo.trainer.policy.lora import LoraSettings, attach_lora
     from tests.model_fixtures import tiny_model_config
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "models"))
@@ -132,14 +140,14 @@ def test_eval_loads_what_it_needs_whatever_the_policy_holds(database, two_versio
 def test_base_answers_are_drawn_once_per_seeded_request(database, two_versions, monkeypatch):
     from dataclasses import replace
 
-    from odpo.trainer import evaluate
+    from odpo.trainer.evaluation import win_rate as evaluate
 
     policy, tokenizer = two_versions  # holds v3
     kwargs = dict(policy=policy, tokenizer=tokenizer, version_a=3, version_b=0, judge="rule:longer", n=4,
                   holds=3, record=False)
     plain = run_eval(database, params=FAST, **kwargs)
-    calls, real = [], evaluate.policy_outputs
-    monkeypatch.setattr(evaluate, "policy_outputs", lambda *a, **k: calls.append(k["version"]) or real(*a, **k))
+    calls, real = [], evaluate.policy_answers
+    monkeypatch.setattr(evaluate, "policy_answers", lambda *a, **k: calls.append(k["version"]) or real(*a, **k))
     kept = BaseAnswers()
     first = run_eval(database, params=FAST, base_answers=kept, **kwargs)
     second = run_eval(database, params=FAST, base_answers=kept, **kwargs)
@@ -209,8 +217,8 @@ def test_cli_eval_on_the_tiny_model(common_config, database, two_versions):
 
 @pytest.fixture
 def policy(tiny_model_dir, tmp_path):
-    from odpo.trainer.lora import LoraSettings, attach_lora
-    from odpo.trainer.models import load_model_and_tokenizer
+    from odpo.trainer.policy.loading import load_model_and_tokenizer
+    from odpo.trainer.policy.lora import LoraSettings, attach_lora
     from tests.model_fixtures import tiny_model_config
 
     model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "models"))
@@ -220,8 +228,8 @@ def policy(tiny_model_dir, tmp_path):
 @pytest.mark.default_model
 def test_odpo_eval_on_the_default_model(common_config, database, default_model_cache_dir, tmp_path):
     """`odpo eval` end to end on SmolLM2-135M: a trained-looking v1 against the base, rule judge."""
-    from odpo.trainer.lora import LoraSettings, attach_lora
-    from odpo.trainer.models import ModelConfig, load_model_and_tokenizer
+    from odpo.trainer.policy.loading import ModelConfig, load_model_and_tokenizer
+    from odpo.trainer.policy.lora import LoraSettings, attach_lora
 
     common_config.data_dir.mkdir(parents=True, exist_ok=True)
     (common_config.data_dir / "models").symlink_to(default_model_cache_dir, target_is_directory=True)

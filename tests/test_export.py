@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from odpo.app.cli import cli
 from odpo.db import store
-from odpo.trainer import checkpoint as ckpt
-from odpo.trainer.export import ExportError, export_adapter, export_dataset, export_merged
-from odpo.trainer.lora import LoraSettings, attach_lora
-from odpo.trainer.models import load_model_and_tokenizer
+from odpo.trainer.export.exporters import ExportError, export_adapter, export_dataset, export_merged
+from odpo.trainer.policy import checkpoint as ckpt
+from odpo.trainer.policy.loading import load_model_and_tokenizer
+from odpo.trainer.policy.lora import LoraSettings, attach_lora
 from tests.db_helpers import label_all, make_pairs
 from tests.model_fixtures import tiny_model_config
 
@@ -205,7 +205,7 @@ def test_cli_export(common_config, database, versioned, tmp_path):
 def test_export_for_the_admin_tab(database, versioned, tmp_path):
     import zipfile
 
-    from odpo.trainer.export import export_for_ui
+    from odpo.trainer.export.exporters import export_for_ui
 
     jsonl = export_for_ui(db=database, fmt="jsonl", out_dir=tmp_path / "ui")
     assert jsonl.name == "odpo-preferences.jsonl" and len(jsonl.read_text().splitlines()) == 4

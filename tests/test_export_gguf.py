@@ -22,9 +22,9 @@ from transformers import (
 )
 
 from odpo.app.cli import cli
-from odpo.trainer.export import ExportError
-from odpo.trainer.export_gguf import export_gguf
-from odpo.trainer.gguf_writer import (
+from odpo.trainer.export.exporters import ExportError
+from odpo.trainer.export.gguf import export_gguf
+from odpo.trainer.export.gguf_writer import (
     llama3_rope_factors,
     permute_qk,
     pre_tokenizer_name,
@@ -32,8 +32,8 @@ from odpo.trainer.gguf_writer import (
     unpermute_qk,
     write_model_gguf,
 )
-from odpo.trainer.lora import LoraSettings, attach_lora
-from odpo.trainer.models import bundled_gguf_path, load_model_and_tokenizer
+from odpo.trainer.policy.loading import bundled_gguf_path, load_model_and_tokenizer
+from odpo.trainer.policy.lora import LoraSettings, attach_lora
 from tests.model_fixtures import tiny_model_config
 from tests.test_export import commit_version, logits_of, perturb
 
@@ -221,6 +221,7 @@ def test_cli_export_gguf(common_config, database, policy_v1, tmp_path):
     assert bad.exit_code == 2 and "q4_0" in bad.output
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the model side; the tiny tests cover both databases
 def test_default_model_merged_and_adapter_gguf(database, default_model_config, tmp_path):
     """The bundled SmolLM2 (a Q4_1 GGUF, dequantized to fp32 for training): the merged f32 GGUF gives
     the live policy's logits, reuses the source GGUF's tokenizer metadata, and tokenizes a chat the

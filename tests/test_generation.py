@@ -1,12 +1,13 @@
-"""Batched generation (trainer/generation.py) on the tiny model: shapes, finish reasons, left
+"""Batched generation (trainer/sampling/generation.py) on the tiny model: shapes, finish reasons, left
 padding, independent draws, seeds, interruption."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from odpo.trainer.batching import MAX_PROMPT_TOKENS, cut_prompt, encode_prompt, render_prompt
-from odpo.trainer.generation import (
+from odpo.trainer.options import MAX_PROMPT_TOKENS
+from odpo.trainer.policy.batching import cut_prompt, encode_prompt, render_prompt
+from odpo.trainer.sampling.generation import (
     FINISH_LENGTH,
     FINISH_STOP,
     GenerationInterrupted,
@@ -121,7 +122,7 @@ def test_static_cache_gives_the_same_greedy_output(tiny_model_and_tokenizer):
 
 
 def test_fresh_lora_generates_like_the_base(tiny_model_and_tokenizer):
-    from odpo.trainer.lora import attach_lora
+    from odpo.trainer.policy.lora import attach_lora
 
     model, tok = tiny_model_and_tokenizer
     base = generate(model, tok, PROMPTS, params=GREEDY)
@@ -198,7 +199,7 @@ def test_samples_of_a_prompt_share_its_prefill_and_draw_as_without(tiny_model_an
     """The prompts' common prefix run once, each prompt's cache computed once and repeated per
     sample: the ids a full, left-padded prefill gives. Greedy rows equal one-sample-per-prompt
     rows, and seeded samples equal those of plain left padding with no cache handed over."""
-    from odpo.trainer import generation
+    from odpo.trainer.sampling import generation
 
     model, tok = tiny_model_and_tokenizer
     calls = []
@@ -220,8 +221,8 @@ def test_samples_of_a_prompt_share_its_prefill_and_draw_as_without(tiny_model_an
 def test_the_shared_prefill_gives_the_first_token_the_full_prefills_logits(tiny_model_and_tokenizer):
     """Token ids can hide a small error in positions or masks; the logits of the first generated
     token cannot: continuing from the shared cache must give what a whole left-padded prompt gives."""
-    from odpo.trainer import generation
-    from odpo.trainer.batching import left_pad, left_padded_positions
+    from odpo.trainer.policy.batching import left_pad, left_padded_positions
+    from odpo.trainer.sampling import generation
 
     model, tok = tiny_model_and_tokenizer
     rows = [encode_prompt(tok, p) for p in PROMPTS for _ in range(2)]

@@ -96,7 +96,7 @@ def test_the_4bit_stage_runs_where_bitsandbytes_does_and_names_the_reason_where_
     out, report, _ = cpu_run
     row = stages(report)["qlora_dpo"]
     try:
-        from odpo.trainer.models import check_4bit_support
+        from odpo.trainer.policy.loading import check_4bit_support
 
         check_4bit_support(torch.device("cpu"), torch.float32)
         expected = "ok"

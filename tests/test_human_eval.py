@@ -16,9 +16,9 @@ from odpo.app.services.labeling import LabelService
 from odpo.app.ui.dashboard import dashboard_outputs, human_eval_table
 from odpo.db import store
 from odpo.db.models import HumanEval, Label, Pair, Sample
-from odpo.trainer.evaluate import wilson_interval
-from odpo.trainer.export import dataset_rows
-from odpo.trainer.human_eval import EvalCadence, interleave
+from odpo.trainer.evaluation.blind_pairs import EvalCadence, interleave
+from odpo.trainer.evaluation.win_rate import wilson_interval
+from odpo.trainer.export.exporters import dataset_rows
 from tests.db_helpers import make_pairs, rows, sample
 from tests.test_evaluate import two_versions  # noqa: F401 - a fixture, requested by name
 from tests.test_sampler import add_prompts, commit, fill, make_sampler, write_adapter
@@ -219,8 +219,8 @@ def test_sampler_eval_pairs_against_an_earlier_version(database, tiny_model_and_
     reloads), only once a newer version serves; greedy answers equal a fresh load of v1's."""
     from peft import PeftModel
 
-    from odpo.trainer.generation import SamplingParams, generate
-    from odpo.trainer.models import load_model_and_tokenizer
+    from odpo.trainer.policy.loading import load_model_and_tokenizer
+    from odpo.trainer.sampling.generation import SamplingParams, generate
     from tests.model_fixtures import tiny_model_config
 
     add_prompts(database, held_out=HELD)
@@ -289,10 +289,10 @@ def test_share_is_checked_where_serve_takes_it(common_config):
 
 
 def test_up_passes_the_share_to_the_sampler_worker():
-    from odpo.app.cli.serve import serve, up_children
+    from odpo.app.cli.serve import up_children
 
     options = {name: None for name in ("batch_size", "save_every", "max_steps", "until_version", "judge_spec")}
     options.update(no_train=True, auto_label=False, train_args="", judge_args="", background_nice=10,
                    human_eval_share=0.1, queue_size=8)
-    serve_child, sample_child = up_children(options, serve_params=serve.params)
+    serve_child, sample_child = up_children(options)
     assert sample_child.args == ("sample", "--human-eval-share", "0.1") and serve_child.args == ("serve",)

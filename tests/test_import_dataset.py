@@ -14,7 +14,7 @@ from odpo.app.services.dataset_import import DatasetFileError, import_dataset
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.models import Label, Pair, Prompt, Sample
-from odpo.trainer.export import export_dataset
+from odpo.trainer.export.exporters import export_dataset
 from tests.db_helpers import label_all, make_pairs
 
 PLAIN = [{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I like trains."},

@@ -12,14 +12,14 @@ from sqlalchemy import select
 from odpo.app.cli import cli
 from odpo.db import store
 from odpo.db.models import Label, Pair
-from odpo.trainer.judge_worker import (
+from odpo.trainer.judges import JudgeUnreachableError, judge_labeler_name, load_judge
+from odpo.trainer.judges.worker import (
     JudgeWorkerConfig,
     JudgeWorkerError,
     in_fraction,
     judge_state_key,
     run_judge_worker,
 )
-from odpo.trainer.judges import JudgeUnreachableError, judge_labeler_name, load_judge
 from tests.concurrency import wait_until
 from tests.db_helpers import rows, sample
 
@@ -222,7 +222,7 @@ def test_a_judge_failing_on_every_pair_is_reported_and_its_pairs_wait_for_people
     stop, result = threading.Event(), {}
     worker = threading.Thread(target=lambda: result.update(stats=run_judge_worker(
         database, load_judge("py:tests.rules:boom"), config=JudgeWorkerConfig(poll_seconds=0.05), stop=stop)))
-    with caplog.at_level("ERROR", logger="odpo.trainer.judge_worker"):
+    with caplog.at_level("ERROR", logger="odpo.trainer.judges.worker"):
         worker.start()
         try:
             wait_until(lambda: "failing" in state_markdown(admin_service(database).dashboard()), 60, poll=0.1)

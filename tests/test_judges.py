@@ -17,7 +17,7 @@ from odpo.trainer.judges.hf import HFJudge
 from odpo.trainer.judges.openai_judge import p_first_from_response, parse_openai_spec
 from odpo.trainer.judges.pairwise import combine_orders, fill_template, judge_both_orders, load_template
 from odpo.trainer.judges.plugin import PluginError
-from odpo.trainer.models import load_model_and_tokenizer
+from odpo.trainer.policy.loading import load_model_and_tokenizer
 from tests.model_fixtures import tiny_model_config
 
 PROMPTS = ["The cat looks at the green hill.", "My teacher writes to her best friend.", "The river opens?"]

@@ -8,17 +8,17 @@ import pytest
 from sqlalchemy import update
 
 from odpo.app.config import ServeConfig
+from odpo.app.services.accounts import load_auth
 from odpo.app.services.admin import MAX_GUIDELINES_CHARS, AdminError, AdminService, NotAdminError
 from odpo.app.services.label_text import DEFAULT_GUIDELINES
 from odpo.app.services.labeler_quality import labeler_quality
 from odpo.app.services.labeling import LabelService
-from odpo.app.ui.auth import load_auth
 from odpo.app.ui.dashboard import labeler_quality_table
 from odpo.app.ui.label import guidelines_text
 from odpo.db import store
 from odpo.db.models import Label
-from odpo.trainer.train_config import TrainConfig, TrainConfigError
-from odpo.trainer.train_loop import DPOTrainer
+from odpo.trainer.training.loop import DPOTrainer
+from odpo.trainer.training.train_config import TrainConfig, TrainConfigError
 from tests.db_helpers import label_all, make_pairs
 from tests.ui_fixtures import write_users
 
@@ -204,8 +204,8 @@ def test_guidelines_round_trip_and_reach_the_label_page(database, tmp_path):
 
 
 def test_the_built_page_shows_the_stored_guidelines(database, common_config):
-    from odpo.app.serve import AppContext
     from odpo.app.ui.app import build_app
+    from odpo.app.web import AppContext
 
     admin = admin_service(database)
     admin.set_guidelines(username=None, text="# Stored rules")

@@ -333,7 +333,7 @@ def test_an_undo_and_a_commit_racing_for_one_label_never_both_win(database):
 @pytest.fixture
 def trainer_for(database, tmp_path, tiny_model_dir):
     """trainer_for(run, **config) -> a started DPOTrainer on `run`, closed after the test."""
-    from odpo.trainer.train_loop import DPOTrainer
+    from odpo.trainer.training.loop import DPOTrainer
     from tests.test_train_loop import _config
 
     trainers: list[DPOTrainer] = []

@@ -15,7 +15,7 @@ import torch
 from sqlalchemy import select
 
 from odpo.app.config import ServeConfig
-from odpo.app.sample import build_sampler, load_policy
+from odpo.app.sampler_worker import build_sampler, load_policy
 from odpo.app.services.prompt_files import read_prompt_file
 from odpo.app.services.prompts import import_prompt_records
 from odpo.db import store
@@ -33,10 +33,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.mark.timeout(180)
 def test_prompts_to_v2_served_without_reloading_the_base(common_config, tiny_model_dir, tmp_path):
-    from odpo.trainer.judge_worker import JudgeWorkerConfig, run_judge_worker
     from odpo.trainer.judges import load_judge
-    from odpo.trainer.train_config import TrainConfig
-    from odpo.trainer.train_loop import DPOTrainer
+    from odpo.trainer.judges.worker import JudgeWorkerConfig, run_judge_worker
+    from odpo.trainer.training.loop import DPOTrainer
+    from odpo.trainer.training.train_config import TrainConfig
 
     started = time.monotonic()
     db = common_config.open_db()

@@ -18,9 +18,10 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from odpo.db.models import TrainStep
-from odpo.trainer import checkpoint as ckpt
-from odpo.trainer.batching import PairExample, build_pair_batch, concatenated_forward
-from odpo.trainer.dpo import (
+from odpo.trainer.policy import checkpoint as ckpt
+from odpo.trainer.policy.batching import PairExample, build_pair_batch, concatenated_forward
+from odpo.trainer.policy.lora import LoraSettings, attach_lora
+from odpo.trainer.training.losses import (
     LOSS_TYPES,
     SIMPO_DEFAULT_GAMMA,
     default_beta,
@@ -29,9 +30,8 @@ from odpo.trainer.dpo import (
     is_reference_free,
     needs_length_normalisation,
 )
-from odpo.trainer.lora import LoraSettings, attach_lora
-from odpo.trainer.train_config import TrainConfig, TrainConfigError
-from odpo.trainer.train_step import dpo_step, make_optimizer
+from odpo.trainer.training.step import dpo_step, make_optimizer
+from odpo.trainer.training.train_config import TrainConfig, TrainConfigError
 from tests.db_helpers import label_all, make_pairs
 
 torch.set_num_threads(1)
@@ -260,7 +260,7 @@ def test_the_counter_sees_the_reference_pass_of_dpo(tiny_peft, tiny_model_dir, m
 
 
 def test_simpo_grad_accum_gives_the_same_update(tiny_model_dir, tmp_path):
-    from odpo.trainer.models import load_model_and_tokenizer
+    from odpo.trainer.policy.loading import load_model_and_tokenizer
     from tests.model_fixtures import tiny_model_config
 
     results = []
@@ -297,12 +297,6 @@ def test_train_config_resolves_loss_defaults():
         TrainConfig(loss_type="simpo", simpo_gamma=-1.0)
 
 
-def test_cli_loss_choices_are_the_trainers():
-    from odpo.app.cli.train import LOSS_CHOICES
-
-    assert tuple(LOSS_CHOICES) == LOSS_TYPES
-
-
 def _train_args(common_config, tiny_model_dir, *extra: str) -> list[str]:
     return ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "train",
             "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "fp32", "--batch-size", "2",
@@ -313,7 +307,7 @@ def test_cli_train_loss_simpo_reaches_the_step_without_a_reference(common_config
     from peft import PeftModel
 
     from odpo.app.cli import cli
-    from odpo.trainer import train_loop
+    from odpo.trainer.training import loop as train_loop
 
     db = common_config.open_db()
     try:

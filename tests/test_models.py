@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from odpo.trainer import gguf_cache, models
-from odpo.trainer.gguf_cache import ensure_gguf_cached, gguf_cache_path
-from odpo.trainer.lora import LoraSettings, attach_lora
-from odpo.trainer.models import (
+from odpo.trainer.policy import gguf_cache
+from odpo.trainer.policy import loading as models
+from odpo.trainer.policy.gguf_cache import ensure_gguf_cached, gguf_cache_path
+from odpo.trainer.policy.loading import (
     INSTALL_HINT,
     ModelConfig,
     ModelNotFoundError,
@@ -28,6 +28,7 @@ from odpo.trainer.models import (
     pick_device_dtype,
     resolve_model_spec,
 )
+from odpo.trainer.policy.lora import LoraSettings, attach_lora
 from tests.model_fixtures import tiny_model_config
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -130,7 +131,9 @@ def test_lora_settings_reject_nonsense(kwargs):
 
 
 def test_lora_settings_map_to_peft():
-    config = LoraSettings(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"]).to_peft_config()
+    from odpo.trainer.policy.lora import peft_config
+
+    config = peft_config(LoraSettings(r=8, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"]))
     assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.1)
     assert set(config.target_modules) == {"q_proj", "v_proj"}
 

@@ -12,9 +12,9 @@ from sqlalchemy import select
 from odpo.app.services.dataset_import import import_dataset
 from odpo.db import store
 from odpo.db.models import Adapter, Label, Pair, TrainStep
-from odpo.trainer.modes import PROGRESS_KEY, progress_line
-from odpo.trainer.train_config import TrainConfig, TrainConfigError
-from odpo.trainer.train_loop import DPOTrainer
+from odpo.trainer.training.loop import DPOTrainer
+from odpo.trainer.training.modes import PROGRESS_KEY, progress_line
+from odpo.trainer.training.train_config import TrainConfig, TrainConfigError
 from tests.db_helpers import label_all, make_pairs
 from tests.model_fixtures import tiny_train_config
 

@@ -24,12 +24,12 @@ from odpo.app.ui.label import slot_markdown
 from odpo.db import store
 from odpo.db.models import Prompt, Sample
 from odpo.db.store.prompts import split_conversation
-from odpo.trainer.batching import build_pair_batch, encode_prompt, prompt_token_ids, render_prompt, transcript
-from odpo.trainer.evaluate import eval_prompts
-from odpo.trainer.export import dataset_rows, export_dataset
-from odpo.trainer.judge_worker import JudgeWorkerConfig, WorkerStats, judge_batch
+from odpo.trainer.evaluation.win_rate import eval_prompts
+from odpo.trainer.export.exporters import dataset_rows, export_dataset
 from odpo.trainer.judges import Verdict
-from odpo.trainer.on_policy import training_examples
+from odpo.trainer.judges.worker import JudgeWorkerConfig, WorkerStats, judge_batch
+from odpo.trainer.policy.batching import build_pair_batch, encode_prompt, prompt_token_ids, render_prompt, transcript
+from odpo.trainer.training.on_policy import training_examples
 from tests.db_helpers import sample
 
 HISTORY = [

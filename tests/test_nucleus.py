@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-from odpo.trainer.generation import SamplingParams, _warpers, generate
-from odpo.trainer.nucleus import NucleusSampler, nucleus
+from odpo.trainer.sampling.generation import SamplingParams, _warpers, generate
+from odpo.trainer.sampling.nucleus import NucleusSampler, nucleus
 
 IDS = torch.zeros(1, 1, dtype=torch.long)
 

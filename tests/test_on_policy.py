@@ -13,14 +13,14 @@ from sqlalchemy import select
 
 from odpo.db import store
 from odpo.db.models import Label, Pair, Prompt, Sample, TrainStep
-from odpo.trainer import train_step
-from odpo.trainer.batching import MAX_PROMPT_TOKENS, encode_prompt, prompt_token_ids
-from odpo.trainer.generation import SamplingParams
-from odpo.trainer.lora import attach_lora
-from odpo.trainer.on_policy import LENGTH_CUT_MODES
-from odpo.trainer.sampler import Sampler, SamplerSettings
-from odpo.trainer.train_config import DEFAULT_LENGTH_CUT, TrainConfig, TrainConfigError
-from odpo.trainer.train_loop import DPOTrainer
+from odpo.trainer.options import LENGTH_CUT_MODES, MAX_PROMPT_TOKENS
+from odpo.trainer.policy.batching import encode_prompt, prompt_token_ids
+from odpo.trainer.policy.lora import attach_lora
+from odpo.trainer.sampling.generation import SamplingParams
+from odpo.trainer.sampling.sampler import Sampler, SamplerSettings
+from odpo.trainer.training import step as train_step
+from odpo.trainer.training.loop import DPOTrainer
+from odpo.trainer.training.train_config import DEFAULT_LENGTH_CUT, TrainConfig, TrainConfigError
 from tests.db_helpers import make_pairs
 from tests.model_fixtures import tiny_train_config
 

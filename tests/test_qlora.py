@@ -13,15 +13,15 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed,
                                                  "cannot run; `pip install bitsandbytes` to test it")
 
 from odpo.db import store  # noqa: E402 - after the skip: without bitsandbytes nothing below matters
-from odpo.trainer import models  # noqa: E402
-from odpo.trainer.batching import PairExample  # noqa: E402
-from odpo.trainer.export import export_adapter, export_merged  # noqa: E402
-from odpo.trainer.hotreload import ReloadWatcher  # noqa: E402
-from odpo.trainer.lora import LoraSettings, attach_lora  # noqa: E402
-from odpo.trainer.models import ModelConfig, QLoRAUnavailableError, load_model_and_tokenizer  # noqa: E402
-from odpo.trainer.train_config import TrainConfig  # noqa: E402
-from odpo.trainer.train_loop import DPOTrainer  # noqa: E402
-from odpo.trainer.train_step import dpo_step, make_optimizer  # noqa: E402
+from odpo.trainer.export.exporters import export_adapter, export_merged  # noqa: E402
+from odpo.trainer.policy import loading as models  # noqa: E402
+from odpo.trainer.policy.batching import PairExample  # noqa: E402
+from odpo.trainer.policy.loading import ModelConfig, QLoRAUnavailableError, load_model_and_tokenizer  # noqa: E402
+from odpo.trainer.policy.lora import LoraSettings, attach_lora  # noqa: E402
+from odpo.trainer.sampling.hotreload import ReloadWatcher  # noqa: E402
+from odpo.trainer.training.loop import DPOTrainer  # noqa: E402
+from odpo.trainer.training.step import dpo_step, make_optimizer  # noqa: E402
+from odpo.trainer.training.train_config import TrainConfig  # noqa: E402
 from tests.db_helpers import label_all, make_pairs  # noqa: E402
 from tests.model_fixtures import tiny_model_config  # noqa: E402
 
@@ -198,8 +198,8 @@ def fresh_4bit_policy(model_dir, cache_dir, adapter_path):
 
 def test_a_version_trained_in_4bit_hot_swaps_into_a_4bit_sampler_like_a_fresh_load(
         database, trained_4bit, tiny_model_dir, tmp_path):
-    from odpo.trainer.generation import SamplingParams
-    from odpo.trainer.sampler import Sampler, SamplerSettings
+    from odpo.trainer.sampling.generation import SamplingParams
+    from odpo.trainer.sampling.sampler import Sampler, SamplerSettings
 
     assert trained_4bit.model.base_model.model.is_loaded_in_4bit
     base, tokenizer = load_model_and_tokenizer(four_bit(tiny_model_dir, tmp_path))
@@ -397,14 +397,14 @@ def test_the_bench_and_product_commands_take_the_4bit_flags():
 
 
 def test_odpo_up_passes_load_in_4bit_to_the_sampler_and_train():
-    from odpo.app.cli.serve import serve, up, up_children
+    from odpo.app.cli.serve import up, up_children
 
     options = up.make_context("up", ["--load-in-4bit", "--model", "m"]).params
-    serve_child, sample_child, train_child = up_children(options, serve_params=serve.params)
+    serve_child, sample_child, train_child = up_children(options)
     assert "--load-in-4bit" in sample_child.args and "--load-in-4bit" in train_child.args
     assert "--load-in-4bit" not in serve_child.args  # serve holds no model
     inline = up.make_context("up", ["--load-in-4bit", "--inline-sampler"]).params
-    serve_child, train_child = up_children(inline, serve_params=serve.params)
+    serve_child, train_child = up_children(inline)
     assert "--load-in-4bit" in serve_child.args and "--load-in-4bit" in train_child.args
 
 

@@ -263,21 +263,21 @@ def _count(db, **where) -> int:
 
 
 def test_up_starts_vllm_serve_itself_only_where_vllm_is_installed(monkeypatch, tmp_path):
-    from odpo.app.cli.serve import serve, up, up_children
-    from odpo.trainer import vllm_backend
+    from odpo.app.cli.serve import up, up_children
+    from odpo.trainer.sampling import vllm_backend
 
     result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "up", "--sampler", "vllm"])
     assert result.exit_code == 2 and "--vllm-url" in result.output and "Traceback" not in result.output
     monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
     options = up.make_context("up", ["--sampler", "vllm", "--model", "m", "--train-args", "--lora-r 32"]).params
-    serve_child, vllm_child, worker, train = up_children(options, serve_params=serve.params)
+    serve_child, vllm_child, worker, train = up_children(options)
     assert vllm_child.args == ("vllm-serve", "--model", "m", "--port", "8000", "--max-lora-rank", "32",
                                "--max-loras", "2")
     assert worker.args[-2:] == ("--vllm-url", "http://127.0.0.1:8000") and "--sampler" in worker.args
 
 
 def test_vllm_serve_execs_vllm_with_lora_and_runtime_loading(monkeypatch, tiny_model_dir, tmp_path):
-    from odpo.trainer import vllm_backend
+    from odpo.trainer.sampling import vllm_backend
 
     monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
     seen = {}
@@ -297,7 +297,7 @@ def test_serve_names_the_sampling_options_it_leaves_to_workers(monkeypatch, capl
     import logging
 
     import odpo.app.lifecycle as lifecycle
-    import odpo.app.serve as serve_module
+    import odpo.app.web as serve_module
 
     monkeypatch.setattr(serve_module, "run_serve", lambda *a, **k: None)
     monkeypatch.setattr(lifecycle, "exit_now", lambda code=0: None)

@@ -1,4 +1,4 @@
-"""The sampler (trainer/sampler.py) and hot reload (trainer/hotreload.py) on the tiny model and a
+"""The sampler (trainer/sampling/sampler.py) and hot reload (trainer/sampling/hotreload.py) on the tiny model and a
 real SQLite database: queue filling, typed prompts, staleness, in-place adapter swaps, rollback."""
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from sqlalchemy import select
 
 from odpo.db import store
 from odpo.db.models import Pair, Prompt, Reload, Sample
-from odpo.trainer.batching import MAX_PROMPT_TOKENS, prompt_token_ids
-from odpo.trainer.generation import SamplingParams
-from odpo.trainer.lora import LoraSettings, attach_lora
-from odpo.trainer.models import load_model_and_tokenizer
-from odpo.trainer.sampler import Sampler, SamplerSettings
+from odpo.trainer.options import MAX_PROMPT_TOKENS
+from odpo.trainer.policy.batching import prompt_token_ids
+from odpo.trainer.policy.loading import load_model_and_tokenizer
+from odpo.trainer.policy.lora import LoraSettings, attach_lora
+from odpo.trainer.sampling.generation import SamplingParams
+from odpo.trainer.sampling.sampler import Sampler, SamplerSettings
 from tests.concurrency import wait_until
 from tests.db_helpers import rows
 from tests.model_fixtures import tiny_model_config
@@ -286,7 +287,7 @@ def test_batches_give_way_to_reloads_but_not_forever(database, tiny_model_and_to
 
 
 def test_a_failing_batch_is_reported_and_the_sampler_carries_on(database, tiny_model_and_tokenizer, monkeypatch):
-    import odpo.trainer.sampler as sampler_module
+    import odpo.trainer.sampling.sampler as sampler_module
 
     add_prompts(database)
     sampler = make_sampler(database, *tiny_model_and_tokenizer, error_backoff_s=0.05, nice=2)
@@ -317,7 +318,7 @@ def test_nul_in_a_sample_is_stripped_counted_and_stored(database, tiny_model_and
     """A model can emit a token that decodes to NUL; PostgreSQL text cannot hold it (the insert
     failed the whole batch). The sampler drops it from the text, counts it and logs it; the ids,
     which the trainer uses, stay exactly as emitted."""
-    import odpo.trainer.sampler as sampler_module
+    import odpo.trainer.sampling.sampler as sampler_module
 
     add_prompts(database)
     sampler = make_sampler(database, *tiny_model_and_tokenizer)
@@ -330,7 +331,7 @@ def test_nul_in_a_sample_is_stripped_counted_and_stored(database, tiny_model_and
         return out
 
     monkeypatch.setattr(sampler_module, "generate", with_nul)
-    with caplog.at_level("WARNING", logger="odpo.trainer.sampler"):
+    with caplog.at_level("WARNING", logger="odpo.trainer.sampling.sampler"):
         assert sampler.step() == 2 and sampler.step() == 2
     assert sampler.state()["nul_stripped"] == 2  # one sample per batch
     assert "stripped 2 NUL character(s)" in caplog.text

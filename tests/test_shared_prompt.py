@@ -11,16 +11,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from odpo.trainer.batching import PairExample, build_pair_batch, concatenated_forward, encode_prompt
-from odpo.trainer.lora import LoraSettings, attach_lora
-from odpo.trainer.models import load_model_and_tokenizer
-from odpo.trainer.shared_prompt import (
+from odpo.trainer.policy.batching import PairExample, build_pair_batch, concatenated_forward, encode_prompt
+from odpo.trainer.policy.loading import load_model_and_tokenizer
+from odpo.trainer.policy.lora import LoraSettings, attach_lora
+from odpo.trainer.policy.shared_prompt import (
     build_shared_batch,
     can_share_prompt,
     common_prefix_length,
     shared_prompt_forward,
 )
-from odpo.trainer.train_step import _layout, dpo_step, make_optimizer, trainable_parameters
+from odpo.trainer.training.step import _layout, dpo_step, make_optimizer, trainable_parameters
 from tests.model_fixtures import tiny_train_config
 
 LIMITS = {"max_prompt_tokens": 256, "max_completion_tokens": 256}

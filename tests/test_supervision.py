@@ -152,7 +152,6 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux")
 @pytest.mark.timeout(400)
 def test_up_restarts_a_killed_child_reports_it_and_takes_everything_down_when_killed(tiny_model_dir, tmp_path):
-    from odpo.app.up import up_state_key
     from odpo.db import store
     from odpo.db.engine import Database
     from tests.test_up import UpProcess, tiny_args
@@ -173,7 +172,7 @@ def test_up_restarts_a_killed_child_reports_it_and_takes_everything_down_when_ki
 
         def report() -> dict:
             with db.sessions() as s:
-                return store.get_control(s, key=up_state_key("default"))
+                return store.get_control(s, key=store.up_state_key("default"))
 
         def train_of(state: dict) -> dict:
             return next(c for c in state["children"] if c["name"] == "train")

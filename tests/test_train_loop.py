@@ -11,13 +11,13 @@ from sqlalchemy import select
 from odpo.db import store
 from odpo.db.models import Adapter, Label, TrainStep
 from odpo.db.store import STALE_STEP, count_stale_skipped
-from odpo.trainer import checkpoint as ckpt
-from odpo.trainer.batching import PairExample
-from odpo.trainer.lora import LoraSettings, attach_lora
-from odpo.trainer.models import load_model_and_tokenizer
-from odpo.trainer.train_config import TrainConfig, TrainConfigError
-from odpo.trainer.train_loop import DPOTrainer, TrainerBusyError
-from odpo.trainer.train_step import dpo_step, make_optimizer
+from odpo.trainer.policy import checkpoint as ckpt
+from odpo.trainer.policy.batching import PairExample
+from odpo.trainer.policy.loading import load_model_and_tokenizer
+from odpo.trainer.policy.lora import LoraSettings, attach_lora
+from odpo.trainer.training.loop import DPOTrainer, TrainerBusyError
+from odpo.trainer.training.step import dpo_step, make_optimizer
+from odpo.trainer.training.train_config import TrainConfig, TrainConfigError
 from tests.db_helpers import label_all, make_pairs
 from tests.model_fixtures import tiny_model_config, tiny_train_config
 
@@ -418,7 +418,7 @@ def test_trainer_publishes_its_update_size_for_the_ui(make_trainer, database):
 
 def test_auto_eval_every_k_versions_scores_exactly_that_version(make_trainer, database):
     from odpo.db.models import Eval
-    from odpo.trainer.evaluate import DEFAULT_PARAMS, run_eval
+    from odpo.trainer.evaluation.win_rate import DEFAULT_PARAMS, run_eval
 
     with database.sessions.begin() as s:
         store.add_prompts(s, prompts=[store.NewPrompt(text=t, held_out=True)

@@ -10,7 +10,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from sqlalchemy import func, select
 
-from odpo.app.ui.common import INTERNAL_ERROR
+from odpo.app.ui.shared import INTERNAL_ERROR
 from odpo.db.models import Label, Prompt
 from tests import ui_fixtures
 from tests.concurrency import run_in_threads

@@ -13,11 +13,10 @@ import pytest
 from sqlalchemy import select
 
 from odpo.app.config import ServeConfig
-from odpo.app.serve import StartingSampler
 from odpo.app.services import status
 from odpo.app.services.exports import ROOT_PREFIX, ExportStore
 from odpo.app.services.labeling import LabelService
-from odpo.app.up import up_state_key
+from odpo.app.web import StartingSampler
 from odpo.db import store
 from odpo.db.models import Assignment, Label, TrainStep
 from tests import ui_fixtures
@@ -45,8 +44,8 @@ def notes(monkeypatch):
 
 
 def label_handlers(database, sampler=None):
-    from odpo.app.ui.common import Identity
     from odpo.app.ui.label import LabelHandlers
+    from odpo.app.ui.shared import Identity
 
     return LabelHandlers(LabelService(db=database, config=ServeConfig(), sampler=sampler), Identity(auth_on=False))
 
@@ -88,7 +87,7 @@ def test_after_the_page_loads_the_same_keypress_votes(database, notes, caplog):
 
 def report_up(database, *, children, at=None, state="running"):
     with database.sessions.begin() as s:
-        store.set_control(s, key=up_state_key("default"), value={
+        store.set_control(s, key=store.up_state_key("default"), value={
             "pid": 1, "state": state, "at": time.time() if at is None else at,
             "children": [{"name": n, "state": st} for n, st in children]})
 
@@ -163,10 +162,10 @@ def _write(path: Path) -> Path:
 
 
 def admin_handlers(app):
+    from odpo.app.services.accounts import load_auth
     from odpo.app.services.admin import AdminService
     from odpo.app.ui.admin import AdminHandlers
-    from odpo.app.ui.auth import load_auth
-    from odpo.app.ui.common import Identity
+    from odpo.app.ui.shared import Identity
 
     labels = LabelService(db=app.db, config=app.ctx.config)
     admin = AdminService(db=app.db, config=app.ctx.config, labels=labels, auth=load_auth(app.auth_file),
@@ -213,7 +212,7 @@ def test_serve_shutdown_leaves_no_export_dir_and_starts_the_sampler_once_loaded(
     app makes an export, and the shutdown removes it from the temp root (TMPDIR)."""
     import tempfile
 
-    import odpo.app.serve as serve
+    import odpo.app.web as serve
 
     temp_root = tmp_path / "tmp"
     temp_root.mkdir()
@@ -250,9 +249,9 @@ def test_the_admin_export_offers_the_adapter_as_a_gguf_zip(database, common_conf
 
     from odpo.app.services.admin import AdminService
     from odpo.app.ui.admin import AdminHandlers
-    from odpo.app.ui.common import Identity
-    from odpo.trainer.lora import LoraSettings, attach_lora
-    from odpo.trainer.models import load_model_and_tokenizer
+    from odpo.app.ui.shared import Identity
+    from odpo.trainer.policy.loading import load_model_and_tokenizer
+    from odpo.trainer.policy.lora import LoraSettings, attach_lora
     from tests.model_fixtures import tiny_model_config
     from tests.test_export import commit_version, perturb
 
@@ -434,7 +433,7 @@ def test_the_http_api_says_what_it_waits_for_and_whether_a_trainer_runs(live_app
 
 
 def test_a_first_run_knows_it_must_convert_the_default_model(common_config, tmp_path):
-    from odpo.app.serve import needs_conversion
+    from odpo.app.web import needs_conversion
 
     assert needs_conversion(common_config, ServeConfig())  # the bundled GGUF, an empty model cache
     checkpoint = tmp_path / "ckpt"
@@ -445,7 +444,7 @@ def test_a_first_run_knows_it_must_convert_the_default_model(common_config, tmp_
 
 
 def test_a_model_that_cannot_load_fails_serve_fast_without_a_web_app(common_config, monkeypatch):
-    import odpo.app.serve as serve
+    import odpo.app.web as serve
 
     def broken(*a, **k):
         raise FileNotFoundError("model path nowhere/model.gguf does not exist")

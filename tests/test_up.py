@@ -170,7 +170,7 @@ def test_background_children_run_at_a_lower_priority(tmp_path):
 
 
 def test_up_passes_options_to_its_children():
-    from odpo.app.cli.serve import serve, up_children
+    from odpo.app.cli.serve import up_children
 
     options = {name: None for name in ("batch_size", "save_every", "max_steps", "until_version")}
     options.update(model="m", run="default", device="cpu", dtype="auto", load_in_4bit=False, seed=0, host="0.0.0.0",
@@ -180,7 +180,7 @@ def test_up_passes_options_to_its_children():
                    sample_autocast=False, sampler_nice=10, judge_spec="rule:shorter", auto_label=False,
                    no_train=False, train_args="--beta 0.2", judge_args="", max_steps=5, background_nice=7,
                    inline_sampler=False, workers=1, backend="hf", vllm_urls="")
-    serve_child, train_child, judge_child = up_children(options, serve_params=serve.params)
+    serve_child, train_child, judge_child = up_children(options)
     assert serve_child.args == ("serve", "--model", "m", "--device", "cpu", "--temperature", "0.7",
                                 "--host", "0.0.0.0", "--headless", "--admin", "ann")
     # only what differs from the defaults, in train's own option order, then the raw extras
@@ -193,7 +193,7 @@ def test_up_passes_options_to_its_children():
 
     # without --headless / --inline-sampler: serve holds no model and workers sample
     options.update(headless=False, workers=2)
-    serve_child, *workers, train_child, judge_child = up_children(options, serve_params=serve.params)
+    serve_child, *workers, train_child, judge_child = up_children(options)
     assert serve_child.args == ("serve", "--host", "0.0.0.0", "--admin", "ann")  # model and sampling: workers
     assert not serve_child.uses_torch
     assert [w.name for w in workers] == ["sample1", "sample2"]

@@ -1,4 +1,4 @@
-"""The vLLM sampler backend (trainer/vllm_backend.py) against tests/vllm_standin.py: a local server
+"""The vLLM sampler backend (trainer/sampling/vllm_backend.py) against tests/vllm_standin.py: a local server
 with vLLM's endpoints backed by the tiny Llama and real PEFT adapters, and a real SQLite database.
 Real vLLM is not run here (no GPU); the stand-in implements exactly the endpoints the backend uses."""
 from __future__ import annotations
@@ -13,13 +13,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from odpo.db import store
 from odpo.db.errors import OdpoError
 from odpo.db.models import Pair, Reload
-from odpo.trainer.batching import build_pair_batch, prompt_token_ids
-from odpo.trainer.checkpoint import write_version
-from odpo.trainer.generation import Generated, GenerationInterrupted, SamplingParams, generate
-from odpo.trainer.hotreload import load_version_into
-from odpo.trainer.lora import LoraSettings, attach_lora
-from odpo.trainer.on_policy import training_examples
-from odpo.trainer.vllm_backend import (
+from odpo.trainer.policy.batching import build_pair_batch, prompt_token_ids
+from odpo.trainer.policy.checkpoint import write_version
+from odpo.trainer.policy.lora import LoraSettings, attach_lora
+from odpo.trainer.sampling.generation import Generated, GenerationInterrupted, SamplingParams, generate
+from odpo.trainer.sampling.hotreload import load_version_into
+from odpo.trainer.sampling.vllm_backend import (
     RUNTIME_LORA_ENV,
     VllmBackend,
     VllmError,
@@ -29,6 +28,7 @@ from odpo.trainer.vllm_backend import (
     vllm_serve_command,
     vllm_serve_env,
 )
+from odpo.trainer.training.on_policy import training_examples
 from tests.concurrency import wait_until
 from tests.db_helpers import label_all, make_pairs, rows
 from tests.vllm_standin import StandinVllm

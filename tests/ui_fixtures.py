@@ -85,7 +85,7 @@ def write_users(path: Path, users: dict[str, tuple[str, bool]]) -> Path:
 
 def _live(common_config, database, *, serve_kwargs: dict, users: Optional[dict] = None):
     from odpo.app.config import ServeConfig
-    from odpo.app.serve import AppContext
+    from odpo.app.web import AppContext
 
     sampler = FakeSampler(database)
     auth_file = None

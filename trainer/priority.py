@@ -13,9 +13,9 @@ import os
 import sys
 import threading
 
-log = logging.getLogger(__name__)
+from odpo.trainer.options import BACKGROUND_NICE
 
-BACKGROUND_NICE = 10  # CFS weight ~1/10 of a nice-0 thread: interactive work runs first
+log = logging.getLogger(__name__)
 
 
 def lower_thread_priority(increment: int = BACKGROUND_NICE) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from odpo.app.config import CommonConfig
-from odpo.app.errors import user_error_message
+from odpo.app.user_errors import user_error_message
 
 # name -> "module:attribute"; a module is imported only when its command runs (or --help lists it)
 COMMANDS: dict[str, str] = {

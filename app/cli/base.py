@@ -9,6 +9,7 @@ import click
 from odpo.app.config import CommonConfig
 from odpo.app.services.prompts import ensure_initialised, import_prompt_files, list_prompts
 from odpo.app.services.status import read_status
+from odpo.trainer.options import MAX_PROMPT_CHARS
 
 
 @click.command()
@@ -31,7 +32,7 @@ def prompts() -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--held-out", "held_out", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.0,
               show_default=True, help="Fraction marked as held-out eval prompts (deterministic by text).")
-@click.option("--max-chars", type=click.IntRange(1), default=8000, show_default=True,
+@click.option("--max-chars", type=click.IntRange(1), default=MAX_PROMPT_CHARS, show_default=True,
               help="Reject prompts longer than this.")
 @click.pass_obj
 def prompts_import(cfg: CommonConfig, files: tuple[Path, ...], held_out: float, max_chars: int) -> None:

@@ -1,7 +1,7 @@
 """`odpo eval --a vN --b base|vM --judge SPEC`: win rate of one policy version over another.
 
 `odpo eval --human [--n 20] [--version vN] [--reference base|vM]` queues blind eval pairs for people
-instead (trainer/human_eval.py): their votes show as the human win rate on the dashboard."""
+instead (trainer/evaluation/blind_pairs.py): their votes show as the human win rate on the dashboard."""
 from __future__ import annotations
 
 import json
@@ -84,10 +84,10 @@ def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: Optional[s
     if not spec:
         raise click.UsageError("--judge SPEC is required (or --human to queue the pairs for people)")
     n = n or 64
-    from odpo.trainer.evaluate import load_eval_policy, run_eval
-    from odpo.trainer.export import base_model_spec
-    from odpo.trainer.generation import SamplingParams
+    from odpo.trainer.evaluation.win_rate import load_eval_policy, run_eval
+    from odpo.trainer.export.exporters import base_model_spec
     from odpo.trainer.judges import load_judge
+    from odpo.trainer.sampling.generation import SamplingParams
 
     db = cfg.open_db()
     try:
@@ -111,7 +111,7 @@ def _two_versions(cfg: CommonConfig, db: Any, *, run: str, specs: tuple[str, str
     """(a, b, the version whose adapter loads first, its directory) from two version specs
     (vN, latest, base); the same two are refused in one line naming `flags`."""
     from odpo.db import store
-    from odpo.trainer.evaluate import adapter_path
+    from odpo.trainer.evaluation.win_rate import adapter_path
 
     with db.sessions() as s:
         latest = store.latest_adapter(s, run=run)
@@ -127,10 +127,10 @@ def _queue_human(cfg: CommonConfig, *, version_a: str, version_b: str, n: int, r
                  sampling: dict[str, Any], model: dict[str, Any]) -> None:
     """`odpo eval --human`: answer n held-out prompts with both versions and queue them as blind
     eval pairs in one transaction; `odpo serve` shows them to people like any pair."""
-    from odpo.trainer.evaluate import load_eval_policy
-    from odpo.trainer.export import base_model_spec
-    from odpo.trainer.generation import SamplingParams
-    from odpo.trainer.human_eval import queue_human_eval
+    from odpo.trainer.evaluation.blind_pairs import queue_human_eval
+    from odpo.trainer.evaluation.win_rate import load_eval_policy
+    from odpo.trainer.export.exporters import base_model_spec
+    from odpo.trainer.sampling.generation import SamplingParams
 
     db = cfg.open_db()
     try:

@@ -1,7 +1,7 @@
 """`odpo export adapter|merged|gguf|dataset`: take what odpo learned elsewhere.
 
-The functions behind these commands live in trainer/export.py (the admin tab calls them too) and,
-for llama.cpp / Ollama, trainer/export_gguf.py.
+The functions behind these commands live in trainer/export/exporters.py (the admin tab calls them too) and,
+for llama.cpp / Ollama, trainer/export/gguf.py.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Optional
 import click
 
 from odpo.app.config import CommonConfig
+from odpo.trainer.options import SOURCES
 
 _VERSION = click.option("--version", "version", type=click.IntRange(1), default=None,
                         help="Adapter version (default: the latest committed one).")
@@ -35,7 +36,7 @@ def export_adapter_cmd(cfg: CommonConfig, version: Optional[int], run: str, base
                        out: Path) -> None:
     """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors, README.md) for
     PeftModel.from_pretrained or vLLM --lora-modules. OUT must not exist or be empty."""
-    from odpo.trainer.export import export_adapter
+    from odpo.trainer.export.exporters import export_adapter
 
     db = cfg.open_db()
     try:
@@ -55,7 +56,7 @@ def export_merged_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_
                       out: Path) -> None:
     """The base model with the adapter merged in (fp32), tokenizer and chat template included,
     for AutoModelForCausalLM.from_pretrained. OUT must not exist or be empty."""
-    from odpo.trainer.export import export_merged
+    from odpo.trainer.export.exporters import export_merged
 
     db = cfg.open_db()
     try:
@@ -82,7 +83,7 @@ def export_gguf_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_mo
     """For llama.cpp and Ollama: OUT/odpo-vN-lora-f32.gguf (llama-cli -m BASE.gguf --lora it) or, with
     --merged, OUT/odpo-vN-f16.gguf (llama-cli -m it), plus an Ollama Modelfile (ollama create NAME -f
     OUT/Modelfile). Llama-family models. OUT must not exist or be empty."""
-    from odpo.trainer.export_gguf import export_gguf
+    from odpo.trainer.export.gguf import export_gguf
 
     db = cfg.open_db()
     try:
@@ -95,7 +96,7 @@ def export_gguf_cmd(cfg: CommonConfig, version: Optional[int], run: str, base_mo
 
 @export.command("dataset")
 @_OUT
-@click.option("--source", "sources", type=click.Choice(["human", "judge", "all", "dataset"]), default="all",
+@click.option("--source", "sources", type=click.Choice(SOURCES), default="all",
               show_default=True, help="Which labels (a person's label wins over a judge's on one pair); all = "
                                       "people and judges, dataset = rows `odpo import dataset` stored.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -106,7 +107,7 @@ def export_dataset_cmd(cfg: CommonConfig, out: Path, sources: str, force: bool, 
     """Labeled pairs as OUT.jsonl or OUT.parquet in TRL's conversational preference format (prompt,
     chosen, rejected) plus labeler, source, adapter version and timestamps. A multi-turn prompt's
     `prompt` lists every earlier turn before the final user message."""
-    from odpo.trainer.export import export_dataset
+    from odpo.trainer.export.exporters import export_dataset
 
     db = cfg.open_db()
     try:

@@ -73,8 +73,8 @@ def judge(cfg: CommonConfig, spec: str, fraction: float, only_skipped: bool, sha
     An abstaining judge hands the pair back to people at once; pairs are claimed through the same
     queue people use, so nobody labels a pair twice.
     """
-    from odpo.trainer.judge_worker import JudgeWorkerConfig, run_judge_worker
     from odpo.trainer.judges import load_judge
+    from odpo.trainer.judges.worker import JudgeWorkerConfig, run_judge_worker
 
     config = JudgeWorkerConfig(fraction=fraction, only_skipped=only_skipped, shadow=shadow,
                                batch_size=batch_size, poll_seconds=poll_seconds, max_labels=max_labels,

@@ -6,26 +6,25 @@ from typing import Any
 
 import click
 
-from odpo.app.cli.serve import SAMPLER_OPTIONS, SHARED_OPTIONS, apply_options, sample_config
-from odpo.app.config import CommonConfig
+from odpo.app.cli.flags import apply_options, click_options, config_from
+from odpo.app.config import CommonConfig, SampleConfig
+from odpo.trainer.options import DEFAULT_MODEL
 
 
 @click.command()
-@apply_options(SHARED_OPTIONS)
-@apply_options(SAMPLER_OPTIONS)
-@click.option("--name", default=None, help="This worker's name on the dashboard (default: host-pid).")
+@apply_options(click_options(SampleConfig))
 @click.pass_obj
 def sample(cfg: CommonConfig, **options: Any) -> None:
     """A sampler worker: keeps the queue of pairs full from the newest committed version."""
     from odpo.app.lifecycle import exit_now
-    from odpo.app.sample import run_sample
+    from odpo.app.sampler_worker import run_sample
 
-    run_sample(cfg, sample_config(options))
+    run_sample(cfg, config_from(SampleConfig, options))
     exit_now(0)  # skip the interpreter's seconds-long teardown (see exit_now)
 
 
 @click.command("vllm-serve")
-@click.option("--model", default="smollm2-135m", show_default=True, help="The policy's base model (as odpo names it).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="The policy's base model (as odpo names it).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--max-lora-rank", type=click.IntRange(1), default=16, show_default=True,
               help="At least the trainer's --lora-r (rounded up to a rank vLLM accepts).")
@@ -39,8 +38,8 @@ def vllm_serve(cfg: CommonConfig, model: str, port: int, max_lora_rank: int, max
     `odpo up --sampler vllm` runs when no --vllm-url is given). Extra arguments go to vllm."""
     import os
 
-    from odpo.trainer.models import ModelConfig, model_location
-    from odpo.trainer.vllm_backend import vllm_available, vllm_serve_command, vllm_serve_env
+    from odpo.trainer.policy.loading import ModelConfig, model_location
+    from odpo.trainer.sampling.vllm_backend import vllm_available, vllm_serve_command, vllm_serve_env
 
     if not vllm_available():
         raise click.UsageError("the vllm package is not installed here: pip install vllm, or run the servers "

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from odpo.app.config import ServeConfig
+from odpo.app.services.accounts import AuthConfig
 from odpo.app.services.human_eval import human_win_rates
 from odpo.app.services.labeler_quality import labeler_quality
 from odpo.app.services.labeling import LabelService, load_guidelines
 from odpo.app.services.status import trainer_state
-from odpo.app.ui.auth import AuthConfig
-from odpo.app.up import up_state_key
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
@@ -79,7 +78,7 @@ class AdminService:
                 "paused": _paused(s),
                 "train_progress": store.get_control(s, key=store.TRAIN_PROGRESS_KEY),
                 "trainer": trainer_state(s, run=run),
-                "processes": store.get_control(s, key=up_state_key(run)),
+                "processes": store.get_control(s, key=store.up_state_key(run)),
                 "judges": list(store.controls_with_prefix(s, prefix=store.JUDGE_STATE_PREFIX).values()),
             }
         data["now"] = time.time()  # the reports carry wall-clock times: their age is shown
@@ -178,17 +177,17 @@ class AdminService:
 
     # -- exports --------------------------------------------------------------------------------
     def export_available(self) -> bool:
-        return importlib.util.find_spec("odpo.trainer.export") is not None
+        return importlib.util.find_spec("odpo.trainer.export.exporters") is not None
 
     def export(self, *, username: Optional[str], fmt: str, out_dir: Path) -> Path:
-        """Write an export file via trainer/export.py (when that feature is installed)."""
+        """Write an export file via trainer/export/exporters.py (when that feature is installed)."""
         self.require_admin(username)
         if not self.export_available():
-            raise AdminError("exports are not available in this version of odpo (trainer/export.py missing)")
-        module = importlib.import_module("odpo.trainer.export")
+            raise AdminError("exports are not available in this version of odpo (trainer/export/exporters.py missing)")
+        module = importlib.import_module("odpo.trainer.export.exporters")
         fn = getattr(module, "export_for_ui", None)
         if fn is None:
-            raise AdminError("this odpo's trainer/export.py has no export_for_ui(); use `odpo export`")
+            raise AdminError("this odpo's trainer/export/exporters.py has no export_for_ui(); use `odpo export`")
         out_dir.mkdir(parents=True, exist_ok=True)
         return Path(fn(db=self.db, fmt=fmt, out_dir=out_dir, run=self.config.run, base_dir=self.data_dir))
 

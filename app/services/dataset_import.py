@@ -31,11 +31,11 @@ from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.store.prompts import split_conversation
+from odpo.trainer.options import MAX_PROMPT_CHARS
 
 log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-MAX_PROMPT_CHARS = 8000  # as `odpo prompts import`
 MAX_LISTED = 20  # bad rows listed one line each; the rest are counted
 
 

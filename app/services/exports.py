@@ -134,8 +134,8 @@ class ExportStore:
 
 def export_gguf_zip(db: object, *, out_dir: Path, run: str, data_dir: Path) -> Path:
     """The latest version's LoRA as a llama.cpp adapter GGUF plus its Ollama Modelfile, zipped into
-    one download (trainer/export_gguf.py; `odpo export gguf` does the same, and `--merged`)."""
-    from odpo.trainer.export_gguf import export_gguf
+    one download (trainer/export/gguf.py; `odpo export gguf` does the same, and `--merged`)."""
+    from odpo.trainer.export.gguf import export_gguf
 
     folder = export_gguf(db, out=Path(out_dir) / "odpo-gguf", run=run, merged=False,  # type: ignore[arg-type]
                          cache_dir=Path(data_dir) / "models", base_dir=Path(data_dir)).parent

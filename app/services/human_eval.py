@@ -2,7 +2,7 @@
 
 People's judgments on eval pairs (db/store/human_evals.py) are counted per (version, reference)
 and turned into a win rate with the same convention and interval as the judge evals
-(trainer/evaluate.py): ties and both-bad count half a win, and a 95% Wilson score interval.
+(trainer/evaluation/win_rate.py): ties and both-bad count half a win, and a 95% Wilson score interval.
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ HUMAN = "human"  # the series name prefix beside the judges' in the win-rate plo
 def human_win_rates(session: Session) -> list[dict[str, Any]]:
     """One row per (version, reference): wins, losses, ties (both-bad included), n, the win rate
     (wins + ties/2) / n and its 95% Wilson interval. Versions without a judgment are absent."""
-    from odpo.trainer.evaluate import wilson_interval  # trainer.evaluate imports torch: only when asked
+    from odpo.trainer.evaluation.win_rate import (
+        wilson_interval,  # trainer.evaluation.win_rate imports torch: only when asked
+    )
 
     out = []
     for row in store.human_eval_counts(session):

@@ -37,11 +37,11 @@ from odpo.app.services.label_text import (  # noqa: F401 - re-exported: the labe
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.models import Assignment, Pair, Prompt
+from odpo.trainer.options import MAX_PROMPT_CHARS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
-MAX_PROMPT_CHARS = 8000
 DEFAULT_CLIENT = "default"  # the client of callers that name none (one client per labeler, as before)
 
 
@@ -297,16 +297,11 @@ class LabelService:
             log.warning("sampler.state() failed: %s", exc)
             return {"last_error": f"sampler state unavailable: {exc}"}
 
-    def labels_by(self, *, labeler: str) -> int:
-        with self.db.sessions() as s:
-            return store.count_labels(s, labeler=labeler)
-
-
 def _round_counts(s, *, run: str, default: tuple[int, int]) -> tuple[int, int]:
     """(labels a version takes, labels toward it) of an iterative trainer's round: its own count of
-    the serving version's labels (`train.progress`, trainer/modes.py), since a round trains only
+    the serving version's labels (`train.progress`, trainer/training/modes.py), since a round trains only
     those; else `default` (online: batch x save_every and every unused label)."""
-    progress = store.get_control(s, key="train.progress") or {}
+    progress = store.get_control(s, key=store.TRAIN_PROGRESS_KEY) or {}
     if progress.get("mode") != "iterative" or progress.get("run", run) != run:
         return default
     try:

@@ -8,7 +8,6 @@ A JSON object with chat `messages` is a conversation: its last user message is t
 turns before it its context (answers after it are dropped, as before conversations existed), so
 the sampler continues the conversation and labelers see it.
 """
-
 from __future__ import annotations
 
 import csv
@@ -25,6 +24,7 @@ from typing import Any
 from odpo.db.errors import OdpoError
 from odpo.db.store import normalise_prompt, prompt_hash
 from odpo.db.store.prompts import split_conversation
+from odpo.trainer.options import MAX_PROMPT_CHARS
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def dedupe(records: Iterable[PromptRecord]) -> tuple[list[PromptRecord], int]:
     return unique, duplicates
 
 
-def read_prompt_file(path: Path, *, max_chars: int = 8000) -> list[PromptRecord]:
+def read_prompt_file(path: Path, *, max_chars: int = MAX_PROMPT_CHARS) -> list[PromptRecord]:
     """Read and fully validate a prompt file; the format is chosen by the file's suffix.
 
     Raises PromptFileError for every problem with the file; ValueError only for a bad max_chars.
@@ -128,7 +128,7 @@ def read_starter_prompts() -> list[PromptRecord]:
                               source="starter")
 
 
-def parse_prompt_bytes(data: bytes, *, name: str, suffix: str, max_chars: int = 8000,
+def parse_prompt_bytes(data: bytes, *, name: str, suffix: str, max_chars: int = MAX_PROMPT_CHARS,
                        source: str | None = None) -> list[PromptRecord]:
     """Parse file content already in memory (uploads arrive as bytes); `name` is used in errors."""
     if suffix == ".parquet":

@@ -19,7 +19,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from odpo.app.config import CommonConfig
-from odpo.app.up import up_state_key
 from odpo.db import store
 from odpo.db.models import TrainStep
 
@@ -53,7 +52,7 @@ class TrainerState:
 def trainer_state(session: Session, *, run: str, now: Optional[float] = None) -> TrainerState:
     """What the database says about the run's trainer (see the module docstring)."""
     now = time.time() if now is None else now
-    report = store.get_control(session, key=up_state_key(run))
+    report = store.get_control(session, key=store.up_state_key(run))
     from_up = _from_up_report(report, now=now)
     if from_up is not None:
         return from_up

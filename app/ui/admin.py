@@ -24,7 +24,7 @@ from starlette.routing import Route
 from odpo.app.services.admin import MAX_GUIDELINES_CHARS, AdminError, AdminService
 from odpo.app.services.exports import Export, ExportStore, export_gguf_zip
 from odpo.app.services.status import DOWN, STARTING, UNKNOWN, trainer_state
-from odpo.app.ui.common import Identity, guarded
+from odpo.app.ui.shared import Identity, guarded
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import gradio as gr
 
 from odpo.app.services.labeling import DEFAULT_CLIENT, LabelService
 from odpo.app.services.status import trainer_state, waiting_message
-from odpo.app.ui.common import INTERNAL_ERROR, Identity
+from odpo.app.ui.shared import INTERNAL_ERROR, Identity
 from odpo.db.errors import OdpoError
 
 log = logging.getLogger(__name__)

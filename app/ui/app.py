@@ -1,5 +1,5 @@
 """The odpo web app: `build_app(ctx)` makes the Gradio Blocks, `launch_kwargs(ctx)` says how to
-launch it (theme, CSS/JS from static/, auth), so app/serve.py needs to know neither.
+launch it (theme, CSS/JS from static/, auth), so app/web.py needs to know neither.
 
     demo = build_app(ctx)
     demo.launch(server_name=cfg.host, server_port=cfg.port, **launch_kwargs(ctx))
@@ -14,15 +14,15 @@ from typing import Any, Optional
 
 import gradio as gr
 
-from odpo.app.serve import AppContext
+from odpo.app.services.accounts import AuthConfig, load_auth
 from odpo.app.services.admin import AdminService
 from odpo.app.services.labeling import LabelService
 from odpo.app.ui.admin import build_admin_tab, export_route, wire_admin_load
 from odpo.app.ui.api import register_api
-from odpo.app.ui.auth import AuthConfig, load_auth
-from odpo.app.ui.common import Identity, header_html, static_dir
 from odpo.app.ui.dashboard import build_dashboard_tab
 from odpo.app.ui.label import build_label_tab, wire_guidelines, wire_page_load
+from odpo.app.ui.shared import Identity, header_html, static_dir
+from odpo.app.web import AppContext
 
 log = logging.getLogger(__name__)
 

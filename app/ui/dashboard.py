@@ -17,8 +17,8 @@ import pandas as pd
 from odpo.app.services.admin import AdminService
 from odpo.app.services.human_eval import human_series
 from odpo.app.services.labeler_quality import cell
-from odpo.app.ui.common import guarded
-from odpo.trainer.modes import progress_line
+from odpo.app.ui.shared import guarded
+from odpo.trainer.training.modes import progress_line
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _trainer_word(data: dict[str, Any]) -> str:
 
 
 def _progress_part(progress: Optional[dict[str, Any]]) -> str:
-    """"; round 3: 17/32 labels" while an iterative or offline trainer runs (trainer/modes.py)."""
+    """"; round 3: 17/32 labels" while an iterative or offline trainer runs (trainer/training/modes.py)."""
     line = progress_line(progress) if isinstance(progress, dict) else ""
     return f"; {html.escape(line)}" if line else ""
 

@@ -19,9 +19,10 @@ from odpo.app.services.label_text import conversation_html
 from odpo.app.services.labeling import LabelService, PairView, guest_name, normalise_labeler
 from odpo.app.services.status import TrainerWatch, waiting_message
 from odpo.app.ui.api import client_key
-from odpo.app.ui.common import Identity, NotSignedInError, counters_html, guarded, pair_outputs, skips
+from odpo.app.ui.shared import Identity, NotSignedInError, counters_html, guarded, pair_outputs, skips
 from odpo.app.ui.slots import LabelSlots, SlotBook, SlotState, SlotUpdate
 from odpo.db.errors import OdpoError
+from odpo.trainer.options import MAX_PROMPT_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def _layout(*, identity: Identity, guidelines: str, counters: gr.HTML, name_secr
                         max_length=500, elem_id="odpo-reason", lines=1)
     judge = gr.Markdown(elem_id="odpo-judge", **MD)
     with gr.Accordion("Ask your own prompt", open=False, elem_id="odpo-ask"):
-        ask_box = gr.Textbox(show_label=False, lines=3, max_length=8000, elem_id="odpo-ask-box",
+        ask_box = gr.Textbox(show_label=False, lines=3, max_length=MAX_PROMPT_CHARS, elem_id="odpo-ask-box",
                              placeholder="Type a prompt: odpo samples two responses from the current policy "
                                          "and shows them to you for labeling.")
         ask_btn = gr.Button("Sample a pair for this prompt", elem_id="odpo-ask-btn", size="sm")

@@ -10,6 +10,7 @@ adapter versions, run heads, train steps, the per-run label ledger); datasets (i
 files, the training modes' label reads); evals; control (switches, reloads, status counts); errors
 (StoreError, raised by all of them).
 """
+from odpo.db.errors import StoreError
 from odpo.db.store.adapters import (
     STALE_STEP,
     HeadMoved,
@@ -54,6 +55,7 @@ from odpo.db.store.control import (
     record_reload,
     set_control,
     status_counts,
+    up_state_key,
 )
 from odpo.db.store.datasets import (
     DATASET_PURPOSE,
@@ -66,7 +68,6 @@ from odpo.db.store.datasets import (
     trained_since,
     used_by_run,
 )
-from odpo.db.store.errors import StoreError
 from odpo.db.store.evals import eval_series, find_eval, list_evals, record_eval
 from odpo.db.store.human_evals import (
     EVAL_PURPOSE,
@@ -156,6 +157,7 @@ __all__ = [
     "skip_stale_labels", "status_counts", "train_series", "trained_label_counts", "typed_pair_waiting",
     "unconsumed_labels", "undo_label", "version_lineage",
     "controls_with_prefix", "SampledIds", "sampled_ids", "JUDGE_STATE_PREFIX", "TRAIN_PROGRESS_KEY",
+    "up_state_key",
     # imported datasets and the training modes' label reads (datasets.py)
     "DATASET_PURPOSE", "DATASET_SOURCE_PREFIX", "DatasetImport", "DatasetRow", "LABEL_SOURCES", "dataset_source",
     "import_dataset_rows", "imported_datasets", "trainable_labels", "trained_since", "used_by_run",

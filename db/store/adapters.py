@@ -25,6 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from odpo.db.errors import StoreError
 from odpo.db.models import (
     TRAINABLE_CHOICES,
     Adapter,
@@ -37,7 +38,6 @@ from odpo.db.models import (
     TrainStep,
     utcnow,
 )
-from odpo.db.store.errors import StoreError
 from odpo.db.store.labels import source_filter
 from odpo.db.store.prompts import conversation
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from odpo.db.models import Assignment, Pair, Prompt, Sample, utcnow
+from odpo.db.vocabulary import CLAIM_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ClaimedPair:
     shown_at: dt.datetime
 
 
-def claim_next_pair(session: Session, *, labeler: str, timeout_s: float = 600.0,
+def claim_next_pair(session: Session, *, labeler: str, timeout_s: float = CLAIM_TIMEOUT_S,
                     purpose: Optional[str] = None, rng: Optional[random.Random] = None,
                     candidates: int = 8, client: Optional[str] = None,
                     evals: bool = False) -> Optional[ClaimedPair]:

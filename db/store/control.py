@@ -10,14 +10,19 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from odpo.db.models import Adapter, Control, Eval, Label, LabelUse, Pair, Reload, TrainStep, utcnow
+from odpo.db.models import PAIR_STATUSES, Adapter, Control, Eval, Label, LabelUse, Pair, Reload, TrainStep, utcnow
 from odpo.db.store.adapters import STALE_STEP, count_unconsumed, run_head
 from odpo.db.store.prompts import count_prompts
 
 # Control-row keys other processes publish (defined here so the web app reads them without
 # importing the trainer, which would load torch into `odpo serve`).
-JUDGE_STATE_PREFIX = "judge."  # one row per judge worker (trainer/judge_worker.py)
-TRAIN_PROGRESS_KEY = "train.progress"  # what a round / offline job is at (trainer/modes.py)
+JUDGE_STATE_PREFIX = "judge."  # one row per judge worker (trainer/judges/worker.py)
+TRAIN_PROGRESS_KEY = "train.progress"  # what a round / offline job is at (trainer/training/modes.py)
+
+
+def up_state_key(run: str) -> str:
+    """The control row `odpo up` reports its children in (one per run, as the dashboard shows one run)."""
+    return f"up.{run}"[:100]
 
 
 def status_counts(session: Session, *, run: str = "default") -> dict[str, Any]:
@@ -39,7 +44,7 @@ def status_counts(session: Session, *, run: str = "default") -> dict[str, Any]:
         "head": run_head(session, run=run),
         "prompts": total,
         "held_out": held,
-        "pairs": {s: int(pairs.get(s, 0)) for s in ("queued", "shown", "labeled", "retired")},
+        "pairs": {s: int(pairs.get(s, 0)) for s in PAIR_STATUSES},
         "labels": {str(k): int(v) for k, v in label_rows},
         "choices": {str(k): int(v) for k, v in choice_rows},
         "unconsumed_trainable": int(unconsumed),

@@ -22,11 +22,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
+from odpo.db.errors import StoreError
 from odpo.db.models import TRAINABLE_CHOICES, Control, Label, LabelUse, Pair, Prompt, Sample, utcnow
 from odpo.db.store.adapters import STALE_STEP, TrainingLabel, _unused_in, not_excluded
-from odpo.db.store.errors import StoreError
-from odpo.db.store.labels import DATASET_SOURCE_PREFIX, source_filter
+from odpo.db.store.labels import source_filter
 from odpo.db.store.prompts import conversation, prompt_hash
+from odpo.db.vocabulary import DATASET_SOURCE_PREFIX
 
 DATASET_PURPOSE = "dataset"
 _CHUNK = 500  # rows per multi-row INSERT: under SQLite's and PostgreSQL's parameter limits

@@ -15,8 +15,8 @@ from typing import Any, Optional
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from odpo.db.errors import StoreError
 from odpo.db.models import HumanEval, Label, Pair, Prompt, Sample, utcnow
-from odpo.db.store.errors import StoreError
 from odpo.db.store.labels import DECISIONS
 from odpo.db.store.pairs import NewSample, add_pair
 from odpo.db.store.prompts import pick_prompts_for_sampling

@@ -18,9 +18,10 @@ from sqlalchemy import ColumnElement, Exists, and_, case, func, select, update
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import set_committed_value
 
+from odpo.db.errors import StoreError
 from odpo.db.models import CHOICES, Assignment, Label, LabelUse, Pair, Prompt, Sample, utcnow
 from odpo.db.store.claims import ClaimedPair, claimed_view, held_by
-from odpo.db.store.errors import StoreError
+from odpo.db.vocabulary import CLAIM_TIMEOUT_S, DATASET_SOURCE_PREFIX, LABEL_SOURCES
 
 DECISIONS = ("a", "b", "tie", "both_bad")  # a label that states an opinion (skip does not)
 
@@ -101,7 +102,7 @@ def _refresh_pair_status(session: Session, pair_id: int) -> None:
                     .values(status="labeled"))
 
 
-def undo_label(session: Session, *, label_id: int, labeler: str, timeout_s: float = 600.0,
+def undo_label(session: Session, *, label_id: int, labeler: str, timeout_s: float = CLAIM_TIMEOUT_S,
                client: Optional[str] = None) -> ClaimedPair:
     """Take back a vote no run has used yet; the pair is shown to the labeler (`client`) again.
 
@@ -203,8 +204,6 @@ def judge_agreement(session: Session) -> list[dict[str, Any]]:
     return out
 
 
-DATASET_SOURCE_PREFIX = "dataset:"  # labels of an imported preference dataset: "dataset:<name>"
-LABEL_SOURCES = ("human", "judge", "all", "dataset")
 
 
 def source_filter(sources: str) -> ColumnElement[bool]:

@@ -12,15 +12,15 @@ from typing import Any, Optional, Sequence
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, aliased
 
+from odpo.db.errors import StoreError
 from odpo.db.models import Label, Pair, Prompt, Sample
-from odpo.db.store.errors import StoreError
 from odpo.db.store.labels import human_labeled
 
 
 @dataclass(frozen=True)
 class NewSample:
     """One sample to store. `prompt_token_ids`/`token_ids` are what the policy was fed and what it
-    emitted (trainer.generation.Generated): the trainer scores exactly those ids."""
+    emitted (trainer.sampling.generation.Generated): the trainer scores exactly those ids."""
 
     text: str
     tokens: int

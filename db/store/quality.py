@@ -18,9 +18,9 @@ from typing import Any, Optional
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, aliased
 
+from odpo.db.errors import StoreError
 from odpo.db.models import TRAINABLE_CHOICES, Label, Pair
 from odpo.db.store.control import controls_with_prefix, set_control
-from odpo.db.store.errors import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from odpo.trainer.batching import encode_prompt
-from odpo.trainer.generation import left_pad
 from odpo.trainer.judges import JudgeError, JudgeOptions
 from odpo.trainer.judges.pairwise import BothOrdersJudge, fill_template, load_template
-from odpo.trainer.models import autocast_context
+from odpo.trainer.policy.batching import encode_prompt
+from odpo.trainer.policy.loading import autocast_context
+from odpo.trainer.sampling.generation import left_pad
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class HFJudge(BothOrdersJudge):
 
     @classmethod
     def from_spec(cls, model_spec: str, *, spec: str, options: JudgeOptions) -> "HFJudge":
-        from odpo.trainer.models import ModelConfig, load_model_and_tokenizer, pick_device_dtype
+        from odpo.trainer.policy.loading import ModelConfig, load_model_and_tokenizer, pick_device_dtype
 
         try:
             model, tokenizer = load_model_and_tokenizer(ModelConfig.for_spec(

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from odpo.trainer.judges import JudgeError, JudgeOptions, Verdict, check_batch
-from odpo.trainer.models import autocast_context
+from odpo.trainer.policy.loading import autocast_context
 
 
 def _format(tokenizer: Any, prompt: str, response: str) -> str:
@@ -42,7 +42,7 @@ class RewardModelJudge:
     def from_spec(cls, model_spec: str, *, spec: str, options: JudgeOptions) -> "RewardModelJudge":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from odpo.trainer.models import pick_device_dtype, resolve_model_spec
+        from odpo.trainer.policy.loading import pick_device_dtype, resolve_model_spec
 
         try:
             source = resolve_model_spec(model_spec)

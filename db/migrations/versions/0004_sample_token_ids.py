@@ -6,7 +6,7 @@ Create Date: 2026-11-29
 
 The trainer scores exactly these ids (exact on-policy data). Both columns are nullable: samples
 stored before this revision have no ids and keep training through the re-tokenising path
-(trainer/batching.py). Adding a nullable column needs no table rebuild on SQLite.
+(trainer/policy/batching.py). Adding a nullable column needs no table rebuild on SQLite.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Evaluation: win rate between two versions with a judge, and blind eval pairs for people."""
