@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from odpo.db import store
 from odpo.db.models import Label, Pair, Prompt, Sample, TrainStep
-from odpo.trainer.options import LENGTH_CUT_MODES, MAX_PROMPT_TOKENS
+from odpo.trainer.options import LENGTH_CUT_MODES
 from odpo.trainer.policy.batching import encode_prompt, prompt_token_ids
 from odpo.trainer.policy.lora import attach_lora
 from odpo.trainer.sampling.generation import SamplingParams
@@ -229,11 +229,3 @@ def test_length_cut_option(tmp_path):
     assert drop.hyperparameters()["length_cut"] == "drop"
     result = CliRunner().invoke(cli_train.train, ["--length-cut", "sometimes"], obj=None)
     assert result.exit_code == 2 and "sometimes" in result.output
-
-
-def test_prompt_cut_is_one_rule_for_sampling_and_training():
-    """The sampler's default prompt cut is the trainer's and the CLI's: one constant, one function."""
-    from odpo.app.cli import train as cli_train
-
-    option = next(p for p in cli_train.train.params if p.name == "max_prompt_tokens")
-    assert SamplingParams().max_prompt_tokens == TrainConfig().max_prompt_tokens == option.default == MAX_PROMPT_TOKENS
