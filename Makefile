@@ -47,7 +47,7 @@ postgres:
 # the suite in one process.
 PYTEST_WORKERS ?= auto
 test: $(STAMP) browser postgres
-	bash tests/with-postgres $(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist worksteal
+	bash tests/with-postgres $(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check odpo app trainer db bench tests

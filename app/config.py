@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Optional
 
 from odpo.db.engine import Database
-from odpo.db.settings import resolve_data_dir, resolve_db_url
+from odpo.db.settings import masked_url, private_dir, resolve_data_dir, resolve_db_url
 from odpo.trainer.options import (
     BACKGROUND_NICE,
     CLAIM_TIMEOUT_S,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_MODEL,
+    DEFAULT_SESSION_HOURS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
     DEVICE_HELP,
@@ -25,6 +26,7 @@ from odpo.trainer.options import (
     LOAD_IN_4BIT_HELP,
     MODEL_HELP,
     SAMPLER_BACKENDS,
+    SELECTORS,
     comma_list,
     join_list,
     option,
@@ -55,8 +57,15 @@ class CommonConfig:
         return self.run_dir(run) / "adapters"
 
     def open_db(self) -> Database:
-        """Open (and migrate) the database; raises db.engine.DatabaseError with a readable line."""
+        """Open (and migrate) the database; raises db.engine.DatabaseError with a readable line.
+        The data directory is made private first (0700): labels, adapters and accounts live there."""
+        private_dir(self.data_dir)
         return Database(self.db_url)
+
+    @property
+    def shown_db_url(self) -> str:
+        """The database URL as printed and logged: its password masked."""
+        return masked_url(self.db_url)
 
 
 @dataclass
@@ -98,6 +107,19 @@ class SampleConfig:
                                         parse=comma_list, render=join_list,
                                         help="vLLM servers (started with --enable-lora and "
                                              "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).")
+    candidates: int = option(2, min=2, metavar="K",
+                             help="Completions drawn per prompt in the one batched call; --selector picks the two "
+                                  "a person sees (the others are stored, never trained).")
+    selector: str = option("random", choices=SELECTORS,
+                           help="Which two candidates a person sees: random; margin (largest gap in the policy's "
+                                "implicit reward); uncertain (smallest gap); diverse (most different tokens); "
+                                "judge-uncertain (the pair --selector-judge is least sure of).")
+    selector_judge: Optional[str] = option(None, kind=str, metavar="SPEC",
+                                           help="The judge of --selector judge-uncertain (rule:, py:, hf:, openai:, "
+                                                "rm: specs).")
+    auto_label_confident: bool = option(False, help="With --selector judge-uncertain: the pair the judge is surest "
+                                                    "of is labeled by the judge and trained, beside the one people "
+                                                    "see.")
     name: Optional[str] = option(None, kind=str, help="This worker's name on the dashboard (default: host-pid).")
     reload_poll_s: float = 0.5  # a committed version must be serving within 2 s
 
@@ -118,7 +140,13 @@ class SampleConfig:
                   (self.backend in SAMPLER_BACKENDS, "backend must be hf or vllm"),
                   (self.backend != "vllm" or bool(self.vllm_urls), "the vllm backend needs --vllm-url URL[,URL...]"),
                   (self.backend != "vllm" or not self.human_eval_share,
-                   "blind eval pairs (--human-eval-share) need the hf backend (the reference is the base model)")]
+                   "blind eval pairs (--human-eval-share) need the hf backend (the reference is the base model)"),
+                  (self.candidates >= 2, "candidates must be >= 2: a pair needs two"),
+                  (self.selector in SELECTORS, f"selector must be one of {', '.join(SELECTORS)}"),
+                  (self.selector != "judge-uncertain" or bool(self.selector_judge),
+                   "--selector judge-uncertain needs --selector-judge SPEC"),
+                  (not self.auto_label_confident or self.selector == "judge-uncertain",
+                   "--auto-label-confident needs --selector judge-uncertain")]
         _check(checks)
 
     def worker_name(self) -> str:
@@ -140,7 +168,14 @@ class ServeConfig(SampleConfig):
     claim_timeout_s: float = option(CLAIM_TIMEOUT_S, names=("--claim-timeout",), min=0, min_open=True,
                                     help="Seconds before an unanswered pair goes back to the queue.")
     guidelines: Optional[Path] = option(None, kind=Path, help="Markdown file shown next to the pair.")
-    auth_file: Optional[Path] = option(None, kind=Path, help="Labeler accounts (enables login).")
+    auth_file: Optional[Path] = option(None, kind=Path,
+                                       help="Sign-in accounts (`odpo users add`). [default: ODPO_AUTH_FILE, else "
+                                            "users.toml in the data directory when it exists]")
+    insecure_no_auth: bool = option(False, help="Serve a non-loopback --host without sign-in (anyone who reaches "
+                                                "the port can label and administer).")
+    max_typed_pending: int = option(3, min=1, help="Typed prompts one labeler may have waiting to be sampled.")
+    session_hours: float = option(DEFAULT_SESSION_HOURS, min=0, min_open=True,
+                                  help="Sign-in sessions end after this many hours.")
     show_judge_after_vote: bool = option(False, help="Show a judge's verdict once a person voted.")
     admins: tuple[str, ...] = option((), names=("--admin",), kind=str, multiple=True, metavar="NAME",
                                      help="Labeler name with admin rights.")
@@ -152,7 +187,8 @@ class ServeConfig(SampleConfig):
         self.admins = tuple(self.admins)
         self.inline_sampler = self.inline_sampler or self.headless  # headless without a sampler does nothing
         _check([(1 <= self.port <= 65535, "port must be 1..65535"),
-                (self.claim_timeout_s > 0, "claim_timeout_s must be > 0")])
+                (self.claim_timeout_s > 0, "claim_timeout_s must be > 0"),
+                (self.session_hours > 0, "session_hours must be > 0")])
 
 
 def _check(checks: list[tuple[bool, str]]) -> None:

@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 
 class _UsesTorch(Protocol):
@@ -30,9 +30,11 @@ def threads_per_child(children: Sequence[_UsesTorch]) -> Optional[int]:
     return max(1, cores // heavy)
 
 
-def child_env(threads: Optional[int] = None) -> dict[str, str]:
-    """Children import this very checkout, log unbuffered and line by line."""
+def child_env(threads: Optional[int] = None, *, extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """Children import this very checkout, log unbuffered and line by line; `extra` is what they
+    must not see in argv (the database URL: `ps` shows every process's arguments to every user)."""
     env = dict(os.environ)
+    env.update(extra or {})
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     root = str(Path(__file__).resolve().parents[1])

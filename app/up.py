@@ -154,9 +154,11 @@ class Supervisor:
 
     def __init__(self, children: Sequence[ChildSpec], *, global_args: Sequence[str] = (), grace_s: float = 15.0,
                  out: Optional[IO[str]] = None, restart: Optional[RestartPolicy] = None,
-                 report: Optional[Callable[[dict[str, Any]], None]] = None) -> None:
+                 report: Optional[Callable[[dict[str, Any]], None]] = None,
+                 env: Optional[dict[str, str]] = None) -> None:
         self.children = list(children)
         self.global_args = list(global_args)
+        self.env = dict(env or {})  # for every child, outside argv (the database URL)
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.restart = restart or RestartPolicy()
@@ -198,8 +200,9 @@ class Supervisor:
     # -- children -------------------------------------------------------------------------------
     def _spawn(self, child: Child) -> None:
         spec = child.spec
+        env = child_env(self._threads if spec.uses_torch else None, extra=self.env)
         proc = subprocess.Popen(self.command(spec), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=child_env(self._threads if spec.uses_torch else None),
+                                stderr=subprocess.STDOUT, env=env,
                                 process_group=0, preexec_fn=preexec_hook(spec.nice, parent=os.getpid()), text=True,
                                 errors="replace", bufsize=1)
         first = child.proc is None

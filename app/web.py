@@ -29,9 +29,12 @@ from odpo.app.lifecycle import (
     wait_until_interrupted,
 )
 from odpo.app.sampler_worker import build_sampler, load_policy, needs_conversion
+from odpo.app.services.accounts import AuthConfig
 from odpo.app.services.exports import ExportStore
+from odpo.app.services.exposure import sign_in_for
 from odpo.app.services.labeling import SamplerHandle
 from odpo.app.services.sampler_link import WorkerLink
+from odpo.app.services.signin import LoginThrottle, SessionBook
 from odpo.app.services.status import CONVERTING, FAILED, LOADING, SAMPLING
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
@@ -55,6 +58,9 @@ class AppContext:
     config: ServeConfig
     sampler: Optional[SamplerHandle] = None
     exports: ExportStore = field(default_factory=ExportStore)  # admin exports awaiting download
+    auth: Optional[AuthConfig] = None  # the sign-in accounts (None: no sign-in)
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)  # back-off after failed sign-ins
+    sessions: Optional[SessionBook] = None  # when sign-in sessions began (made with the app)
 
     @property
     def admins(self) -> set[str]:
@@ -123,13 +129,16 @@ def run_serve(common: CommonConfig, cfg: ServeConfig) -> None:
     server, an inline sampler gives up its batch between two layer blocks and its threads are
     joined. The CLI then ends the process with `exit_now`."""
     web = not cfg.headless and ui_available()
+    auth = None
     if web:
+        auth = sign_in_for(host=cfg.host, port=cfg.port, auth_file=cfg.auth_file, data_dir=common.data_dir,
+                           insecure_no_auth=cfg.insecure_no_auth)
         check_listen_address(cfg.host, cfg.port)  # in one line, before a minute of model loading
     if not web and not cfg.inline_sampler:
         raise ServeError("this build has no web UI (odpo.app.ui): run `odpo sample` for sampling")
     db = common.open_db()
     handle: Any = StartingSampler() if cfg.inline_sampler else WorkerLink(db, run=cfg.run)
-    ctx = AppContext(common=common, db=db, config=cfg, sampler=handle)
+    ctx = AppContext(common=common, db=db, config=cfg, sampler=handle, auth=auth)
     previous = sigterm_as_interrupt()
     loader = _ModelLoader(common, cfg, db, handle) if cfg.inline_sampler else None
     demo = None
@@ -142,7 +151,7 @@ def run_serve(common: CommonConfig, cfg: ServeConfig) -> None:
             if loader is None or loader.error is None:  # a model that cannot load fails fast
                 demo = _launch_ui(ctx)
         else:
-            log.info("headless: sampling into %s without a web app", common.db_url)
+            log.info("headless: sampling into %s without a web app", common.shown_db_url)
         if loader is not None:
             loader.wait()  # re-raises a failed load: serve exits, as before the web app came first
         if demo is not None:

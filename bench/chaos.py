@@ -233,12 +233,12 @@ def _restart_trainer(ctx: BenchContext, cfg: Any, rule: str) -> Optional[int]:
     trains at most one step and stops."""
     import subprocess
 
-    from odpo.bench.workspace import odpo_command
+    from odpo.bench.workspace import child_env, odpo_command
 
     cmd = odpo_command(cfg, ["train", "--model", ctx.model, "--device", ctx.device, "--dtype", ctx.dtype,
                              "--batch-size", "4", "--max-steps", "1", "--exit-when-idle", "0"])
     try:
-        return subprocess.run(cmd, capture_output=True, timeout=600).returncode
+        return subprocess.run(cmd, capture_output=True, timeout=600, env=child_env(cfg)).returncode
     except subprocess.TimeoutExpired:
         return None
 

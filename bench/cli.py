@@ -124,6 +124,8 @@ def bench() -> None:
 @click.option("--prompts-per-batch", type=click.IntRange(1), default=None)
 @click.option("--rounds", type=click.IntRange(1), default=None)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=None)
+@click.option("--candidates", type=click.IntRange(2), default=2, show_default=True,
+              help="Also time K candidates per prompt with the margin selector's scoring, per shown pair.")
 @click.pass_obj
 def sampling(common: CommonConfig, **opts: Any) -> None:
     """Pairs/minute: batched sampling vs one pair at a time."""
@@ -170,6 +172,9 @@ def reload(common: CommonConfig, **opts: Any) -> None:
 @click.option("--rate-labelers", type=click.IntRange(0), default=20, show_default=True,
               help="Then measure the sampler worker's pairs/min alone and with this many labelers polling (0: skip).")
 @click.option("--rate-window", type=click.FloatRange(10), default=None, help="Seconds per rate window.")
+@click.option("--flooder", is_flag=True,
+              help="One more labeler sends typed prompts and pair requests as fast as it can the whole time: the "
+                   "others' waits must not suffer (per-labeler rate limits).")
 @click.pass_obj
 def labelers(common: CommonConfig, **opts: Any) -> None:
     """The real app (odpo up) under simulated labelers voting over HTTP."""
@@ -182,7 +187,11 @@ def labelers(common: CommonConfig, **opts: Any) -> None:
               help=f"Comma-separated labelers (rule: or py: judges). [default: {LEARN_RULE} with --quick, "
                    "and rule:say_the_early beside it]")
 @click.option("--losses", callback=_csv, default=None, help="Comma-separated: sigmoid,simpo (any of odpo's losses).")
-@click.option("--modes", callback=_csv, default=None, help="Comma-separated: online,iterative,offline.")
+@click.option("--modes", callback=_csv, default=None,
+              help="Comma-separated: online,iterative,offline; online+SELECTOR samples --candidates per prompt "
+                   "and shows the pair the selector picks (online+margin, online+uncertain, online+diverse).")
+@click.option("--candidates", type=click.IntRange(2), default=4, show_default=True,
+              help="Candidates per prompt of the online+SELECTOR arms.")
 @click.option("--seeds", type=click.IntRange(1), default=None,
               help="Seeds per cell, from --seed on. [3; 1 with --quick]")
 @click.option("--budget", type=click.IntRange(1), default=None, help="Labels per arm. [200; 48 with --quick]")
@@ -203,11 +212,12 @@ def labelers(common: CommonConfig, **opts: Any) -> None:
 @click.pass_obj
 def learn(common: CommonConfig, **opts: Any) -> None:
     """The learn table: win rate vs base per mode x loss x rule, pooled over seeds, with curves."""
-    from odpo.bench.learn import LOSSES, MODES
+    from odpo.bench.learn import LOSSES, MODES, SELECTED_MODES
 
     if opts["curve"]:
         opts["curve"] = _ints(opts["curve"], "--curve")
-    for key, allowed in (("modes", MODES), ("losses", LOSSES + ("ipo", "hinge", "robust", "apo_zero"))):
+    losses = LOSSES + ("ipo", "hinge", "robust", "apo_zero")
+    for key, allowed in (("modes", MODES + SELECTED_MODES), ("losses", losses)):
         bad = [v for v in opts[key] or () if v not in allowed]
         if bad:
             raise click.BadParameter(f"{', '.join(bad)} (choose from {', '.join(allowed)})", param_hint=f"--{key}")

@@ -42,7 +42,7 @@ RATE_WINDOW_S = {True: 90.0, False: 180.0}  # by ctx.quick
 def run(ctx: BenchContext, *, labelers: Optional[int] = None, seconds: Optional[float] = None,
         think_s: Optional[float] = None, queue_size: Optional[int] = None, max_new_tokens: Optional[int] = None,
         prompts_per_batch: Optional[int] = None, rule: str = DEFAULT_RULE, rate_labelers: int = 20,
-        rate_window: Optional[float] = None) -> BenchResult:
+        rate_window: Optional[float] = None, flooder: bool = False) -> BenchResult:
     from odpo.trainer.judges import load_judge
 
     size = SIZES["quick" if ctx.quick else "full"]
@@ -52,7 +52,7 @@ def run(ctx: BenchContext, *, labelers: Optional[int] = None, seconds: Optional[
                          params={"model": ctx.model, "labelers": n, "seconds": duration, "think_s": think,
                                  "offered_labels_per_hour": n * 3600.0 / think, "queue_size": queue,
                                  "max_new_tokens": tokens, "prompts_per_batch": batch, "rule": rule,
-                                 "train_batch_size": 8, "rate_labelers": rate_labelers,
+                                 "train_batch_size": 8, "rate_labelers": rate_labelers, "flooder": flooder,
                                  "app": "odpo up (serve + a sample worker + train) as a child process"})
     judge = load_judge(rule)
     with ctx.scratch("labelers") as cfg:
@@ -69,7 +69,8 @@ def run(ctx: BenchContext, *, labelers: Optional[int] = None, seconds: Optional[
             # queue full: the sampler idles and the trainer has no labels, so these are the floors
             floor, gc_floor = summarize(round_trips_ms(url)), summarize(round_trips_ms(url, gradio_client=True))
             idle_vote = summarize(idle_votes_ms(url))
-            stats, monitor, elapsed = drive(url, n=n, seconds=duration, think_s=think, judge=judge)
+            flood = Flooder(url) if flooder else None
+            stats, monitor, elapsed = drive(url, n=n, seconds=duration, think_s=think, judge=judge, flood=flood)
         finally:
             code = child.stop()
         db = cfg.open_db()
@@ -80,6 +81,11 @@ def run(ctx: BenchContext, *, labelers: Optional[int] = None, seconds: Optional[
     result.metrics.update(startup_seconds=startup, queue_fill_seconds=fill_s, app_exit_code=code,
                           idle_counters_round_trip_ms=floor, idle_counters_gradio_client_ms=gc_floor,
                           idle_vote_ms=idle_vote)
+    if flooder:
+        result.metrics.update(flood.counts)
+        result.row("flooder: typed prompts accepted / refused; pair requests served / refused",
+                   f"{flood.counts['asks_accepted']} / {flood.counts['asks_refused']}; "
+                   f"{flood.counts['nexts_served']} / {flood.counts['nexts_refused']}")
     result.row("idle app: vote p50 (sampler and trainer idle)", _ms(idle_vote["p50"]))
     result.row("idle /counters round trip p50: plain HTTP / gradio_client",
                f"{_ms(floor['p50'])} / {_ms(gc_floor['p50'])}")
@@ -105,8 +111,33 @@ def wait_queue(url: str, *, want: int, timeout_s: float, child: Child) -> float:
     raise RuntimeError(f"the queue did not reach {want} pairs in {timeout_s:.0f}s:\n{child.tail()}")
 
 
-def drive(url: str, *, n: int, seconds: float, think_s: float,
-          judge: Any) -> tuple[list[LabelerStats], Monitor, float]:
+class Flooder:
+    """One labeler in a tight loop: a typed prompt, then a pair request, as fast as the app answers.
+    Counts what was accepted and what the per-labeler limits refused."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.counts = {"asks_accepted": 0, "asks_refused": 0, "nexts_served": 0, "nexts_refused": 0}
+
+    def run(self, *, deadline: float, stop: threading.Event) -> None:
+        from odpo.bench.labeler_sim import ApiError
+
+        client, i = ApiClient(self.url), 0
+        while time.perf_counter() < deadline and not stop.is_set():
+            for api, args, ok, refused in (("/ask_prompt", (f"flood {i}", "bench-flooder"), "asks_accepted",
+                                            "asks_refused"),
+                                           ("/next_pair", ("bench-flooder",), "nexts_served", "nexts_refused")):
+                try:
+                    client.predict(*args, api_name=api)
+                    self.counts[ok] += 1
+                except ApiError:
+                    self.counts[refused] += 1
+            i += 1
+        client.close()
+
+
+def drive(url: str, *, n: int, seconds: float, think_s: float, judge: Any,
+          flood: Optional[Flooder] = None) -> tuple[list[LabelerStats], Monitor, float]:
     """Run n labeler threads and a queue monitor until the deadline; returns their stats."""
     stop = threading.Event()
     deadline = time.perf_counter() + seconds
@@ -118,6 +149,9 @@ def drive(url: str, *, n: int, seconds: float, think_s: float,
                for s in stats]
     threads.append(threading.Thread(target=monitor.run, kwargs={"deadline": deadline, "stop": stop},
                                     name="bench-monitor", daemon=True))
+    if flood is not None:
+        threads.append(threading.Thread(target=flood.run, kwargs={"deadline": deadline, "stop": stop},
+                                        name="bench-flooder", daemon=True))
     started = time.perf_counter()
     for t in threads:
         t.start()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Optional, Sequence
 
 from odpo.app.config import CommonConfig
+from odpo.db.settings import DB_URL_ENV
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +37,15 @@ def free_port() -> int:
 
 
 def odpo_command(cfg: CommonConfig, args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-c", _ENTRY, "--data-dir", str(cfg.data_dir), "--db", cfg.db_url, *args]
+    """The command line of an odpo child; its database URL travels in child_env (never argv)."""
+    return [sys.executable, "-c", _ENTRY, "--data-dir", str(cfg.data_dir), *args]
 
 
-def child_env(threads: Optional[int] = None) -> dict[str, str]:
-    """This checkout on the path, offline hub, unbuffered logs; a thread count when asked."""
+def child_env(cfg: CommonConfig, threads: Optional[int] = None) -> dict[str, str]:
+    """This checkout on the path, offline hub, unbuffered logs, the database URL (a password in
+    argv would be visible to every user in `ps`); a thread count when asked."""
     env = dict(os.environ)
+    env[DB_URL_ENV] = cfg.db_url
     root = str(Path(__file__).resolve().parents[1])  # the checkout holding bench/
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
@@ -64,7 +68,7 @@ class Child:
               threads: Optional[int] = None) -> "Child":
         handle = open(log_path, "wb")
         proc = subprocess.Popen(odpo_command(cfg, args), stdin=subprocess.DEVNULL, stdout=handle,
-                                stderr=subprocess.STDOUT, env=child_env(threads), process_group=0)
+                                stderr=subprocess.STDOUT, env=child_env(cfg, threads), process_group=0)
         log.info("started odpo %s (pid %d), log %s", " ".join(args), proc.pid, log_path)
         return cls(proc=proc, log_path=log_path, _log=handle)
 

@@ -10,6 +10,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from odpo.db.errors import OdpoError
+from odpo.db.settings import masked_url
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
-        raise DatabaseError(f"invalid database URL {url!r}: {exc}") from None
+        raise DatabaseError(f"invalid database URL {masked_url(url)!r}: {exc}") from None
     kwargs: dict = {"echo": echo, "future": True}
     is_sqlite = parsed.get_backend_name() == "sqlite"
     if is_sqlite:
@@ -77,7 +78,23 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
         engine.dispose()
         first = str(exc.orig if hasattr(exc, "orig") else exc).splitlines()[0]
         raise DatabaseError(f"cannot connect to database {parsed.render_as_string()}: {first}") from None
+    if is_sqlite:
+        _private_sqlite_files(parsed.database)
     return engine
+
+
+def _private_sqlite_files(database: str | None) -> None:
+    """The database file (and its WAL and shared-memory files, which SQLite creates with the main
+    file's mode) readable and writable by this user only: it holds every label and name."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(database + suffix).expanduser()
+        try:
+            if path.exists() and path.stat().st_mode & 0o077:
+                path.chmod(0o600)
+        except OSError:  # not ours: the owner decides
+            pass
 
 
 def _prepare_sqlite_path(database: str | None) -> None:
@@ -85,7 +102,7 @@ def _prepare_sqlite_path(database: str | None) -> None:
         return
     parent = Path(database).expanduser().resolve().parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new directory is this user's alone
     except OSError as exc:
         raise DatabaseError(f"cannot create the database directory {parent}: {exc.strerror}") from None
     if Path(database).is_dir():
@@ -116,7 +133,7 @@ class Database:
         except SQLAlchemyError as exc:
             self.engine.dispose()
             first = str(getattr(exc, "orig", exc)).splitlines()[0]
-            raise DatabaseError(f"cannot prepare the schema in {url}: {first}") from None
+            raise DatabaseError(f"cannot prepare the schema in {masked_url(url)}: {first}") from None
         self.sessions = session_factory(self.engine)
         self.writes = session_factory(self.engine.execution_options(**{IMMEDIATE: True}))
 

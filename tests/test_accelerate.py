@@ -27,6 +27,10 @@ from odpo.trainer.training.loop import DPOTrainer
 from tests.db_helpers import label_all
 from tests.model_fixtures import tiny_train_config
 
+# Both launches in one pytest-xdist worker: two 2-process gloo groups rendezvousing at once on
+# 2 loaded cores hung one of them for the whole 600 s timeout.
+pytestmark = pytest.mark.xdist_group("accelerate")
+
 log = logging.getLogger(__name__)
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 from sqlalchemy import select
 
 from odpo.app.config import ServeConfig
-from odpo.app.services.accounts import AuthFileError, load_auth, load_users, resolve_auth_file, sha256_hex
+from odpo.app.services.accounts import AuthFileError, load_auth, load_users, resolve_auth_file
 from odpo.app.services.admin import AdminError, AdminService, NotAdminError
 from odpo.app.services.labeling import LabelService
 from odpo.app.ui.dashboard import dashboard_outputs, state_markdown
@@ -23,30 +24,34 @@ def admin_service(database, auth=None) -> AdminService:
 
 
 def test_users_file(tmp_path):
-    path = tmp_path / "users.toml"
-    path.write_text('[[users]]\nname = "alice"\npassword = "pw"\nadmin = true\n\n'
-                    f'[[users]]\nname = "bob"\npassword_sha256 = "{sha256_hex("secret")}"\n', encoding="utf-8")
+    path = write_users(tmp_path / "users.toml", {"alice": ("pw", True), "bob": ("secret", False)})
     auth = load_auth(path)
     assert auth.verify("alice", "pw") and auth.verify("bob", "secret")
     assert not auth.verify("alice", "PW") and not auth.verify("carol", "pw") and not auth.verify("bob", "")
     assert auth.admins == {"alice"} and not auth.is_admin("bob")
-    assert all(len(u.password_sha256) == 64 for u in load_users(path))  # no plain password kept
+    assert "pw" not in path.read_text() and "secret" not in path.read_text()  # salted hashes only
+
+
+HASH = "scrypt$1024$8$1$c2FsdHNhbHRzYWx0$" + "A" * 43 + "="
 
 
 @pytest.mark.parametrize("content,message", [
     ("", "at least one"),
-    ('[[users]]\nname = "a"\n', "exactly one of"),
-    ('[[users]]\nname = "a"\npassword = "x"\npassword_sha256 = "00"\n', "exactly one of"),
-    ('[[users]]\nname = "a"\npassword_sha256 = "xyz"\n', "64 hex"),
-    ('[[users]]\nname = "judge:x"\npassword = "p"\n', "reserved"),
-    ('[[users]]\nname = "a"\npassword = "p"\nadmin = "yes"\n', "true or false"),
-    ('[[users]]\nname = "a"\npassword = "p"\n[[users]]\nname = "a"\npassword = "q"\n', "twice"),
+    ('[[users]]\nname = "a"\n', "missing 'password_hash'"),
+    ('[[users]]\nname = "a"\npassword = "x"\n', "plain passwords are not accepted; `odpo users rehash"),
+    ('[[users]]\nname = "a"\npassword_sha256 = "00"\n', "unsalted password_sha256 is not accepted"),
+    ('[[users]]\nname = "a"\npassword_hash = "xyz"\n', "bad password_hash"),
+    (f'[[users]]\nname = "judge:x"\npassword_hash = "{HASH}"\n', "reserved"),
+    (f'[[users]]\nname = "dataset:x"\npassword_hash = "{HASH}"\n', "reserved"),
+    (f'[[users]]\nname = "a"\npassword_hash = "{HASH}"\nadmin = "yes"\n', "true or false"),
+    (f'[[users]]\nname = "a"\npassword_hash = "{HASH}"\n[[users]]\nname = "a"\npassword_hash = "{HASH}"\n',
+     "twice"),
     ("users = [", "not valid TOML"),
 ])
 def test_bad_users_file_is_one_clear_line(tmp_path, content, message):
     path = tmp_path / "users.toml"
     path.write_text(content, encoding="utf-8")
-    with pytest.raises(AuthFileError, match=message) as err:
+    with pytest.raises(AuthFileError, match=re.escape(message)) as err:
         load_users(path)
     assert "\n" not in str(err.value)
 
@@ -55,9 +60,11 @@ def test_auth_file_resolution(tmp_path):
     assert resolve_auth_file(None, environ={}) is None
     assert resolve_auth_file(None, environ={"ODPO_AUTH_FILE": str(tmp_path / "u.toml")}) == tmp_path / "u.toml"
     assert resolve_auth_file(tmp_path / "cli.toml", environ={"ODPO_AUTH_FILE": "env.toml"}) == tmp_path / "cli.toml"
+    assert resolve_auth_file(None, data_dir=tmp_path, environ={}) is None  # no users.toml there yet
+    (tmp_path / "users.toml").write_text("")
+    assert resolve_auth_file(None, data_dir=tmp_path, environ={}) == tmp_path / "users.toml"
     with pytest.raises(AuthFileError, match="does not exist"):
         load_auth(tmp_path / "missing.toml")
-
 
 def test_admin_actions_need_an_admin_when_auth_is_on(database, tmp_path):
     auth = load_auth(write_users(tmp_path / "u.toml", {"alice": ("a", True), "bob": ("b", False)}))

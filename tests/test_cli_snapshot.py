@@ -16,6 +16,14 @@ from odpo.app.cli import cli
 SNAPSHOT = Path(__file__).parent / "data" / "cli_snapshot.json"
 ADDED: dict[tuple[str, str], str] = {
     # (command, parameter name): why it was added after the snapshot
+    **{(cmd, name): "sign-in where it matters, per-labeler limits (security)"
+       for cmd in ("odpo serve", "odpo up") for name in ("insecure_no_auth", "session_hours", "max_typed_pending")},
+    ("odpo bench labelers", "flooder"): "a flooding labeler beside the others (security)",
+    **{(cmd, name): "K candidates per prompt and a pair selector (active selection)"
+       for cmd in ("odpo sample", "odpo serve", "odpo up")
+       for name in ("candidates", "selector", "selector_judge", "auto_label_confident")},
+    ("odpo bench learn", "candidates"): "online+SELECTOR arms (active selection)",
+    ("odpo bench sampling", "candidates"): "the cost of K candidates per shown pair (active selection)",
 }
 
 

@@ -16,8 +16,8 @@ from odpo.app.services.labeling import (
     absolute_choice,
     load_guidelines,
     normalise_labeler,
-    safe_markdown,
 )
+from odpo.app.services.rendering import render_markdown
 from odpo.db import store
 from odpo.db.models import Label, Pair, Prompt
 from tests.concurrency import run_in_threads
@@ -201,9 +201,13 @@ def test_judge_pick_only_after_the_vote(database):
 
 def test_labeler_names():
     assert normalise_labeler("  Ada   Lovelace ") == "Ada Lovelace"
-    for bad in ("", "   ", "judge:me", "x" * 101):
+    for bad in ("", "   ", "judge:me", "Dataset:hh-rlhf", "x" * 101):
         with pytest.raises(LabelError):
             normalise_labeler(bad)
+    for bad in ("Ada\x00", "A\tda", "Ada\x1b[31m", "Ada\x85x", "\u202eada", "Ada\u2066", "Ada\u200f", "Ada\u061c"):
+        with pytest.raises(LabelError, match=r"control or text-direction characters \(found U\+") as err:
+            normalise_labeler(bad)
+        assert "\n" not in str(err.value)
 
 
 def test_guidelines(tmp_path):
@@ -213,22 +217,27 @@ def test_guidelines(tmp_path):
     assert load_guidelines(tmp_path / "g.md") == "# Be kind"
 
 
-def test_safe_markdown_makes_html_inert_but_keeps_code():
+def test_rendered_markdown_makes_html_inert_but_keeps_code():
     evil = 'Hi <script>alert(1)</script> <img src=x onerror="alert(2)"> ![t](http://evil/p.png) & more'
-    out = safe_markdown(evil)
-    assert "<script" not in out and "<img" not in out and "&lt;script>" in out
-    assert "![" not in out and "&amp; more" in out
+    out = render_markdown(evil)
+    assert "<script" not in out and "<img" not in out and "&lt;script&gt;" in out
+    assert "[image: t — http://evil/p.png]" in out and "&amp; more" in out  # an image is text, never fetched
     code = "Use `a<b` and\n```html\n<b>bold</b>\n```\nthen <i>x</i>"
-    assert safe_markdown(code) == "Use `a<b` and\n```html\n<b>bold</b>\n```\nthen &lt;i>x&lt;/i>"
-    assert safe_markdown("~~~\n<x>\n~~~~\n<y>") == "~~~\n<x>\n~~~~\n&lt;y>"
-    assert safe_markdown("```\n<unclosed>") == "```\n<unclosed>"  # markdown escapes code itself
-    assert safe_markdown(None) == ""
+    assert render_markdown(code) == ("<p>Use <code>a&lt;b</code> and</p>\n<pre><code>&lt;b&gt;bold&lt;/b&gt;\n"
+                                     "</code></pre>\n<p>then &lt;i&gt;x&lt;/i&gt;</p>\n")
+    assert render_markdown("~~~\n<x>\n~~~~\n<y>") == "<pre><code>&lt;x&gt;\n</code></pre>\n<p>&lt;y&gt;</p>\n"
+    assert render_markdown("```\n<unclosed>") == "<pre><code>&lt;unclosed&gt;</code></pre>\n"  # runs to the end
+    assert render_markdown(None) == ""
 
 
 def test_two_labelers_in_parallel_never_label_the_same_pair(database):
     """Each labeler votes 50 times at once; scheduling may interleave them any way but never share a pair."""
+    from odpo.app.services.limits import DEFAULT_LIMITS, Limit, RateLimits
+
     make_pairs(database, 110)
-    svc = service(database)
+    # about claims racing, not rates: the per-labeler limits (tests/test_security.py) would stop the loop
+    unlimited = RateLimits(limits={action: Limit(rate=1e6, burst=10**6) for action in DEFAULT_LIMITS})
+    svc = LabelService(db=database, config=ServeConfig(), limits=unlimited)
     done: dict[str, list[int]] = {"ann": [], "bob": []}
     both_ready = threading.Barrier(2, timeout=30)
 

@@ -198,7 +198,7 @@ def test_guidelines_round_trip_and_reach_the_label_page(database, tmp_path):
     assert "\n" not in str(err.value) and admin.get_guidelines() == "# Configured rules"  # nothing saved
     assert admin.set_guidelines(username="alice", text="  # Prefer the **honest** answer\n") == \
         "# Prefer the **honest** answer"
-    assert guidelines_text(admin.get_guidelines) == "# Prefer the **honest** answer"
+    assert guidelines_text(admin.get_guidelines) == "<h1>Prefer the <strong>honest</strong> answer</h1>\n"  # rendered
     assert admin.set_guidelines(username="alice", text="") == "# Configured rules"  # empty: back to configured
     assert admin_service(database).get_guidelines() == DEFAULT_GUIDELINES  # no --guidelines: the built-in ones
 
@@ -211,9 +211,9 @@ def test_the_built_page_shows_the_stored_guidelines(database, common_config):
     admin.set_guidelines(username=None, text="# Stored rules")
     demo = build_app(AppContext(common=common_config, db=database, config=ServeConfig()))
     shown = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "odpo-guidelines-text"]
-    assert len(shown) == 1 and shown[0].value == "# Stored rules"
+    assert len(shown) == 1 and shown[0].value == "<h1>Stored rules</h1>\n"  # rendered by the server
     editor = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "odpo-guidelines-edit"]
     assert len(editor) == 1
     (on_load,) = [f for f in demo.fns.values() if shown[0] in f.outputs and f.targets[0][1] == "load"]
     admin.set_guidelines(username=None, text="# Edited later")
-    assert on_load.fn() == "# Edited later"  # the next page load shows the edit
+    assert on_load.fn() == "<h1>Edited later</h1>\n"  # the next page load shows the edit

@@ -20,7 +20,7 @@ from odpo.app.services.dataset_import import DatasetFileError, import_dataset
 from odpo.app.services.label_text import conversation_html
 from odpo.app.services.labeling import LabelService
 from odpo.app.services.prompt_files import PromptFileError, dedupe, held_out_split, parse_prompt_bytes
-from odpo.app.ui.label import slot_markdown
+from odpo.app.ui.shared import pair_outputs
 from odpo.db import store
 from odpo.db.models import Prompt, Sample
 from odpo.db.store.prompts import split_conversation
@@ -296,10 +296,10 @@ def test_the_label_page_shows_the_earlier_turns_collapsed_and_escaped(database, 
     html = conversation_html(view.context)
     assert html.startswith('<details class="odpo-context"><summary>Earlier conversation (2 turns)</summary>')
     assert "Is &lt;b&gt;this&lt;/b&gt; bold?<br><br>Two &amp; more" in html and "<b>" not in html
-    assert "\n" not in html  # a blank line would end the raw HTML block inside the markdown
-    prompt_md, left, right = slot_markdown(view)
-    head, history, question = prompt_md.split("\n\n", 2)
-    assert "pair" in head and history == html and question == FINAL and (left, right) in (
-        ("Alfama.", "Porto."), ("Porto.", "Alfama."))
-    assert conversation_html(None) == "" and "<details" not in slot_markdown(
+    assert "\n" not in html  # one line of markup, whatever the turns hold
+    prompt_html, left, right = pair_outputs(view)  # the pair's header, the history, then the question
+    head, history, question = prompt_html.partition(html)
+    assert "pair" in head and history == html and question == f"<p>{FINAL}</p>\n" and (left, right) in (
+        ("<p>Alfama.</p>\n", "<p>Porto.</p>\n"), ("<p>Porto.</p>\n", "<p>Alfama.</p>\n"))
+    assert conversation_html(None) == "" and "<details" not in pair_outputs(
         view.__class__(**{**view.to_dict(), "context": None}))[0]

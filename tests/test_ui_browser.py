@@ -56,7 +56,7 @@ def open_as(page, url: str, name: str) -> None:
 
 VISIBLE_JS = """(part) => {
   const slot = document.documentElement.getAttribute('data-odpo-slot') || '0';
-  const el = document.querySelector('#odpo-' + part + '-' + slot + ' [data-testid=markdown]');
+  const el = document.querySelector('#odpo-' + part + '-' + slot + ' .prose');
   return el ? el.innerText : '';
 }"""
 SETTLED_JS = "() => window.odpo && window.odpo.lock.seq === null"
@@ -252,7 +252,7 @@ def test_vote_to_next_pair_latency(live_app, page):
 _MEASURE_JS = """(key) => new Promise((resolve) => {
   const vis = () => {
     const slot = document.documentElement.getAttribute('data-odpo-slot') || '0';
-    return document.querySelector('#odpo-prompt-' + slot + ' [data-testid=markdown]').innerText;
+    return document.querySelector('#odpo-prompt-' + slot + ' .prose').innerText;
   };
   const before = vis();
   const t0 = performance.now();

@@ -76,10 +76,16 @@ def launch_app(ctx, *, port: Optional[int] = None):
 
 
 def write_users(path: Path, users: dict[str, tuple[str, bool]]) -> Path:
+    """A users file as `odpo users add` writes it, with a cheap scrypt cost (n 2**10: tests sign in
+    often; odpo warns about such entries, and its own default is 2**17)."""
+    from odpo.app.services.passwords import hash_password
+
     lines = []
     for name, (password, admin) in users.items():
-        lines += ["[[users]]", f'name = "{name}"', f'password = "{password}"', f"admin = {str(admin).lower()}", ""]
+        lines += ["[[users]]", f'name = "{name}"', f'password_hash = "{hash_password(password, n=2**10)}"',
+                  f"admin = {str(admin).lower()}", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+    path.chmod(0o600)
     return path
 
 

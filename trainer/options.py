@@ -35,10 +35,16 @@ DEFAULT_TEMPERATURE = 0.9
 DEFAULT_TOP_P = 0.95
 DEFAULT_MAX_NEW_TOKENS = 96
 SAMPLER_BACKENDS = ("hf", "vllm")
+# How the sampler picks the pair a person sees from a prompt's candidates (trainer/sampling/selection.py)
+SELECTORS = ("random", "margin", "uncertain", "diverse", "judge-uncertain")
+AUTO_LABEL_SURENESS = 0.9  # --auto-label-confident: the judge labels a pair it is at least this sure of
 KV_CACHES = ("dynamic", "static")
 # Background work (sampler, trainer, judge) runs at this nice increment: CFS weight ~1/10 of a nice-0
 # thread, so votes are answered first on a busy CPU (trainer/priority.py has the measurement).
 BACKGROUND_NICE = 10
+
+# -- the web app --------------------------------------------------------------------------------
+DEFAULT_SESSION_HOURS = 12.0  # a sign-in session ends after this long (a stolen cookie stops working)
 
 # -- labeling: CLAIM_TIMEOUT_S, how long a claimed pair stays with its labeler, is the ledger's own
 # fact (db/vocabulary.py), imported above.

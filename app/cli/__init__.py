@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "init": "odpo.app.cli.base:init",
     "prompts": "odpo.app.cli.base:prompts",
     "status": "odpo.app.cli.base:status",
+    "users": "odpo.app.cli.users:users",
     "serve": "odpo.app.cli.serve:serve",
     "up": "odpo.app.cli.serve:up",
     "sample": "odpo.app.cli.sample:sample",

@@ -19,7 +19,7 @@ def init(cfg: CommonConfig, no_starter: bool) -> None:
     """Create the data directory and database, and import the starter prompts (first time only)."""
     added = ensure_initialised(cfg, starter=not no_starter)
     click.echo(f"data directory: {cfg.data_dir}")
-    click.echo(f"database: {cfg.db_url}")
+    click.echo(f"database: {cfg.shown_db_url}")
     click.echo(f"starter prompts imported: {added}" if added else "starter prompts: already present or skipped")
 
 
@@ -37,9 +37,15 @@ def prompts() -> None:
 @click.pass_obj
 def prompts_import(cfg: CommonConfig, files: tuple[Path, ...], held_out: float, max_chars: int) -> None:
     """Import prompts from JSONL/JSON (`prompt` or chat `messages`), CSV/TSV (`prompt` column),
-    Parquet, or plain text (one per line). All files are one transaction: nothing is written
-    unless every file is valid."""
-    result = import_prompt_files(cfg, files, held_out_fraction=held_out, max_chars=max_chars)
+    Parquet, or plain text (one per line), in UTF-8. All files are one transaction: nothing is
+    written unless every file is valid; a bad file (or one over the size or row limit) is one line
+    naming it, the line and the limit."""
+    from odpo.app.services.prompt_files import PromptFileError
+
+    try:
+        result = import_prompt_files(cfg, files, held_out_fraction=held_out, max_chars=max_chars)
+    except PromptFileError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"imported {result.added} prompts ({result.held_out} held out), "
                f"skipped {result.duplicates} duplicates")
 
@@ -72,7 +78,7 @@ def status(cfg: CommonConfig, as_json: bool, run: str) -> None:
     if as_json:
         click.echo(json.dumps(counts, indent=2))
         return
-    click.echo(f"database: {cfg.db_url}")
+    click.echo(f"database: {cfg.shown_db_url}")
     click.echo(f"prompts: {counts['prompts']} ({counts['held_out']} held out)")
     click.echo("pairs: " + ", ".join(f"{k} {v}" for k, v in counts["pairs"].items()))
     labels = ", ".join(f"{k} {v}" for k, v in counts["labels"].items()) or "none"
@@ -83,3 +89,27 @@ def status(cfg: CommonConfig, as_json: bool, run: str) -> None:
     if last:
         click.echo(f"last step: {last['step']} -> v{last['version']} loss {last['loss']:.4f} "
                    f"reward acc {last['reward_accuracy']:.2f} at {last['at']}")
+
+
+@prompts.command("promote")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--list", "show", is_flag=True, help="List the typed prompts waiting for promotion instead.")
+@click.pass_obj
+def prompts_promote(cfg: CommonConfig, ids: tuple[int, ...], show: bool) -> None:
+    """Let typed prompts (a labeler's "ask your own prompt") join the shared pool: sampled for
+    everyone, judged, and trained on. Until then they are their typist's alone."""
+    from odpo.app.services.typed_prompts import promote, waiting
+
+    db = cfg.open_db()
+    try:
+        if show or not ids:
+            rows = waiting(db)
+            for row in rows:
+                click.echo(f"{row['id']:>6} {row['text'][:100]!r}")
+            click.echo(f"{len(rows)} typed prompt(s) waiting" + ("" if show else "; give their ids to promote them"))
+            return
+        moved = promote(db, ids=ids)
+    finally:
+        db.close()
+    rest = "" if moved == len(ids) else " (the others were not typed prompts, or already promoted)"
+    click.echo(f"promoted {moved} of {len(ids)} prompt(s){rest}")

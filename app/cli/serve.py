@@ -16,6 +16,7 @@ import click
 
 from odpo.app.cli.flags import apply_options, click_options, config_argv, config_from, given, specs
 from odpo.app.config import MODEL_FIELDS, CommonConfig, SampleConfig, ServeConfig
+from odpo.db.settings import DB_URL_ENV
 from odpo.trainer.options import BACKGROUND_NICE
 from odpo.trainer.training.train_config import TrainConfig
 
@@ -97,28 +98,32 @@ def up(ctx: click.Context, **options: Any) -> None:
     vllm_started = options["backend"] == "vllm" and not options["vllm_urls"]  # up starts `vllm serve`
     serve_config({**options, "vllm_urls": f"http://127.0.0.1:{VLLM_PORT}"} if vllm_started else options)
     if not options["headless"]:
+        from odpo.app.services.exposure import sign_in_for
         from odpo.app.web import check_listen_address, ui_available
 
         if ui_available():
+            sign_in_for(host=options["host"], port=options["port"], auth_file=options["auth_file"],
+                        data_dir=cfg.data_dir, insecure_no_auth=options["insecure_no_auth"])
             check_listen_address(options["host"], options["port"])
     children = up_children(options)  # checks --train-args before anything starts
     added = ensure_initialised(cfg)
     if added:
-        click.echo(f"[up] first start: imported {added} starter prompts into {cfg.db_url}")
+        click.echo(f"[up] first start: imported {added} starter prompts into {cfg.shown_db_url}")
     restart = RestartPolicy(max_restarts=options["max_restarts"], first_delay_s=options["restart_delay"])
     db = cfg.open_db()
     try:
         code = Supervisor(children, global_args=global_args(ctx), grace_s=options["grace"], restart=restart,
-                          report=database_report(db, run=options["run"])).run()
+                          report=database_report(db, run=options["run"]), env={DB_URL_ENV: cfg.db_url}).run()
     finally:
         db.close()
     ctx.exit(code)
 
 
 def global_args(ctx: click.Context) -> list[str]:
-    """The root options the children need to see the same data and log at the same level."""
+    """The root options the children need to see the same data and log at the same level. The
+    database URL goes through the environment instead (Supervisor's env): argv is public (`ps`)."""
     cfg: CommonConfig = ctx.obj
-    args = ["--data-dir", str(cfg.data_dir), "--db", cfg.db_url]
+    args = ["--data-dir", str(cfg.data_dir)]
     verbose = (ctx.parent.params.get("verbose") if ctx.parent else 0) or 0
     return args + ["-v"] * verbose
 

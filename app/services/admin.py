@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from odpo.app.config import ServeConfig
+from odpo.app.services import typed_prompts as typed
 from odpo.app.services.accounts import AuthConfig
+from odpo.app.services.exposure import insecure_banner
 from odpo.app.services.human_eval import human_win_rates
 from odpo.app.services.labeler_quality import labeler_quality
 from odpo.app.services.labeling import LabelService, load_guidelines
@@ -61,8 +63,9 @@ class AdminService:
             raise NotAdminError("admins only: ask an admin to mark you `admin = true` in the users file")
 
     # -- dashboard ----------------------------------------------------------------------------
-    def dashboard(self) -> dict[str, Any]:
-        """Every series and table the Dashboard tab shows, in one read transaction."""
+    def dashboard(self, *, username: Optional[str] = None) -> dict[str, Any]:
+        """Every series and table the Dashboard tab shows, in one read transaction. Where the
+        processes run (hosts, pids, vLLM URLs, judge endpoints) is for admins only."""
         run = self.config.run
         with self.db.sessions() as s:
             data = {
@@ -73,6 +76,7 @@ class AdminService:
                 "labelers": store.labeler_stats(s),
                 "agreement": store.judge_agreement(s),
                 "labeler_quality": labeler_quality(s),
+                "selectors": store.choices_by_selector(s),
                 "last_step": store.last_train_step(s, run=run),
                 "status": store.status_counts(s, run=run),
                 "paused": _paused(s),
@@ -83,21 +87,35 @@ class AdminService:
             }
         data["now"] = time.time()  # the reports carry wall-clock times: their age is shown
         data["sampler"] = self.labels.sampler_state()
+        data["warning"] = insecure_banner(host=self.config.host, port=self.config.port, auth_on=self.auth is not None,
+                                          insecure_no_auth=self.config.insecure_no_auth)
+        if not self.is_admin(username):
+            data["processes"], data["judges"] = None, []
+            data["sampler"].pop("workers", None)
         return data
 
     # -- actions --------------------------------------------------------------------------------
-    def import_prompts(self, *, username: Optional[str], data: bytes, filename: str,
-                       held_out_fraction: float = 0.0) -> store.ImportResult:
-        """Parse an uploaded prompt file and store it in one transaction (all or nothing)."""
-        from odpo.app.services.prompt_files import PromptFileError, parse_prompt_bytes
+    def import_prompts(self, *, username: Optional[str], filename: str = "", path: Optional[Path] = None,
+                       data: Optional[bytes] = None, held_out_fraction: float = 0.0) -> store.ImportResult:
+        """Parse an uploaded prompt file (`path`, or its bytes as `data`) and store it in one
+        transaction (all or nothing). Admin rights are checked FIRST: a non-admin's upload is never
+        opened; an admin's is read only up to import_limits.MAX_PROMPT_FILE_BYTES."""
+        from odpo.app.services.import_limits import MAX_PROMPT_FILE_BYTES, size_text
+        from odpo.app.services.prompt_files import PromptFileError, parse_prompt_bytes, read_prompt_file
         from odpo.app.services.prompts import import_prompt_records
 
         self.require_admin(username)
         if not 0.0 <= held_out_fraction < 1.0:
             raise AdminError("held-out fraction must be in [0, 1)")
-        name = Path(filename or "upload.txt").name
+        if (path is None) == (data is None):
+            raise AdminError("choose a prompt file first")
+        name = Path(filename or (path.name if path is not None else "") or "upload.txt").name
+        if data is not None and len(data) > MAX_PROMPT_FILE_BYTES:
+            raise AdminError(f"{name}: the file is {size_text(len(data))}, over the limit of "
+                             f"{size_text(MAX_PROMPT_FILE_BYTES)} for one import; split it into smaller files")
         try:
-            records = parse_prompt_bytes(data, name=name, suffix=Path(name).suffix.lower())
+            records = (read_prompt_file(Path(path), name=name) if path is not None
+                       else parse_prompt_bytes(data or b"", name=name, suffix=Path(name).suffix.lower()))
         except PromptFileError as exc:  # may not subclass OdpoError yet: translate explicitly
             raise AdminError(str(exc)) from None
         result = import_prompt_records(self.db, records, held_out_fraction=held_out_fraction)
@@ -174,6 +192,19 @@ class AdminService:
             store.set_control(s, key=GUIDELINES_KEY, value={"text": clean, "by": username or "admin"})
         log.info("guidelines %s by %s", "updated" if clean else "reset", username or "admin")
         return self.get_guidelines()
+
+    # -- typed prompts --------------------------------------------------------------------------
+    def typed_prompts(self, *, username: Optional[str]) -> list[dict[str, Any]]:
+        """Typed prompts waiting for promotion (their text is a labeler's: admins only)."""
+        self.require_admin(username)
+        return typed.waiting(self.db)
+
+    def promote_prompts(self, *, username: Optional[str], ids: list[int]) -> int:
+        """Let typed prompts join the shared pool, the judges and training (app/services/typed_prompts.py)."""
+        self.require_admin(username)
+        moved = typed.promote(self.db, ids=ids)
+        log.info("%s promoted %d typed prompt(s): %s", username or "admin", moved, ids)
+        return moved
 
     # -- exports --------------------------------------------------------------------------------
     def export_available(self) -> bool:

@@ -15,10 +15,11 @@ the row named, never reordered or flattened silently.
 
 Why strict: every row is validated before anything is written, and a file with any bad row imports
 nothing (each bad row gets one line: file, line or row, what is wrong) unless `skip_bad` is set.
+A file over the size or row limits (app/services/import_limits.py) is refused before its rows are
+read; JSONL is read one line at a time and split on "\n" only.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Any, Iterator, Optional
 
 from sqlalchemy.exc import IntegrityError
 
+from odpo.app.services import import_limits
+from odpo.app.services.import_limits import FileLimitError
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 MAX_LISTED = 20  # bad rows listed one line each; the rest are counted
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, allowed at the start of a file
+DATASET_COLUMNS = ("prompt", "chosen", "rejected")  # what a row is read from (other columns are ignored)
 
 
 class DatasetFileError(OdpoError):
@@ -85,54 +90,85 @@ def _check_name(name: str) -> None:
 
 
 def read_dataset_file(path: Path) -> tuple[list[store.DatasetRow], list[str]]:
-    """(good rows, one line per bad row). Whole-file problems raise DatasetFileError."""
-    if not path.is_file():
+    """(good rows, one line per bad row). Whole-file problems raise DatasetFileError: a missing or
+    special file, a file over MAX_DATASET_FILE_BYTES or MAX_DATASET_ROWS (checked before the rows
+    are read: for Parquet from its metadata), binary content, text that is not UTF-8."""
+    if not path.exists():
         raise DatasetFileError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        records = _parquet_records(path)
-        place = "row"
+        records, place = _parquet_records(path), "row"
     elif suffix in JSONL_SUFFIXES:
-        records = _jsonl_records(path)
-        place = "line"
+        records, place = _jsonl_records(path), "line"
     else:
         raise DatasetFileError(f"{path.name}: cannot tell the format; use a .jsonl or .parquet file")
     rows: list[store.DatasetRow] = []
     problems: list[str] = []
-    for number, record in records:
-        try:
-            rows.append(parse_record(record, number))
-        except ValueError as exc:
-            problems.append(f"{path.name}:{number}: {exc}" if place == "line" else f"{path.name} row {number}: {exc}")
+    try:
+        import_limits.check_regular_file(path, import_limits.MAX_DATASET_FILE_BYTES)
+        for number, record in records:
+            try:
+                rows.append(parse_record(record, number))
+            except ValueError as exc:
+                problem = import_limits.one_line(exc)
+            except RecursionError:  # comparing or quoting a value nested deeper than Python recurses
+                problem = "a value nested too deeply to read"
+            else:
+                continue
+            problems.append(f"{path.name}:{number}: {problem}" if place == "line"
+                            else f"{path.name} row {number}: {problem}")
+    except FileLimitError as exc:
+        where = "" if not exc.line else f":{exc.line}" if place == "line" else f" row {exc.line}"
+        raise DatasetFileError(f"{path.name}{where}: {exc.problem}") from None
     return rows, problems
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """One line at a time, split on "\\n" only (U+2028, U+2029 and U+0085 are text inside a row,
+    which str.splitlines() would cut), each line decoded and parsed on its own."""
+    count = 0
+    with path.open("rb") as handle:
+        for number, offset, raw in import_limits.jsonl_lines(handle, max_line_bytes=import_limits.MAX_LINE_BYTES):
+            if number == 1:
+                binary = import_limits.sniff_binary(raw)
+                if binary:
+                    raise FileLimitError(binary)
+                if raw.startswith(BOM):
+                    raw, offset = raw[len(BOM):], offset + len(BOM)
+            if not raw.strip():
+                continue
+            count += 1
+            import_limits.check_rows(count, import_limits.MAX_DATASET_ROWS)
+            yield number, _json_line(raw, number, offset)
+
+
+def _json_line(raw: bytes, number: int, offset: int) -> Any:
+    """The object on one line, or the ValueError that says what is wrong with it."""
+    if b"\x00" in raw:
+        return ValueError("contains a NUL byte (0x00), which databases cannot store in text; binary content?")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DatasetFileError(f"{path.name}: not UTF-8 text (byte offset {exc.start}); save it as UTF-8") from None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield number, ValueError(f"malformed JSON: {exc.msg} (column {exc.colno})")
+        raise FileLimitError(f"not UTF-8 text (byte offset {offset + exc.start}); save it as UTF-8",
+                             line=number) from None
+    try:
+        return import_limits.load_json(text)
+    except FileLimitError as exc:
+        return ValueError(exc.problem)
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        import pyarrow.parquet as pq  # deferred: only Parquet needs it
-    except ImportError:
-        raise DatasetFileError(f"{path.name}: reading Parquet needs pyarrow; install it (pip install pyarrow) "
-                               "or convert the file to JSONL") from None
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types; all mean "not a readable file"
-        raise DatasetFileError(f"{path.name}: not a readable Parquet file: {' '.join(str(exc).split())}") from None
-    for number, record in enumerate(table.to_pylist(), start=1):
-        yield number, record
+    """Only the prompt/chosen/rejected columns, after the metadata passed the row and size caps."""
+    def pick(names: list[str]) -> list[str]:
+        missing = [column for column in ("chosen", "rejected") if column not in names]
+        if missing:
+            found = ", ".join(repr(name) for name in names) or "none"
+            raise FileLimitError(f"no {' or '.join(map(repr, missing))} column (found columns: {found})")
+        return [column for column in DATASET_COLUMNS if column in names]
+
+    records = import_limits.parquet_records(path, pick=pick, max_rows=import_limits.MAX_DATASET_ROWS,
+                                            max_bytes=import_limits.MAX_DATASET_FILE_BYTES)
+    yield from enumerate(records, start=1)
 
 
 def parse_record(record: Any, number: int) -> store.DatasetRow:
@@ -157,8 +193,11 @@ def parse_record(record: Any, number: int) -> store.DatasetRow:
                 raise ValueError(f"{key!r} must be a string when 'prompt' is one, got {type(value).__name__}")
     else:
         raise ValueError(f"'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
-    for turn in context:
+    for i, turn in enumerate(context, start=1):
         _check_text(turn["content"], "prompt")
+        if len(turn["content"]) > MAX_PROMPT_CHARS:
+            raise ValueError(f"message {i} of 'prompt' is {len(turn['content'])} characters, over the limit "
+                             f"of {MAX_PROMPT_CHARS}")
     return store.DatasetRow(prompt=_check_prompt(prompt), chosen=_check_text(chosen, "chosen"),
                             rejected=_check_text(rejected, "rejected"), row=number, context=tuple(context))
 
@@ -217,7 +256,9 @@ def _check_prompt(text: str) -> str:
 
 
 def _check_text(text: str, key: str) -> str:
-    if "\x00" in text:
-        raise ValueError(f"{key!r} contains a NUL character, which databases cannot store in text")
+    """Text a database can store: no NUL, no unpaired surrogate (import_limits.unstorable)."""
+    problem = import_limits.unstorable(text)
+    if problem:
+        raise ValueError(f"{key!r} {problem}")
     return text
 

@@ -1,7 +1,17 @@
-"""The text side of labeling: guidelines, labeler names, and model output made safe to render.
+"""The text side of labeling: guidelines, labeler names, vote reasons, and the conversation history.
 
 Separate from the labeling service because none of it touches the database: the pages, the HTTP
-API and the tests use these pure functions directly.
+API and the tests use these pure functions directly. Markdown becomes HTML in
+app/services/rendering.py, the one place that turns text into markup.
+
+Names and reasons are text, never controls. A name is an identity shown to admins and written
+into every label, so a name holding a control character (NUL, which PostgreSQL cannot store, or
+any other C0/C1 character) or a text-direction control (U+202E then "ave" displays as "eva", and
+it reorders the text around it) is refused with one line: changing it silently would let two
+different typed names become one labeler, and the person should see what is wrong. A reason is
+optional free text sent with a vote; refusing it would throw the vote away too, so the same
+characters are removed instead, and it is made one line (line breaks and tabs become spaces)
+because it is shown and exported as one line.
 """
 from __future__ import annotations
 
@@ -9,16 +19,23 @@ import html
 import logging
 import re
 import secrets
+import unicodedata
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from odpo.app.services.rendering import clean_html
 from odpo.db.errors import OdpoError
+from odpo.db.vocabulary import DATASET_SOURCE_PREFIX
 
 log = logging.getLogger(__name__)
 
 SIDES = ("left", "right", "tie", "both_bad", "skip")
 MAX_REASON_CHARS = 500
 MAX_NAME_CHARS = 100
+# Label sources that are not people: a person may not take their name.
+RESERVED_PREFIXES = {"judge:": "LLM judges", DATASET_SOURCE_PREFIX: "imported datasets"}
+# Unicode's explicit text-direction controls (embeddings, overrides, isolates, marks).
+BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
 
 DEFAULT_GUIDELINES = """\
 **Pick the response you would rather receive.** Judge the whole answer, not its first line.
@@ -55,19 +72,40 @@ def check_vote(side: Optional[str], reason: Optional[str]) -> tuple[str, Optiona
     side = (side or "").strip().lower()
     if side not in SIDES:
         raise LabelError(f"unknown choice {side!r}; expected one of {', '.join(SIDES)}")
-    return side, (reason or "").strip()[:MAX_REASON_CHARS] or None
+    return side, one_line_reason(reason)
+
+
+def one_line_reason(reason: Optional[str]) -> Optional[str]:
+    """A vote's reason as stored: one line (any run of whitespace, line breaks included, becomes
+    one space), control and text-direction characters removed, at most MAX_REASON_CHARS; None
+    when nothing is left."""
+    text = re.sub(r"\s+", " ", reason or "")
+    text = "".join(ch for ch in text if not _is_control(ch))
+    return text.strip()[:MAX_REASON_CHARS].strip() or None
 
 
 def normalise_labeler(name: Optional[str]) -> str:
-    """A labeler name as stored: trimmed, single-spaced; judge ids are reserved."""
-    clean = re.sub(r"\s+", " ", (name or "").strip())
+    """A labeler name as stored: trimmed, single-spaced; control and text-direction characters
+    are refused, and the prefixes of judges and imported datasets are reserved."""
+    clean = (name or "").strip()
+    bad = next((ch for ch in clean if _is_control(ch)), None)
+    if bad is not None:
+        raise LabelError(f"a labeler name cannot contain control or text-direction characters "
+                         f"(found U+{ord(bad):04X}); type it again without them")
+    clean = re.sub(r"\s+", " ", clean)
     if not clean:
         raise LabelError("enter your name (top of the Label tab) before labeling")
     if len(clean) > MAX_NAME_CHARS:
         raise LabelError(f"a labeler name can have at most {MAX_NAME_CHARS} characters")
-    if clean.lower().startswith("judge:"):
-        raise LabelError("names starting with 'judge:' are reserved for LLM judges")
+    for prefix, owner in RESERVED_PREFIXES.items():
+        if clean.lower().startswith(prefix):
+            raise LabelError(f"names starting with '{prefix}' are reserved for {owner}")
     return clean
+
+
+def _is_control(ch: str) -> bool:
+    """C0 and C1 controls (NUL included) and the bidi controls; ordinary spaces are not."""
+    return unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS
 
 
 def guest_name() -> str:
@@ -87,46 +125,6 @@ def load_guidelines(path: Optional[Path]) -> str:
     return text or DEFAULT_GUIDELINES
 
 
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
-_CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)[\s\S]*?[^`]\1(?!`)")
-
-
-def safe_markdown(text: Optional[str]) -> str:
-    """Markdown from a model or a prompt, made inert: raw HTML shows as text (`<` escaped outside
-    code, where markdown itself escapes it) and images are not fetched (they could phone home).
-    The UI also renders with sanitize_html on; this is the layer that does not depend on it."""
-    out: list[str] = []
-    prose: list[str] = []
-    fence: Optional[str] = None
-    for line in (text or "").split("\n"):
-        m = _FENCE.match(line)
-        if fence is None and m:
-            if prose:
-                out.append(_escape_prose("\n".join(prose)))
-            prose, fence = [], m.group(1)
-            out.append(line)
-        elif fence is not None:
-            out.append(line)
-            if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and \
-                    not line.strip()[len(m.group(1)):].strip():
-                fence = None
-        else:
-            prose.append(line)
-    if prose:
-        out.append(_escape_prose("\n".join(prose)))
-    return "\n".join(out)
-
-
-def _escape_prose(text: str) -> str:
-    parts, last = [], 0
-    for m in _CODE_SPAN.finditer(text):
-        parts.append(_escape_html(text[last:m.start()]))
-        parts.append(m.group(0))
-        last = m.end()
-    parts.append(_escape_html(text[last:]))
-    return "".join(parts)
-
-
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
@@ -135,7 +133,8 @@ def conversation_html(context: Optional[Sequence[Mapping[str, str]]]) -> str:
     labeler judges the two replies to the final message, and opens the history when it matters.
 
     Every turn is escaped as plain text (html.escape) with line breaks as <br>, so the block holds
-    no blank line: in the page's markdown a blank line would end the raw HTML block early."""
+    no line break at all, and the whole block then passes the same allow-list cleaner as every
+    rendered markdown (rendering.clean_html): the one door to the page, even for odpo's own markup."""
     if not context:
         return ""
     turns = []
@@ -147,8 +146,5 @@ def conversation_html(context: Optional[Sequence[Mapping[str, str]]]) -> str:
                      f"{text}</div></div>")
     n = len(context)
     summary = f"Earlier conversation ({n} turn{'s' if n != 1 else ''})"
-    return f'<details class="odpo-context"><summary>{summary}</summary>{"".join(turns)}</details>'
+    return clean_html(f'<details class="odpo-context"><summary>{summary}</summary>{"".join(turns)}</details>')
 
-
-def _escape_html(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace("![", "!\\[")

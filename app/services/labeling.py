@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
@@ -32,8 +33,8 @@ from odpo.app.services.label_text import (  # noqa: F401 - re-exported: the labe
     guest_name,
     load_guidelines,
     normalise_labeler,
-    safe_markdown,
 )
+from odpo.app.services.limits import RateLimits
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.models import Assignment, Pair, Prompt
@@ -103,10 +104,13 @@ class LabelService:
     timestamp, and every method opens its own short transaction)."""
 
     def __init__(self, *, db: Database, config: ServeConfig, sampler: Optional[SamplerHandle] = None,
-                 clock: Callable[[], float] = time.monotonic, sides: Optional[random.Random] = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, sides: Optional[random.Random] = None,
+                 limits: Optional[RateLimits] = None) -> None:
         self.db, self.config, self.sampler, self._clock = db, config, sampler, clock
         self._sides = sides  # left/right coin; None = a fresh unseeded one per claim (tests pass a seeded one)
         self._last_release = float("-inf")
+        self.limits = limits or RateLimits()
+        self._ask_lock = threading.Lock()  # the typed-prompt cap counts, then inserts: one ask at a time
 
     # -- claims ---------------------------------------------------------------------------------
     def current_pair(self, *, labeler: str, client: str = DEFAULT_CLIENT) -> Optional[PairView]:
@@ -122,6 +126,7 @@ class LabelService:
         page already holds), oldest first (with `take_over`, the labeler's other clients' claims
         too); else a new claim. None while the queue is empty. Its writes are conditional UPDATEs, so
         it needs no IMMEDIATE transaction (an idle page polling an empty queue takes no write lock)."""
+        self.limits.take("next", labeler)
         with self.db.sessions.begin() as s:
             return self._next_for(s, labeler=labeler, client=client, exclude=exclude, take_over=take_over)
 
@@ -175,6 +180,7 @@ class LabelService:
         side, reason = check_vote(side, reason)
         if assignment_id is None:
             raise LabelError("no pair on screen yet: wait for the next pair to appear")
+        self.limits.take("vote", labeler)
         self.release_expired_claims()
         mine = {"labeler": labeler, "client": client}
         with self.db.writes.begin() as s:
@@ -189,6 +195,7 @@ class LabelService:
     def undo(self, *, labeler: str, client: str = DEFAULT_CLIENT) -> PairView:
         """The undo path: take back this labeler's last vote that no run has used yet, and claim
         that pair for this client again."""
+        self.limits.take("vote", labeler)
         with self.db.writes.begin() as s:
             label = store.last_undoable_label(s, labeler=labeler)
             if label is None:
@@ -247,7 +254,9 @@ class LabelService:
     # -- typed prompts ------------------------------------------------------------------------
     def ask(self, *, labeler: str, text: str) -> int:
         """Store a typed prompt (source "typed") and ask the sampler for a pair; returns the prompt
-        id. The pair reaches this labeler first (claim_next_pair puts their typed pairs first)."""
+        id. The pair reaches this labeler first (claim_next_pair puts their typed pairs first), and
+        only them: the prompt joins no one else's queue, no judge and no training until an admin
+        promotes it. Rate limited, and at most `max_typed_pending` waiting per labeler."""
         text = (text or "").strip()
         if not text:
             raise LabelError("type a prompt first")
@@ -257,9 +266,14 @@ class LabelService:
             raise LabelError(f"a prompt can have at most {MAX_PROMPT_CHARS} characters")
         if self.sampler is None:
             raise LabelError("no sampler is running in this process, so typed prompts cannot be sampled")
-        with self.db.sessions.begin() as s:
-            prompt_id = store.add_typed_prompt(s, text=text, source="typed").id
-        self.sampler.request_typed(prompt_id=prompt_id, labeler=labeler)
+        self.limits.take("ask", labeler)
+        cap = self.config.max_typed_pending
+        with self._ask_lock:
+            with self.db.sessions.begin() as s:
+                if store.open_sample_requests(s, labeler=labeler) >= cap:
+                    raise LabelError(f"you have {cap} typed prompts waiting to be sampled; label their pairs first")
+                prompt_id = store.add_typed_prompt(s, text=text).id
+            self.sampler.request_typed(prompt_id=prompt_id, labeler=labeler)
         return prompt_id
 
     def typed_ready(self, *, labeler: str) -> bool:

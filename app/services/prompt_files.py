@@ -7,20 +7,24 @@ validated here before anything is returned. A bad file fails as a whole with a s
 A JSON object with chat `messages` is a conversation: its last user message is the prompt, the
 turns before it its context (answers after it are dropped, as before conversations existed), so
 the sampler continues the conversation and labelers see it.
+
+Files come from other people: import_limits checks a file's size before a byte is read, a Parquet
+file's rows and bytes from its metadata before any row, and turns every hostile input (deep JSON,
+huge numbers, unpaired surrogates, NUL) into that single line, never a traceback.
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from odpo.app.services import import_limits
+from odpo.app.services.import_limits import FileLimitError, load_json, one_line, unstorable
 from odpo.db.errors import OdpoError
 from odpo.db.store import normalise_prompt, prompt_hash
 from odpo.db.store.prompts import split_conversation
@@ -69,7 +73,7 @@ class PromptFileError(OdpoError):
 
     def __init__(self, file_name: str, problem: str, *, where: Where = None) -> None:
         self.file_name = file_name
-        self.problem = " ".join(str(problem).split())  # one line, whatever the cause said
+        self.problem = one_line(problem)  # one short line, whatever the cause said or quoted
         self.where = where
         place = f", {where[0]} {where[1]}" if where else ""
         super().__init__(f"{file_name}{place}: {self.problem}")
@@ -107,16 +111,23 @@ def dedupe(records: Iterable[PromptRecord]) -> tuple[list[PromptRecord], int]:
     return unique, duplicates
 
 
-def read_prompt_file(path: Path, *, max_chars: int = MAX_PROMPT_CHARS) -> list[PromptRecord]:
-    """Read and fully validate a prompt file; the format is chosen by the file's suffix.
+def read_prompt_file(path: Path, *, max_chars: int = MAX_PROMPT_CHARS,
+                     name: str | None = None) -> list[PromptRecord]:
+    """Read and fully validate a prompt file; the format is chosen by the file's suffix. `name`
+    (default: the file's own name) names the file in errors and is the prompts' source, for an
+    upload whose original name is not its path's.
 
     Raises PromptFileError for every problem with the file; ValueError only for a bad max_chars.
     """
     if max_chars < 1:
         raise ValueError(f"max_chars must be positive, got {max_chars}")
     path = Path(path)
-    data = _read_bytes(path)
-    records = parse_prompt_bytes(data, name=path.name, suffix=path.suffix.lower(), max_chars=max_chars)
+    name = name or path.name or str(path)
+    try:  # size checked before a byte is read: a file over the cap is never loaded
+        data = import_limits.read_capped(path, import_limits.MAX_PROMPT_FILE_BYTES)
+    except FileLimitError as exc:
+        raise PromptFileError(name, exc.problem) from None
+    records = parse_prompt_bytes(data, name=name, suffix=Path(name).suffix.lower(), max_chars=max_chars)
     logger.info("read %d prompts from %s", len(records), path)
     return records
 
@@ -130,69 +141,48 @@ def read_starter_prompts() -> list[PromptRecord]:
 
 def parse_prompt_bytes(data: bytes, *, name: str, suffix: str, max_chars: int = MAX_PROMPT_CHARS,
                        source: str | None = None) -> list[PromptRecord]:
-    """Parse file content already in memory (uploads arrive as bytes); `name` is used in errors."""
-    if suffix == ".parquet":
-        rows = _parquet_rows(data, name)
-    else:
-        text = _decode_text(data, name)
-        if suffix in JSONL_SUFFIXES:
-            rows = _jsonl_rows(text, name)
-        elif suffix == ".json":
-            rows = _json_rows(text, name)
-        elif suffix in CSV_DELIMITERS:
-            rows = _csv_rows(text, name, CSV_DELIMITERS[suffix])
-        else:
-            rows = _text_rows(text)
+    """Parse file content already in memory (uploads arrive as bytes); `name` is used in errors.
+    Every problem, however deep in the file, is one PromptFileError (never a RecursionError or a
+    pyarrow exception), raised before anything is returned."""
     src = source if source is not None else name
-    records = [PromptRecord(_check_prompt(value, name, where, max_chars), _check_tags(tags, name, where),
-                            source=src, context=_check_turns(turns, name, where, max_chars))
-               for where, value, tags, turns in _with_turns(rows)]
+    try:
+        records = list(_records(_rows(data, name, suffix), name, src, max_chars))
+    except FileLimitError as exc:
+        raise PromptFileError(name, exc.problem, where=("line", exc.line) if exc.line else None) from None
+    except RecursionError:  # a value nested so deep that checking it recursed too far
+        raise PromptFileError(name, "a value nested too deeply to read") from None
     if not records:
         raise PromptFileError(name, "the file is empty: no prompts found")
     return records
 
 
-# --- reading bytes -----------------------------------------------------------------------------
-
-def _read_bytes(path: Path) -> bytes:
-    name = path.name or str(path)
-    if not path.exists():
-        raise PromptFileError(name, f"file not found ({path})")
-    if path.is_dir():
-        raise PromptFileError(name, f"is a directory, not a file ({path})")
-    try:
-        return path.read_bytes()
-    except PermissionError:
-        raise PromptFileError(name, f"permission denied: cannot read {path}") from None
-    except OSError as exc:
-        raise PromptFileError(name, f"cannot read {path}: {exc.strerror or exc}") from None
+def _rows(data: bytes, name: str, suffix: str) -> Iterator[tuple[Where, Any, Any]]:
+    if suffix == ".parquet":
+        return _parquet_rows(data, name)
+    text = import_limits.decode_text(data)  # a FileLimitError names the line
+    if suffix in JSONL_SUFFIXES:
+        return _jsonl_rows(text, name)
+    if suffix == ".json":
+        return _json_rows(text, name)
+    if suffix in CSV_DELIMITERS:
+        return _csv_rows(text, name, CSV_DELIMITERS[suffix])
+    return _text_rows(text)
 
 
-def _decode_text(data: bytes, name: str) -> str:
-    """UTF-8 text with \\r\\n and \\r normalised; binary content is refused with a hint."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise PromptFileError(name, "the file is UTF-16 encoded; save it as UTF-8")
-    if data.startswith(b"PK\x03\x04"):
-        raise PromptFileError(name, "looks like a ZIP or Excel file, not text; export it as CSV")
-    if data.startswith(b"PAR1"):
-        raise PromptFileError(name, "looks like a Parquet file; give it a .parquet extension")
-    if b"\x00" in data:
-        offset = data.index(b"\x00")
-        raise PromptFileError(name, f"contains binary content: a NUL byte (0x00) at byte offset {offset}, "
-                                    "which databases cannot store in text; expected a text file",
-                              where=("line", data.count(b"\n", 0, offset) + 1))
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-        offset = exc.start + bom
-        line = data.count(b"\n", 0, offset) + 1
-        raise PromptFileError(name, f"invalid UTF-8 at byte offset {offset} (byte 0x{data[offset]:02x}); "
-                                    "save the file as UTF-8", where=("line", line)) from None
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+def _records(rows: Iterable[tuple[Where, Any, Any]], name: str, source: str,
+             max_chars: int) -> Iterator[PromptRecord]:
+    """Validated records, at most MAX_PROMPT_ROWS of them (counted as they come: a file of tiny
+    prompts must not fill the memory before the count is checked)."""
+    for count, (where, value, tags, turns) in enumerate(_with_turns(rows), start=1):
+        if count > import_limits.MAX_PROMPT_ROWS:
+            raise PromptFileError(name, f"more than {import_limits.MAX_PROMPT_ROWS:,} prompts, the limit for "
+                                        "one file; split it into smaller files")
+        yield PromptRecord(_check_prompt(value, name, where, max_chars), _check_tags(tags, name, where),
+                           source=source, context=_check_turns(turns, name, where, max_chars))
 
 
 # --- per-format row iterators: each yields (where, prompt value, tags value) -------------------
+# Lines split on "\n" only: str.splitlines() also splits on U+2028, U+2029, U+0085 (text, not lines).
 
 def _text_rows(text: str) -> Iterator[tuple[Where, Any, Any]]:
     for number, line in enumerate(text.split("\n"), start=1):
@@ -206,19 +196,14 @@ def _jsonl_rows(text: str, name: str) -> Iterator[tuple[Where, Any, Any]]:
             continue
         where = ("line", number)
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PromptFileError(name, f"malformed JSON: {exc.msg} (column {exc.colno})", where=where) from None
+            obj = load_json(line)
+        except FileLimitError as exc:
+            raise PromptFileError(name, exc.problem, where=where) from None
         yield where, _object_prompt(obj, name, where), obj.get("tags")
 
 
 def _json_rows(text: str, name: str) -> Iterator[tuple[Where, Any, Any]]:
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        hint = "; for one object per line use a .jsonl file" if exc.msg == "Extra data" else ""
-        raise PromptFileError(name, f"malformed JSON: {exc.msg} (column {exc.colno}){hint}",
-                              where=("line", exc.lineno)) from None
+    doc = load_json(text)  # a FileLimitError carries the line of a syntax error
     if not isinstance(doc, list):
         raise PromptFileError(name, f"expected a JSON list of prompt objects, got {_json_type(doc)}")
     for number, obj in enumerate(doc, start=1):
@@ -227,7 +212,7 @@ def _json_rows(text: str, name: str) -> Iterator[tuple[Where, Any, Any]]:
 
 
 def _csv_rows(text: str, name: str, delimiter: str) -> Iterator[tuple[Where, Any, Any]]:
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(text, newline="\n"), delimiter=delimiter)
     try:
         header = next(reader, None)
         if header is None:
@@ -247,22 +232,29 @@ def _csv_rows(text: str, name: str, delimiter: str) -> Iterator[tuple[Where, Any
 
 
 def _parquet_rows(data: bytes, name: str) -> Iterator[tuple[Where, Any, Any]]:
-    try:
-        import pandas as pd  # deferred: pandas is slow to import and only Parquet needs it
-    except ImportError:
-        raise PromptFileError(name, "reading Parquet needs pandas and pyarrow installed") from None
-    try:
-        frame = pd.read_parquet(io.BytesIO(data))
-    # pyarrow raises many types (ArrowInvalid, OSError, ...); all mean "bad file" and callers rely on
-    # PromptFileError being the only exception a bad file produces.
-    except Exception as exc:  # noqa: BLE001
-        raise PromptFileError(name, f"not a readable Parquet file: {exc}") from None
-    columns = [str(column).strip().lower() for column in frame.columns]
-    prompt_col = _require_column(columns, name, [str(column) for column in frame.columns])
-    tags_col = columns.index("tags") if "tags" in columns else None
-    for number, row in enumerate(frame.itertuples(index=False, name=None), start=1):
-        tags = row[tags_col] if tags_col is not None else None
-        yield ("row", number), _unbox(row[prompt_col]), _unbox(tags)
+    """Only the prompt (or chat messages) and tags columns, after the metadata passed the row and
+    size caps (import_limits.parquet_records)."""
+    picked: dict[str, str] = {}
+
+    def pick(names: list[str]) -> list[str]:
+        lower: dict[str, str] = {}
+        for column in names:
+            lower.setdefault(column.strip().lower(), column)
+        for role in ("prompt", "messages", "tags"):
+            if role in lower and not (role == "messages" and "prompt" in picked):
+                picked[role] = lower[role]
+        if "prompt" not in picked and "messages" not in picked:
+            found = ", ".join(repr(column) for column in names) or "none"
+            raise PromptFileError(name, f"no 'prompt' column or chat 'messages' column (found columns: {found})")
+        return list(picked.values())
+
+    records = import_limits.parquet_records(data, pick=pick, max_rows=import_limits.MAX_PROMPT_ROWS,
+                                            max_bytes=import_limits.MAX_PROMPT_FILE_BYTES)
+    for number, record in enumerate(records, start=1):
+        where = ("row", number)
+        value = (record[picked["prompt"]] if "prompt" in picked
+                 else _messages_prompt(record[picked["messages"]], name, where))
+        yield where, value, record.get(picked.get("tags", ""))
 
 
 # --- shared validation ---------------------------------------------------------------------------
@@ -335,7 +327,7 @@ def _check_turns(turns: Turns, name: str, where: Where, max_chars: int) -> Turns
     """The earlier turns, checked like prompts (no NUL, within max_chars), line endings normalised."""
     out = []
     for i, (role, content) in enumerate(turns, start=1):
-        _check_no_nul(content, f"message {i} of 'messages'", name, where)
+        _check_storable(content, f"message {i} of 'messages'", name, where)
         if len(content) > max_chars:
             raise PromptFileError(name, f"message {i} of 'messages' is {len(content)} characters, over the "
                                         f"limit of {max_chars}", where=where)
@@ -348,7 +340,7 @@ def _check_prompt(value: Any, name: str, where: Where, max_chars: int) -> str:
         raise PromptFileError(name, "prompt is missing (null)", where=where)
     if not isinstance(value, str):
         raise PromptFileError(name, f"prompt must be a string, got {_json_type(value)}", where=where)
-    _check_no_nul(value, "prompt", name, where)
+    _check_storable(value, "prompt", name, where)
     text = value.replace("\r\n", "\n").replace("\r", "\n").strip()
     if not text:
         raise PromptFileError(name, "prompt is empty or only whitespace", where=where)
@@ -370,28 +362,16 @@ def _check_tags(value: Any, name: str, where: Where) -> tuple[str, ...]:
         raise PromptFileError(name, "tags must be a list of strings or a comma-separated string, "
                                     f"got {_json_type(value)}", where=where)
     for tag in parts:
-        _check_no_nul(tag, "a tag", name, where)
+        _check_storable(tag, "a tag", name, where)
     return tuple(dict.fromkeys(tag.strip() for tag in parts if tag.strip()))
 
 
-def _check_no_nul(value: str, what: str, name: str, where: Where) -> None:
-    """PostgreSQL text cannot hold NUL (0x00); a JSON file can still carry one escaped as \\u0000
-    (json.loads turns it into a raw NUL), and so can Parquet cells. Refused like any bad value, so
-    the whole file fails before anything is imported."""
-    if "\x00" in value:
-        raise PromptFileError(name, f"{what} contains a NUL character (\\u0000 or a 0x00 byte), which "
-                                    "databases cannot store in text; remove it", where=where)
-
-
-def _unbox(value: Any) -> Any:
-    """Plain Python values from a pandas cell: NaN/NA -> None, numpy arrays -> lists."""
-    if hasattr(value, "tolist") and not isinstance(value, str):
-        value = value.tolist()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if type(value).__name__ in {"NAType", "NaTType"}:
-        return None
-    return value
+def _check_storable(value: str, what: str, name: str, where: Where) -> None:
+    """Text a database can store (no NUL, even escaped as \\u0000; no unpaired surrogate: see
+    import_limits.unstorable), refused like any bad value so the whole file fails first."""
+    problem = unstorable(value)
+    if problem:
+        raise PromptFileError(name, f"{what} {problem}", where=where)
 
 
 def _json_type(value: Any) -> str:

@@ -59,6 +59,9 @@ class AdminTab:
     gold_btn: gr.Button
     guidelines: gr.Textbox
     guidelines_btn: gr.Button
+    typed_list: gr.HTML
+    typed_ids: gr.Textbox
+    promote_btn: gr.Button
 
 
 def build_admin_tab(*, admin: AdminService, identity: Identity, tab: gr.Tab, exports: ExportStore) -> AdminTab:
@@ -73,6 +76,8 @@ def build_admin_tab(*, admin: AdminService, identity: Identity, tab: gr.Tab, exp
     t.export_btn.click(h.do_export, [t.fmt], [t.export_file], **ADMIN)
     t.gold_btn.click(h.do_gold, [t.gold_pair, t.gold_choice], [t.gold_pair], **ADMIN)
     t.guidelines_btn.click(h.do_guidelines, [t.guidelines], [t.guidelines], **ADMIN)
+    t.promote_btn.click(h.do_promote, [t.typed_ids], [t.typed_ids, t.typed_list], **ADMIN)
+    tab.select(h.typed, None, [t.typed_list], **ADMIN)
     return t
 
 
@@ -107,7 +112,9 @@ def _layout(identity: Identity) -> AdminTab:
                 export_btn = gr.Button("Export", elem_id="odpo-export-btn")
             export_file = gr.HTML(elem_id="odpo-export-link")
         gold_pair, gold_choice, gold_btn, guidelines, guidelines_btn = _quality_layout()
-    return AdminTab(box=box, note=note, training=training, versions=versions, upload=upload, held_out=held_out,
+        typed_list, typed_ids, promote_btn = _typed_layout()
+    return AdminTab(typed_list=typed_list, typed_ids=typed_ids, promote_btn=promote_btn,
+                    box=box, note=note, training=training, versions=versions, upload=upload, held_out=held_out,
                     import_btn=import_btn, pause=pause, resume=resume, retire_newer=retire_newer,
                     rollback=rollback, retire=retire, fmt=fmt, export_btn=export_btn, export_file=export_file,
                     gold_pair=gold_pair, gold_choice=gold_choice, gold_btn=gold_btn, guidelines=guidelines,
@@ -132,6 +139,26 @@ def _quality_layout() -> tuple:
     return gold_pair, gold_choice, gold_btn, guidelines, guidelines_btn
 
 
+def _typed_layout() -> tuple:
+    """Typed prompts: a labeler's own until promoted (then shared, judged and trained on)."""
+    with gr.Group():
+        gr.Markdown("#### Typed prompts\nPrompts labelers typed are sampled for them alone and never trained "
+                    "on. Promote the ones everyone should label (ids, comma separated).")
+        typed_list = gr.HTML(elem_id="odpo-typed-list")
+        with gr.Row():
+            typed_ids = gr.Textbox(label="Prompt ids", max_lines=1, max_length=400, elem_id="odpo-typed-ids")
+            promote_btn = gr.Button("Promote", elem_id="odpo-promote-btn")
+    return typed_list, typed_ids, promote_btn
+
+
+def typed_html(rows: list[dict[str, Any]]) -> str:
+    """The waiting typed prompts, escaped (a labeler wrote them)."""
+    if not rows:
+        return "<p><small>No typed prompts are waiting.</small></p>"
+    items = "".join(f"<li><code>{r['id']}</code> {html.escape(r['text'][:200])}</li>" for r in rows)
+    return f"<ul class='odpo-typed'>{items}</ul>"
+
+
 class AdminHandlers:
     """Gradio handlers; each one re-checks admin rights in AdminService (via the username)."""
 
@@ -149,8 +176,9 @@ class AdminHandlers:
     def do_import(self, path: Optional[str], fraction: float, request: gr.Request):
         if not path:
             raise AdminError("choose a prompt file first")
-        res = self.admin.import_prompts(username=self.who(request), data=Path(path).read_bytes(),
-                                        filename=Path(path).name, held_out_fraction=float(fraction))
+        # The path, not its bytes: the service checks admin rights before it opens the upload.
+        res = self.admin.import_prompts(username=self.who(request), path=Path(path), filename=Path(path).name,
+                                        held_out_fraction=float(fraction))
         gr.Info(f"Imported {res.added} prompts ({res.held_out} held out), skipped {res.duplicates} duplicates.")
         return None
 
@@ -189,6 +217,24 @@ class AdminHandlers:
         res = self.admin.mark_gold(username=self.who(request), pair_id=pair_id, choice=choice or "")
         gr.Info(f"Pair {res['pair_id']}: gold answer {res['choice'].upper()}.")
         return ""
+
+    @guarded(outputs=1)
+    def typed(self, request: gr.Request):
+        if not self.admin.is_admin(self.who(request)):
+            return ""
+        return typed_html(self.admin.typed_prompts(username=self.who(request)))
+
+    @guarded(outputs=2)
+    def do_promote(self, ids_text: Optional[str], request: gr.Request):
+        try:
+            ids = [int(part) for part in (ids_text or "").replace(" ", "").split(",") if part]
+        except ValueError:
+            raise AdminError("prompt ids are whole numbers, comma separated") from None
+        if not ids:
+            raise AdminError("enter the ids of the prompts to promote")
+        moved = self.admin.promote_prompts(username=self.who(request), ids=ids)
+        gr.Info(f"Promoted {moved} of {len(ids)} prompt(s).")
+        return "", typed_html(self.admin.typed_prompts(username=self.who(request)))
 
     @guarded(outputs=1)
     def do_guidelines(self, text: Optional[str], request: gr.Request):

@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import gradio as gr
 
-from odpo.app.services.label_text import conversation_html
-from odpo.app.services.labeling import LabelService, PairView, guest_name, normalise_labeler
+from odpo.app.services.labeling import LabelService, guest_name, normalise_labeler
+from odpo.app.services.rendering import render_markdown
 from odpo.app.services.status import TrainerWatch, waiting_message
 from odpo.app.ui.api import client_key
 from odpo.app.ui.shared import Identity, NotSignedInError, counters_html, guarded, pair_outputs, skips
@@ -35,7 +35,7 @@ BUTTONS = [  # (side, label, elem_id, variant)
     ("both_bad", "Both bad  ⟨4⟩", "odpo-btn-bad", "secondary"),
     ("skip", "Skip  ⟨S⟩", "odpo-btn-skip", "secondary"),
 ]
-MD = {"latex_delimiters": [], "sanitize_html": True}
+MD = {"latex_delimiters": [], "sanitize_html": True}  # the judge's note (odpo's own words)
 # Runs in the browser before a vote is sent: adds what the person was looking at, "slot:seq" (odpo.js).
 VOTE_JS = "(name, reason, seen) => [name, reason, window.odpo ? window.odpo.voted : '']"
 NO_NAME_YET = "Type your name at the top of the page first; then your votes count."
@@ -56,7 +56,7 @@ class LabelTab:
     undo: gr.Button
     ask_box: gr.Textbox
     ask_btn: gr.Button
-    guidelines: Optional[gr.Markdown] = None
+    guidelines: Optional[gr.HTML] = None
 
 
 class LabelHandlers:
@@ -124,21 +124,10 @@ def slot_outputs(update: Optional[SlotUpdate], waiting: Optional[tuple[str, str]
     out: list = []
     for slot in (0, 1):
         changed = slot in update.changed
-        out += list(slot_markdown(update.changed[slot], waiting)) if changed else [gr.skip()] * 3
+        out += list(pair_outputs(update.changed[slot], waiting)) if changed else [gr.skip()] * 3
     sync = (f'<div class="odpo-sync-data" data-active="{update.active}" data-ready="{int(update.ready)}" '
             f'data-seq="{update.seq}"></div>')
     return (*out, sync)
-
-
-def slot_markdown(view: Optional[PairView], waiting: Optional[tuple[str, str]] = None) -> tuple[str, str, str]:
-    """pair_outputs, with a conversation's earlier turns collapsed between the pair's header line
-    and the final user message (what the two candidates reply to)."""
-    prompt, left, right = pair_outputs(view, waiting)
-    if view is not None and view.context:
-        head, sep, question = prompt.partition("\n\n")
-        history = conversation_html(view.context)
-        prompt = f"{head}\n\n{history}\n\n{question}" if sep else f"{history}\n\n{prompt}"
-    return prompt, left, right
 
 
 def build_label_tab(*, svc: LabelService, identity: Identity, guidelines: str, counters: gr.HTML,
@@ -160,16 +149,18 @@ def _layout(*, identity: Identity, guidelines: str, counters: gr.HTML, name_secr
         name = gr.Textbox(show_label=False, placeholder="your name", max_length=100, container=False,
                           elem_id="odpo-name", min_width=160, scale=1)
     slots: list = []
+    # Prompts, answers and guidelines arrive as HTML the server already cleaned (app/services/
+    # rendering.py): gr.HTML shows it as it is, where gr.Markdown would read it as markdown again.
     for i in (0, 1):  # slot 1 starts hidden (CSS keyed on <html data-odpo-slot>)
         with gr.Column(elem_id=f"odpo-slot-{i}", elem_classes="odpo-slot"):
-            prompt = gr.Markdown("### Loading…", elem_id=f"odpo-prompt-{i}", elem_classes="odpo-prompt", **MD)
+            prompt = gr.HTML("<h3>Loading…</h3>", elem_id=f"odpo-prompt-{i}", elem_classes=["odpo-prompt", "odpo-md"])
             with gr.Row(equal_height=True, elem_classes="odpo-pair"):
                 with gr.Column(elem_classes="odpo-resp"):
                     gr.HTML('<div class="odpo-resp-title">Response A</div>')
-                    left = gr.Markdown(elem_id=f"odpo-left-{i}", elem_classes="odpo-text", line_breaks=True, **MD)
+                    left = gr.HTML(elem_id=f"odpo-left-{i}", elem_classes=["odpo-text", "odpo-md"])
                 with gr.Column(elem_classes="odpo-resp"):
                     gr.HTML('<div class="odpo-resp-title">Response B</div>')
-                    right = gr.Markdown(elem_id=f"odpo-right-{i}", elem_classes="odpo-text", line_breaks=True, **MD)
+                    right = gr.HTML(elem_id=f"odpo-right-{i}", elem_classes=["odpo-text", "odpo-md"])
         slots += [prompt, left, right]
     slots.append(gr.HTML("", elem_id="odpo-sync", container=False, padding=False))
     seen = gr.Textbox(visible=False, elem_id="odpo-seen")
@@ -186,7 +177,7 @@ def _layout(*, identity: Identity, guidelines: str, counters: gr.HTML, name_secr
                                          "and shows them to you for labeling.")
         ask_btn = gr.Button("Sample a pair for this prompt", elem_id="odpo-ask-btn", size="sm")
     with gr.Accordion("Labeling guidelines", open=False, elem_id="odpo-guidelines"):
-        guide = gr.Markdown(guidelines, elem_id="odpo-guidelines-text", **MD)
+        guide = gr.HTML(render_markdown(guidelines), elem_id="odpo-guidelines-text", elem_classes="odpo-md")
     saved = gr.BrowserState("", storage_key="odpo-labeler", secret=name_secret)
     return LabelTab(saved_name=saved, name=name, slots=slots, seen=seen,
                     reason=reason, judge=judge, counters=counters, timer=gr.Timer(TICK_SECONDS),
@@ -333,8 +324,9 @@ def wire_page_load(demo: gr.Blocks, t: LabelTab, h: LabelHandlers) -> None:
 
 
 def guidelines_text(source: Callable[[], str]) -> str:
-    """The guidelines to show now: `source` (an admin's stored text, else the configured ones)."""
-    return source()
+    """The guidelines to show now, as safe HTML: `source` (an admin's stored markdown, else the
+    configured or built-in ones) through the same renderer as model output."""
+    return render_markdown(source())
 
 
 def wire_guidelines(demo: gr.Blocks, t: LabelTab, source: Callable[[], str]) -> None:

@@ -15,7 +15,9 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from odpo.app.services.labeling import Counters, PairView, normalise_labeler, safe_markdown
+from odpo.app.services.label_text import conversation_html
+from odpo.app.services.labeling import Counters, PairView, normalise_labeler
+from odpo.app.services.rendering import clean_html, render_markdown
 from odpo.app.services.status import TrainerState, update_chip
 from odpo.db.errors import OdpoError
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 INTERNAL_ERROR = "Something went wrong on the server (details are in its log). Please try again."
 SAMPLING_TITLE = "Sampling new pairs…"
 SAMPLING_LINE = "The next pair appears here by itself as soon as it is ready."
-WAITING_RESPONSE = "*…*"
+WAITING_RESPONSE = "<p><em>…</em></p>"
 
 
 def static_dir() -> Path:
@@ -91,19 +93,23 @@ class Identity:
         return getattr(request, "username", None) if (self.auth_on and request is not None) else None
 
 
-def waiting_markdown(waiting: Optional[tuple[str, str]] = None) -> str:
+def waiting_html(waiting: Optional[tuple[str, str]] = None) -> str:
     """An empty slot's text: what the page waits for (app/services/status.py `waiting_message`)."""
     title, line = waiting or (SAMPLING_TITLE, SAMPLING_LINE)
-    return f"### ⏳ {safe_markdown(title)}\n{safe_markdown(line)}"
+    return render_markdown(f"### ⏳ {title}") + render_markdown(line)
 
 
 def pair_outputs(view: Optional[PairView], waiting: Optional[tuple[str, str]] = None) -> tuple[str, str, str]:
-    """(prompt, left, right) markdown for one slot of the Label tab; what it waits for when None."""
+    """(prompt, left, right) HTML for one slot of the Label tab (what it waits for when None):
+    the prompt is the pair's header line, a conversation's earlier turns collapsed, then the final
+    user message (what the two candidates reply to). All of it comes out of app/services/rendering.py,
+    so the page's gr.HTML components show it as it is."""
     if view is None:
-        return waiting_markdown(waiting), WAITING_RESPONSE, WAITING_RESPONSE
-    badge = "**Your prompt** · " if view.typed else ""
-    prompt = f"{badge}<small>pair {view.pair_id} · policy v{view.version}</small>\n\n{safe_markdown(view.prompt)}"
-    return prompt, safe_markdown(view.left), safe_markdown(view.right)
+        return waiting_html(waiting), WAITING_RESPONSE, WAITING_RESPONSE
+    badge = "<strong>Your prompt</strong> · " if view.typed else ""
+    head = f"<p>{badge}<small>pair {int(view.pair_id)} · policy v{int(view.version)}</small></p>"
+    prompt = clean_html(head + conversation_html(view.context) + render_markdown(view.prompt))
+    return prompt, render_markdown(view.left, breaks=True), render_markdown(view.right, breaks=True)
 
 
 def counters_html(c: Optional[Counters], *, session_labels: int, labeler: Optional[str],

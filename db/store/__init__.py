@@ -86,6 +86,7 @@ from odpo.db.store.labels import (
     ClaimMoved,
     LabeledPair,
     add_direct_label,
+    choices_by_selector,
     count_labels,
     judge_agreement,
     judge_labels_for_pair,
@@ -121,8 +122,10 @@ from odpo.db.store.prompts import (
     normalise_prompt,
     pair_conversations,
     pick_prompts_for_sampling,
+    promote_prompts,
     prompt_hash,
     split_conversation,
+    typed_prompts,
 )
 from odpo.db.store.quality import (
     GOLD_PREFIX,
@@ -138,6 +141,7 @@ from odpo.db.store.sample_requests import (
     claim_sample_requests,
     count_sample_requests,
     finish_sample_requests,
+    open_sample_requests,
     release_sample_requests,
     sampler_workers,
 )
@@ -146,7 +150,8 @@ __all__ = [
     "AlreadyAnswered", "ClaimMoved", "HeadMoved", "label_uses", "run_head",
     "ClaimedPair", "DECISIONS", "ImportResult", "LabeledPair", "LabelsRetracted", "NewPrompt", "NewSample",
     "PairText", "STALE_STEP", "StoreError", "TrainingLabel", "adapter_versions", "add_direct_label", "add_pair",
-    "add_prompts", "add_typed_prompt", "claim_next_pair", "claimed_view", "commit_adapter_version", "count_labels",
+    "add_prompts", "add_typed_prompt", "choices_by_selector",
+    "promote_prompts", "typed_prompts", "claim_next_pair", "claimed_view", "commit_adapter_version", "count_labels",
     "count_pairs", "count_prompts", "count_stale_skipped", "count_unconsumed", "eval_series", "find_eval",
     "get_adapter", "get_control", "held_out_prompts", "judge_agreement", "judge_candidates", "judge_labels_for_pair",
     "labeled_pairs", "labeler_stats", "labels_per_hour", "last_train_step", "last_undoable_label", "latest_adapter",
@@ -169,5 +174,6 @@ __all__ = [
     "GOLD_PREFIX", "excluded_labelers", "gold_answers", "labeler_agreement", "set_gold",
     # typed-prompt requests and sampler-worker heartbeats (sample_requests.py)
     "WORKER_PREFIX", "ClaimedRequest", "add_sample_request", "claim_sample_requests", "count_sample_requests",
+    "open_sample_requests",
     "finish_sample_requests", "release_sample_requests", "sampler_workers",
 ]

@@ -21,7 +21,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from odpo.db.errors import StoreError
 from odpo.db.models import CHOICES, Assignment, Label, LabelUse, Pair, Prompt, Sample, utcnow
 from odpo.db.store.claims import ClaimedPair, claimed_view, held_by
-from odpo.db.vocabulary import CLAIM_TIMEOUT_S, DATASET_SOURCE_PREFIX, LABEL_SOURCES
+from odpo.db.vocabulary import CLAIM_TIMEOUT_S, DATASET_SOURCE_PREFIX, LABEL_SOURCES, TYPED_SOURCE
 
 DECISIONS = ("a", "b", "tie", "both_bad")  # a label that states an opinion (skip does not)
 
@@ -206,21 +206,44 @@ def judge_agreement(session: Session) -> list[dict[str, Any]]:
 
 
 
+def choices_by_selector(session: Session) -> list[dict[str, Any]]:
+    """Per selector and policy version: live labels of people and judges on training pairs, and
+    their share of ties and both-bad (the labels that teach DPO nothing): what the dashboard shows
+    to compare selectors. Pairs from before selectors count as "random" (they were a random pair)."""
+    selector = func.coalesce(Pair.selector, "random")
+    stmt = (select(selector, Pair.created_version, Label.choice, func.count(Label.id))
+            .join(Pair, Pair.id == Label.pair_id)
+            .where(Label.undone.is_(False), Pair.purpose == "train", ~is_dataset_label())
+            .group_by(selector, Pair.created_version, Label.choice))
+    rows: dict[tuple[str, int], Counter] = defaultdict(Counter)
+    for name, version, choice, n in session.execute(stmt):
+        rows[(name, int(version))][choice] += int(n)
+    out = []
+    for (name, version), counts in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        total = sum(counts.values())
+        out.append({"selector": name, "version": version, "labels": total,
+                    "tie_rate": counts["tie"] / total, "both_bad_rate": counts["both_bad"] / total,
+                    "undecided_rate": (counts["tie"] + counts["both_bad"]) / total})
+    return out
+
+
 def source_filter(sources: str) -> ColumnElement[bool]:
     """`human`, `judge`, `all` or `dataset`: which label sources the trainer learns from (and the
     export writes); one definition, so both read the same labels for the same word. Labels of eval pairs
     (blind human evaluation, store/human_evals.py) are never among them: they judge, never train.
 
     `all` is the live feedback (people and judges) and leaves imported datasets out: an imported
-    file is trained on only when asked (`odpo train --mode offline`), never by the online loop."""
+    file is trained on only when asked (`odpo train --mode offline`), never by the online loop.
+    Labels of pairs whose prompt is held out, or typed and not promoted, never train either
+    (`trainable_pair`)."""
     if sources == "human":
-        return (Label.source == "human") & not_eval_pair()
+        return (Label.source == "human") & trainable_pair()
     if sources == "judge":
-        return (Label.source.like("judge%")) & not_eval_pair()
+        return (Label.source.like("judge%")) & trainable_pair()
     if sources == "all":
-        return (Label.source.is_not(None) & ~is_dataset_label()) & not_eval_pair()
+        return (Label.source.is_not(None) & ~is_dataset_label()) & trainable_pair()
     if sources == "dataset":
-        return (is_dataset_label()) & not_eval_pair()
+        return (is_dataset_label()) & trainable_pair()
     raise StoreError(f"unknown label sources {sources!r}; expected {', '.join(LABEL_SOURCES)}")
 
 
@@ -287,8 +310,11 @@ def labeled_pairs(session: Session, *, sources: str = "all", run: str = "default
     return out
 
 
-def not_eval_pair() -> ColumnElement[bool]:
-    """NOT EXISTS an eval pair under the label (blind human evaluation): correlated with Label, and
-    through an alias, so a query that joins Pair itself keeps its own."""
-    ep = aliased(Pair)
-    return ~select(ep.id).where(ep.id == Label.pair_id, ep.purpose == "eval").exists()
+def trainable_pair() -> ColumnElement[bool]:
+    """The label's pair may train: NOT an eval pair (blind human evaluation), NOT a pair whose
+    prompt is held out (whoever typed or imported it again), NOT a pair of a typed prompt no admin
+    promoted (one labeler must not steer the loop). Correlated with Label, and through aliases, so
+    a query that joins Pair and Prompt itself keeps its own."""
+    ep, pp = aliased(Pair), aliased(Prompt)
+    barred = (ep.purpose == "eval") | pp.held_out.is_(True) | (pp.source == TYPED_SOURCE)
+    return ~select(ep.id).join(pp, pp.id == ep.prompt_id).where(ep.id == Label.pair_id, barred).exists()

@@ -14,10 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from odpo.db.models import Pair, Prompt, utcnow
+from odpo.db.vocabulary import PROMOTED_SOURCE, TYPED_SOURCE
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
@@ -123,8 +124,10 @@ def add_prompts(session: Session, *, prompts: Iterable[NewPrompt]) -> ImportResu
     return ImportResult(added=added, duplicates=dup, held_out=held)
 
 
-def add_typed_prompt(session: Session, *, text: str, source: str = "typed") -> Prompt:
-    """A prompt a labeler typed: reuse the stored row when the same text exists."""
+def add_typed_prompt(session: Session, *, text: str, source: str = TYPED_SOURCE) -> Prompt:
+    """A prompt a labeler typed: reuse the stored row when the same text exists (a held-out prompt
+    stays held out, an imported one stays in the pool), else a new row of source TYPED_SOURCE,
+    which samples only for its typist and never trains until promoted (db/vocabulary.py)."""
     h = prompt_hash(text)
     row = session.scalar(select(Prompt).where(Prompt.text_hash == h))
     if row is None:
@@ -134,6 +137,22 @@ def add_typed_prompt(session: Session, *, text: str, source: str = "typed") -> P
     return row
 
 
+def promote_prompts(session: Session, *, ids: Sequence[int]) -> int:
+    """An admin vouches for typed prompts: they join the shared pool, and their pairs' labels may
+    train. One conditional UPDATE (only rows still typed move); returns how many did."""
+    if not ids:
+        return 0
+    result = session.execute(update(Prompt).where(Prompt.id.in_(list(ids)), Prompt.source == TYPED_SOURCE)
+                             .values(source=PROMOTED_SOURCE))
+    return result.rowcount
+
+
+def typed_prompts(session: Session, *, limit: int = 50) -> list[Prompt]:
+    """Typed prompts waiting for an admin's promotion, newest first."""
+    return list(session.scalars(select(Prompt).where(Prompt.source == TYPED_SOURCE)
+                                .order_by(Prompt.id.desc()).limit(limit)))
+
+
 def pick_prompts_for_sampling(session: Session, *, n: int, exclude_ids: Sequence[int] = (),
                               held_out: bool = False) -> list[Prompt]:
     """The n training prompts (held-out ones with `held_out`: blind eval pairs) sampled least
@@ -141,7 +160,7 @@ def pick_prompts_for_sampling(session: Session, *, n: int, exclude_ids: Sequence
     is repeated."""
     stmt = (
         select(Prompt)
-        .where(Prompt.held_out.is_(held_out))
+        .where(Prompt.held_out.is_(held_out), Prompt.source != TYPED_SOURCE)  # typed ones: their typist's only
         .order_by(Prompt.last_sampled_at.is_not(None), Prompt.last_sampled_at, Prompt.id)
         .limit(n)
     )

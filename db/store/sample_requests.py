@@ -93,6 +93,12 @@ def count_sample_requests(session: Session, *, state: str = "pending") -> int:
     return session.scalar(select(func.count(SampleRequest.id)).where(SampleRequest.state == state)) or 0
 
 
+def open_sample_requests(session: Session, *, labeler: str) -> int:
+    """A labeler's typed prompts not sampled yet (pending or being sampled): what their cap counts."""
+    waiting = SampleRequest.state.in_(("pending", "claimed"))
+    return session.scalar(select(func.count(SampleRequest.id)).where(SampleRequest.labeler == labeler, waiting)) or 0
+
+
 def sampler_workers(session: Session, *, max_age_s: float) -> list[dict[str, Any]]:
     """The workers whose heartbeat is younger than `max_age_s`, oldest name first; each is its
     published state plus `name` and `age_s`."""

@@ -26,6 +26,8 @@ from odpo.trainer.policy.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAI
 log = logging.getLogger(__name__)
 
 DATASET_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+# Inside a JSON document these can only be in strings, where the escape means the same character.
+_LINE_BREAKS_IN_TEXT = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
 
 
 class ExportError(OdpoError):
@@ -207,6 +209,13 @@ def dataset_rows(db: Database, *, sources: str = "all", run: str = "default") ->
              "answered_at": _iso(p.answered_at), "consumed_version": p.consumed_version} for p in pairs]
 
 
+def jsonl_line(row: dict[str, Any]) -> str:
+    """One JSONL line, UTF-8 kept readable, with U+2028, U+2029 and U+0085 escaped: they are legal
+    raw inside JSON strings, but readers that split lines like str.splitlines() (and JavaScript
+    before ES2019) cut a row there. Escaped, every reader reads the same text back."""
+    return json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS_IN_TEXT) + "\n"
+
+
 def export_dataset(db: Database, *, out: Path, sources: str = "all", overwrite: bool = False,
                    run: str = "default") -> int:
     """Write the labeled a/b pairs to OUT (.jsonl or .parquet); returns the number of rows.
@@ -223,7 +232,7 @@ def export_dataset(db: Database, *, out: Path, sources: str = "all", overwrite: 
         if fmt == "jsonl":
             with open(tmp, "w", encoding="utf-8") as handle:
                 for row in rows:
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    handle.write(jsonl_line(row))
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq

@@ -107,12 +107,34 @@ def render_prompt(tokenizer: Any, prompt: PromptInput) -> str:
     right after it, both when sampling and when training. Without a template a string is fed as is
     and a conversation as its ``transcript`` followed by an "Assistant:" cue.
     """
+    messages = [{**m, "content": inert_text(tokenizer, m["content"])} for m in as_messages(prompt)]
     if _has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
-    messages = as_messages(prompt)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     if len(messages) == 1:
         return messages[0]["content"]
     return transcript(messages) + "\n\nAssistant:"
+
+
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def inert_text(tokenizer: Any, text: str) -> str:
+    """`text` with the tokenizer's special tokens made plain text: a zero-width space after each
+    one's first character, so "<|im_start|>system" typed into a prompt is read as characters, not
+    as the control token that opens a forged turn. Only the template writes control tokens."""
+    for token in _special_tokens(tokenizer):
+        if token in text:
+            text = text.replace(token, token[0] + ZERO_WIDTH_SPACE + token[1:])
+    return text
+
+
+def _special_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens (declared and added ones), longest first, two characters or more."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            found.add(str(added))
+    return sorted((t for t in found if len(t) > 1), key=len, reverse=True)
 
 
 def encode_prompt(tokenizer: Any, prompt: PromptInput) -> list[int]:
