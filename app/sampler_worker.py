@@ -73,8 +73,33 @@ def build_sampler(common: CommonConfig, cfg: SampleConfig, db: Database, *, mode
         cache_implementation=None if cfg.kv_cache == "dynamic" else cfg.kv_cache,
         base_dir=common.data_dir, nice=cfg.sampler_nice, human_eval_share=cfg.human_eval_share,
         human_eval_reference=cfg.human_eval_reference,
-        ramp_up=ramp_up, worker=worker)
+        ramp_up=ramp_up, worker=worker, candidates=cfg.candidates,
+        selector=build_selector(cfg, db, model=model, tokenizer=tokenizer, backend=backend))
     return Sampler(db=db, model=model, tokenizer=tokenizer, settings=settings, backend=backend)
+
+
+def build_selector(cfg: SampleConfig, db: Database, *, model: Any, tokenizer: Any, backend: Any = None) -> Any:
+    """The pair selector of --candidates/--selector. Margin selectors score with the policy in this
+    process; with a vLLM backend there is none here, and they fall back to random (said once)."""
+    from odpo.trainer.options import AUTO_LABEL_SURENESS
+    from odpo.trainer.sampling.selection import Selector
+
+    score = None
+    if cfg.selector in ("margin", "uncertain"):
+        if backend is not None or model is None:
+            log.warning("--selector %s scores with the policy in this process; the vllm backend has none here, "
+                        "so pairs are picked at random", cfg.selector)
+        else:
+            from odpo.trainer.training.rewards import reward_scorer
+
+            score = reward_scorer(db, model, tokenizer)
+    judge = None
+    if cfg.selector == "judge-uncertain":
+        from odpo.trainer.judges import load_judge
+
+        judge = load_judge(cfg.selector_judge)
+    return Selector(name=cfg.selector, seed=cfg.seed, score=score, judge=judge,
+                    auto_label_confident=AUTO_LABEL_SURENESS if cfg.auto_label_confident else None)
 
 
 def needs_conversion(common: CommonConfig, cfg: SampleConfig) -> bool:

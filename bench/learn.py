@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RULE = "rule:finished_and_short"
 SECOND_RULE = "rule:say_the_early"
 LOSSES = ("sigmoid", "simpo")
+# online arms whose sampler draws `candidates` per prompt and shows the selector's pair
+SELECTED_MODES = ("online+margin", "online+uncertain", "online+diverse")
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,17 @@ class ArmSpec:
     curve: tuple[int, ...]
     round_labels: int
     load_in_4bit: bool = False
+    candidates: int = 4  # per prompt, in the online+SELECTOR modes
+
+    @property
+    def loop(self) -> str:
+        """online, iterative or offline: how the arm spends its budget."""
+        return self.mode.partition("+")[0]
+
+    @property
+    def selector(self) -> str:
+        """The pair selector of an online+SELECTOR arm; random (two candidates) otherwise."""
+        return self.mode.partition("+")[2] or "random"
 
 
 def resolve_grid(quick: bool, **overrides: Any) -> Grid:
@@ -104,7 +117,8 @@ def resolve_grid(quick: bool, **overrides: Any) -> Grid:
 def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] = (), modes: Sequence[str] = (),
         seeds: Optional[int] = None, budget: Optional[int] = None, curve: Sequence[int] = (), batch_size: int = 8,
         max_new_tokens: Optional[int] = None, eval_n: Optional[int] = None, lr: Optional[float] = None,
-        beta: Optional[float] = None, round_labels: Optional[int] = None, load_in_4bit: bool = False) -> BenchResult:
+        beta: Optional[float] = None, round_labels: Optional[int] = None, load_in_4bit: bool = False,
+        candidates: int = 4) -> BenchResult:
     from odpo.trainer.evaluation.win_rate import BaseAnswers
     from odpo.trainer.judges import load_judge
 
@@ -113,7 +127,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
     rounds = round_labels or grid.curve[0]
     params = {**grid.__dict__, "model": ctx.model, "batch_size": batch_size, "beta": beta or "the loss's default",
               "round_labels": rounds, "temperature": 0.9, "eval_temperature": 0.7, "first_seed": ctx.seed,
-              "load_in_4bit": load_in_4bit}
+              "load_in_4bit": load_in_4bit, "candidates": candidates}
     result = BenchResult(bench="learn", quick=ctx.quick, params=params)
     partial = ctx.out_dir / f"learn{'-quick' if ctx.quick else ''}-arms.partial.json"
     arms: list[dict[str, Any]] = []
@@ -125,7 +139,8 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
                 for seed in range(ctx.seed, ctx.seed + grid.seeds):
                     spec = ArmSpec(rule=rule, loss=loss, mode=mode, seed=seed, budget=grid.budget, batch=batch_size,
                                    tokens=grid.max_new_tokens, eval_n=grid.eval_n, lr=grid.lr, beta=beta,
-                                   curve=grid.curve, round_labels=rounds, load_in_4bit=load_in_4bit)
+                                   curve=grid.curve, round_labels=rounds, load_in_4bit=load_in_4bit,
+                                   candidates=candidates)
                     log.info("learn arm: %s %s %s seed %d", rule, loss, mode, seed)
                     arms.append({"rule": rule, "loss": loss, "mode": mode, "seed": seed,
                                  **run_arm(ctx, spec, judge=judge, base_answers=base_answers)})
@@ -157,17 +172,19 @@ def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any, base_answers: Any =
     from odpo.trainer.training.loop import DPOTrainer
     from odpo.trainer.training.train_config import TrainConfig
 
-    queue = {"online": spec.batch, "iterative": spec.round_labels, "offline": spec.budget}[spec.mode]
-    with ctx.scratch(f"learn-{spec.mode}") as cfg:
+    queue = {"online": spec.batch, "iterative": spec.round_labels, "offline": spec.budget}[spec.loop]
+    selected = spec.selector != "random"
+    with ctx.scratch(f"learn-{spec.loop}") as cfg:
         import_starter_prompts(cfg)
         db = cfg.open_db()
         serve_cfg = ServeConfig(model=ctx.model, device=ctx.device, dtype=ctx.dtype, seed=spec.seed,
                                 queue_size=queue, prompts_per_batch=spec.batch, max_new_tokens=spec.tokens,
-                                temperature=0.9, load_in_4bit=spec.load_in_4bit)
+                                temperature=0.9, load_in_4bit=spec.load_in_4bit,
+                                candidates=spec.candidates if selected else 2, selector=spec.selector)
         model, tokenizer = load_policy(cfg, serve_cfg, db)
         sampler = build_sampler(cfg, serve_cfg, db, model=model, tokenizer=tokenizer)
         sampler.watcher.load_initial()
-        save_every = 10**6 if spec.mode == "iterative" else 1  # a round commits once, by hand
+        save_every = 10**6 if spec.loop == "iterative" else 1  # a round commits once, by hand
         trainer = DPOTrainer(TrainConfig(model=ctx.model, batch_size=spec.batch, lr=spec.lr, beta=spec.beta,
                                          loss_type=spec.loss, seed=spec.seed, max_completion_tokens=spec.tokens,
                                          device=ctx.device, dtype=ctx.dtype, load_in_4bit=spec.load_in_4bit,
@@ -179,7 +196,7 @@ def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any, base_answers: Any =
                                                  seed=spec.seed, base_dir=cfg.data_dir,
                                                  base_answers=base_answers))
             started = time.perf_counter()
-            arm = LOOPS[spec.mode](db=db, sampler=sampler, trainer=trainer, c=c, spec=spec)
+            arm = LOOPS[spec.loop](db=db, sampler=sampler, trainer=trainer, c=c, spec=spec)
             arm["wall_seconds"] = time.perf_counter() - started - c.seconds["eval"]
             final = c.curve[-1] if c.curve else {"win_rate": None, "eval": None}
             arm.update({"win_rate": final["win_rate"], "eval": final.get("eval"), "curve": c.curve})
@@ -313,4 +330,6 @@ def evaluate(db: Any, trainer: Any, *, judge: Any, n: int, tokens: int, seed: in
     wr = res.win_rate
     return {"win_rate": wr.rate, "version": trainer.version, "eval_seconds": time.perf_counter() - t0,
             "eval": {"wins": wr.wins, "losses": wr.losses, "ties": wr.ties, "n": wr.n, "low": wr.low,
-                     "high": wr.high, "abstained": res.abstained}}
+                     "high": wr.high, "abstained": res.abstained},
+            # the same held-out prompts and seed for every arm: head-to-head judges these (learn_h2h.py)
+            "prompt_ids": res.details["prompt_ids"], "prompts": res.requests, "answers": res.answers_a}

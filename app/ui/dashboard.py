@@ -26,6 +26,7 @@ REFRESH_SECONDS = 5.0
 QUIET = {"queue": True, "concurrency_limit": 4, "api_visibility": "private", "show_progress": "hidden"}
 TRAIN_COLUMNS = ["step", "version", "loss", "reward_accuracy", "reward_margin", "version_lag"]
 HUMAN_COLUMNS = ["version", "vs", "human win rate", "n", "95% CI"]
+SELECTOR_COLUMNS = ["selector", "version", "labels", "tie", "both bad", "undecided"]
 QUALITY_COLUMNS = ["labeler", "labels", "vs people (n · rate)", "vs judges (n · rate)", "vs gold (n · rate)"]
 
 
@@ -55,13 +56,15 @@ def build_dashboard_tab(*, admin: AdminService, tab: gr.Tab, other_tabs: list) -
     quality = gr.Dataframe(label="Labeler quality: agreement on pairs also labeled A/B by other people, judges, or "
                                  "an admin's gold answer (ties, both bad and skips not compared)",
                            interactive=False, elem_id="odpo-dash-quality")
-    outputs = [state, loss, acc, margin, lag, win, per_hour, labelers, agreement, human, quality]
+    selectors = gr.Dataframe(label="Labels per pair selector and version: the share of ties and both-bad "
+                                   "(labels DPO cannot train on)", interactive=False, elem_id="odpo-dash-selectors")
+    outputs = [state, loss, acc, margin, lag, win, per_hour, labelers, agreement, human, quality, selectors]
     timer = gr.Timer(REFRESH_SECONDS, active=False)
 
     @guarded(outputs=len(outputs))
-    def refresh():
-        data = admin.dashboard()
-        return (*dashboard_outputs(data), human_eval_table(data), labeler_quality_table(data))
+    def refresh(request: gr.Request):
+        data = admin.dashboard(username=getattr(request, "username", None))
+        return (*dashboard_outputs(data), human_eval_table(data), labeler_quality_table(data), selector_table(data))
 
     timer.tick(refresh, None, outputs, **QUIET)
     tab.select(refresh, None, outputs, **QUIET).then(lambda: gr.Timer(active=True), None, timer,
@@ -102,6 +105,13 @@ def human_eval_table(data: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=HUMAN_COLUMNS)
 
 
+def selector_table(data: dict[str, Any]) -> pd.DataFrame:
+    """selector | version | labels | tie | both bad | undecided (shares as percentages)."""
+    rows = [[r["selector"], r["version"], r["labels"], f"{r['tie_rate']:.0%}", f"{r['both_bad_rate']:.0%}",
+             f"{r['undecided_rate']:.0%}"] for r in data.get("selectors") or []]
+    return pd.DataFrame(rows, columns=SELECTOR_COLUMNS)
+
+
 def labeler_quality_table(data: dict[str, Any]) -> pd.DataFrame:
     """labeler | labels | vs people | vs judges | vs gold, each "n · rate" ("–" when nothing compared)."""
     rows = [[r["labeler"], r["labels"], cell(r["people_n"], r["people_rate"]), cell(r["judges_n"], r["judges_rate"]),
@@ -116,7 +126,9 @@ def state_markdown(data: dict[str, Any]) -> str:
     trainer = _trainer_word(data)
     last = (f"step {step['step']} → v{step['version']}, loss {step['loss']:.4f}, {_ago(step['age_s'])}"
             if step else "no training step yet")
+    warning = [f"**⚠ {e(data['warning'])}**"] if data.get("warning") else []
     lines = [
+        *warning,
         f"**Trainer** — {trainer}; last step: {e(last)}; latest version v{status['latest_version']}; "
         f"{status['unconsumed_trainable']} trainable labels waiting" + _progress_part(data.get("train_progress")),
         f"**Sampler** — {_sampler_line(sampler)}",

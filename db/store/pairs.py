@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, aliased
 from odpo.db.errors import StoreError
 from odpo.db.models import Label, Pair, Prompt, Sample
 from odpo.db.store.labels import human_labeled
+from odpo.db.vocabulary import TYPED_SOURCE
 
 
 @dataclass(frozen=True)
@@ -29,28 +30,39 @@ class NewSample:
     gen_seconds: float
     prompt_token_ids: Optional[Sequence[int]] = None
     token_ids: Optional[Sequence[int]] = None
+    implicit_reward: Optional[float] = None  # the policy's, when a selector scored the candidates
 
 
 def add_pair(session: Session, *, prompt_id: int, version: int, a: NewSample, b: NewSample,
-             labels_wanted: int = 1, purpose: str = "train", requested_by: Optional[str] = None) -> Pair:
-    """Store two samples of one prompt from policy `version` and queue them as a pair.
+             labels_wanted: int = 1, purpose: str = "train", requested_by: Optional[str] = None,
+             selector: Optional[str] = None, unshown: Sequence[NewSample] = ()) -> Pair:
+    """Store two samples of one prompt from policy `version` and queue them as a pair; `unshown`
+    are the other candidates the selector drew for it (stored with `candidate_of`, never trained).
 
-    Both samples must have been drawn from the same prompt ids: DPO compares two completions of
+    All samples must have been drawn from the same prompt ids: DPO compares two completions of
     ONE context, so a pair whose samples saw different prompts is refused (it cannot be built by
-    the sampler, which feeds both rows of a prompt the same ids)."""
-    if _ids(a.prompt_token_ids) != _ids(b.prompt_token_ids):
-        raise StoreError(f"the two samples of a pair for prompt {prompt_id} were drawn from different "
+    the sampler, which feeds every row of a prompt the same ids)."""
+    if any(_ids(x.prompt_token_ids) != _ids(a.prompt_token_ids) for x in (b, *unshown)):
+        raise StoreError(f"the samples of a pair for prompt {prompt_id} were drawn from different "
                          "prompt token ids; refusing to store them as a pair")
-    rows = [Sample(prompt_id=prompt_id, adapter_version=version, text=s.text, tokens=s.tokens,
-                   finish_reason=s.finish_reason, params=s.params, gen_seconds=s.gen_seconds,
-                   prompt_token_ids=_ids(s.prompt_token_ids), token_ids=_ids(s.token_ids)) for s in (a, b)]
+    rows = [_sample_row(s, prompt_id, version) for s in (a, b)]
     session.add_all(rows)
     session.flush()
     pair = Pair(prompt_id=prompt_id, sample_a_id=rows[0].id, sample_b_id=rows[1].id, created_version=version,
-                labels_wanted=labels_wanted, purpose=purpose, requested_by=requested_by)
+                labels_wanted=labels_wanted, purpose=purpose, requested_by=requested_by, selector=selector)
     session.add(pair)
     session.flush()
+    if unshown:
+        session.add_all([_sample_row(s, prompt_id, version, candidate_of=pair.id) for s in unshown])
+        session.flush()
     return pair
+
+
+def _sample_row(s: NewSample, prompt_id: int, version: int, candidate_of: Optional[int] = None) -> Sample:
+    return Sample(prompt_id=prompt_id, adapter_version=version, text=s.text, tokens=s.tokens,
+                  finish_reason=s.finish_reason, params=s.params, gen_seconds=s.gen_seconds,
+                  prompt_token_ids=_ids(s.prompt_token_ids), token_ids=_ids(s.token_ids),
+                  implicit_reward=s.implicit_reward, candidate_of=candidate_of)
 
 
 def _ids(ids: Optional[Sequence[int]]) -> Optional[list[int]]:
@@ -165,5 +177,8 @@ def judge_candidates(session: Session, *, labeler: str, mode: str, limit: int) -
                                     mine.undone.is_(False)).exists()
     stmt = _pair_texts_stmt().where(~already, human_labeled(skipped=False) if mode == "shadow"
                                     else (human_labeled(skipped=True) & ~human_labeled(skipped=False)))
+    # a typed prompt no admin promoted is its typist's alone: no judge labels it (held-out prompts'
+    # pairs may be shadowed: agreement statistics only, they never train)
+    stmt = stmt.where(Prompt.source != TYPED_SOURCE)
     rows = session.execute(stmt.order_by(Pair.id).limit(limit)).all()
     return [PairText(pair_id=pid, prompt=p, a=a, b=b, version=v) for pid, p, a, b, v in rows]

@@ -63,6 +63,10 @@ class EvalResult:
     abstained: int
     details: dict[str, Any] = field(default_factory=dict)
     eval_id: Optional[int] = None
+    # Every answer of A, in prompt order (not stored with the eval: a head-to-head between two
+    # policies evaluated on the same prompts and seed judges these instead of sampling again).
+    answers_a: list[str] = field(default_factory=list, repr=False)
+    requests: list[str] = field(default_factory=list, repr=False)  # the prompts as the judge read them
 
     def summary(self) -> dict[str, Any]:
         return {"eval_id": self.eval_id, "a": self.version_a, "b": self.version_b, "judge": self.judge,
@@ -198,14 +202,15 @@ def adapter_path(db: Database, *, version: int, run: str, base_dir: Optional[Pat
     return path
 
 
-def each_version(policy: Any, *, paths: dict[int, Path], versions: Sequence[int], holds: Optional[int],
-                 answer: Callable[[int], T]) -> dict[int, T]:
+def each_version(policy: Any, *, paths: dict[Any, Path], versions: Sequence[Any], holds: Any,
+                 answer: Callable[[Any], T]) -> dict[Any, T]:
     """answer(v) for each version in turn, with the policy's adapter holding v when it is called
-    (`paths` from adapter_path; 0 = the base, which answers with the adapter off). A version the
-    adapter already `holds` is not reloaded; the others are copied into it in place."""
-    out: dict[int, T] = {}
+    (`paths` from adapter_path; a version is a number, or (run, number) across runs; 0 is the base,
+    which answers with the adapter off). A version the adapter already `holds` is not reloaded;
+    the others are copied into it in place."""
+    out: dict[Any, T] = {}
     for version in versions:
-        if version and version != holds:
+        if _number(version) and version != holds:
             from odpo.trainer.policy.checkpoint import load_adapter_into
 
             load_adapter_into(policy, paths[version])
@@ -214,49 +219,60 @@ def each_version(policy: Any, *, paths: dict[int, Path], versions: Sequence[int]
     return out
 
 
+def _number(version: Any) -> int:
+    return version[1] if isinstance(version, tuple) else int(version)
+
+
 def run_eval(db: Database, *, policy: Any, tokenizer: Any, version_a: int, version_b: int,
              judge: Union[Judge, str], n: int = 64, params: SamplingParams = DEFAULT_PARAMS,
              run: str = "default", holds: Optional[int] = None, base_dir: Optional[Path] = None,
              autocast_dtype: Any = None, record: bool = True,
-             base_answers: Optional[BaseAnswers] = None) -> EvalResult:
+             base_answers: Optional[BaseAnswers] = None, run_b: Optional[str] = None) -> EvalResult:
     """Sample both versions on n held-out prompts, judge every pair, store the result in `evals`.
 
     `policy` is a PeftModel whose adapter fits the versions; `holds` names the version its adapter
     holds now, so that one is not reloaded (the trainer passes its live version). Other versions
     are copied in place into the adapter, so the caller's weights change unless `holds` covers it.
     `base_answers` (kept by the caller across evals of one base) answers for version 0 when it has
-    seen the same seeded requests.
+    seen the same seeded requests. `run_b` puts version B in another run (head to head across runs:
+    both adapters on the same base); `holds` is then a version of `run`.
     """
-    if version_a == version_b:
+    run_b = run_b or run
+    key_a, key_b = (run, version_a), (run_b, version_b)
+    if key_a == key_b or version_a == version_b == 0:
         raise EvalError(f"--a and --b are the same policy (v{version_a}); pick two versions")
-    paths = {v: adapter_path(db, version=v, run=run, base_dir=base_dir) for v in (version_a, version_b) if v}
+    paths = {k: adapter_path(db, version=k[1], run=k[0], base_dir=base_dir) for k in (key_a, key_b) if k[1]}
     judge_impl = load_judge(judge) if isinstance(judge, str) else judge
     chosen = eval_prompts(db, n=n)
     prompts = [text for _, text in chosen]
     started = time.perf_counter()
 
-    def answer(version: int) -> list[str]:
+    def answer(key: tuple[str, int]) -> list[str]:
         def make() -> list[str]:
-            return [g.text for g in policy_answers(policy, tokenizer, prompts, version=version, params=params,
+            return [g.text for g in policy_answers(policy, tokenizer, prompts, version=key[1], params=params,
                                                    autocast_dtype=autocast_dtype)]
 
-        if version == 0 and base_answers is not None:
+        if key[1] == 0 and base_answers is not None:
             return base_answers.get(prompts, params, autocast_dtype, make)
         return make()
 
-    outputs = each_version(policy, paths=paths, versions=(version_a, version_b), holds=holds, answer=answer)
+    held = holds if holds is None or isinstance(holds, tuple) else (run, holds)
+    answers = each_version(policy, paths=paths, versions=(key_a, key_b), holds=held, answer=answer)
+    outs_a, outs_b = answers[key_a], answers[key_b]
     generated = time.perf_counter()
     requests = [transcript(p) for p in prompts]  # a judge reads a conversation with its earlier turns
-    scores = pair_scores(judge_impl, requests, outputs[version_a], outputs[version_b])
+    scores = pair_scores(judge_impl, requests, outs_a, outs_b)
     judged = time.perf_counter()
     win_rate, abstained = tally(scores)
-    details = {"run": run, "abstained": abstained, "interval": "wilson", "z": 1.96, "ties_count": 0.5,
+    details = {"run": run, **({"run_b": run_b} if run_b != run else {}), "abstained": abstained,
+               "interval": "wilson", "z": 1.96, "ties_count": 0.5,
                "orders": "one call (order-free judge)" if judge_impl.order_free else "two calls, order swapped",
                "params": params.as_dict(), "prompt_ids": [pid for pid, _ in chosen], "scores": scores,
                "generate_seconds": round(generated - started, 3), "judge_seconds": round(judged - generated, 3),
-               "examples": _examples(requests, outputs[version_a], outputs[version_b], scores)}
+               "examples": _examples(requests, outs_a, outs_b, scores)}
     result = EvalResult(version_a=version_a, version_b=version_b, judge=judge_impl.spec, win_rate=win_rate,
-                        abstained=abstained, details=details)
+                        abstained=abstained, details=details, answers_a=list(outs_a),
+                        requests=list(requests))
     if record:
         with db.sessions.begin() as s:
             row = store.record_eval(s, version_a=version_a, version_b=version_b, judge=judge_impl.spec,
@@ -264,8 +280,8 @@ def run_eval(db: Database, *, policy: Any, tokenizer: Any, version_a: int, versi
                                           ties=win_rate.ties, win_rate=win_rate.rate, ci_low=win_rate.low,
                                           ci_high=win_rate.high, details=details)
             result.eval_id = row.id
-    log.info("eval v%d vs v%d with %s: win rate %.3f [%.3f, %.3f] n=%d (%d abstained)", version_a, version_b,
-             judge_impl.spec, win_rate.rate, win_rate.low, win_rate.high, win_rate.n, abstained)
+    log.info("eval %s:v%d vs %s:v%d with %s: win rate %.3f [%.3f, %.3f] n=%d (%d abstained)", run, version_a,
+             run_b, version_b, judge_impl.spec, win_rate.rate, win_rate.low, win_rate.high, win_rate.n, abstained)
     return result
 
 

@@ -10,6 +10,8 @@
                           it loses
     rule:finished_and_short  a response that ends its sentence beats one cut off mid-sentence;
                           between two of the same kind the shorter wins
+    rule:on_topic         the response that takes up more of the prompt's own content words, and
+                          sooner, wins: a preference about what is said, not how
 
 Every rule says both_bad when both responses are empty and tie when it cannot separate them.
 Rules only look at content, never at position, so they are order-free.
@@ -32,7 +34,7 @@ from odpo.trainer.judges import JudgeError, Verdict, check_batch
 # A rule maps (prompt, a, b) to a signed preference: > 0 a wins, < 0 b wins, 0 tie.
 Rule = Callable[[str, str, str], float]
 RULE_NAMES = ("shorter", "longer", "contains:<word>", "avoid:<word>", "regex:<pattern>", "length:<n>",
-              "random[:<seed>]", "say_the_early", "finished_and_short")
+              "random[:<seed>]", "say_the_early", "finished_and_short", "on_topic")
 
 _THE = re.compile(r"\bthe\b", re.IGNORECASE)
 _ENDS = re.compile(r"[.!?](\s*[\"')\]]*)?\s*$")  # a sentence end, maybe inside closing quotes/brackets
@@ -70,12 +72,40 @@ def finished_and_short(_prompt: str, a: str, b: str) -> float:
     return _sign(len(b) - len(a))
 
 
+_WORD = re.compile(r"[a-z][a-z'-]{3,}")
+_STOPWORDS = frozenset("""about after again also because been before being between both could does doing down
+during each from have having here into itself just more most much only other over same should some such than
+that their them then there these they this those through under until very what when where which while will
+with would your yours write tell give make explain describe please""".split())
+
+
+def _topic_score(prompt: str, text: str) -> float:
+    """How much of the prompt's content (its words of four letters or more, stopwords aside) the
+    text takes up, each word weighted by how soon it first appears: 1 in the first ten words,
+    halving every ten words after. Graded, so two different answers seldom tie."""
+    keywords = set(_WORD.findall(prompt.lower())) - _STOPWORDS
+    words = [w.strip("'-") for w in _WORD.findall(text.lower())]
+    first = {}
+    for i, word in enumerate(words):
+        first.setdefault(word, i)
+    return sum(0.5 ** (first[k] // 10) for k in keywords if k in first)
+
+
+def on_topic(prompt: str, a: str, b: str) -> float:
+    """The response that takes up more of the prompt's own content words, and sooner, wins.
+
+    A content preference for the learning benchmark, beside the two about form: it depends on the
+    prompt (no one style satisfies it), and the base often drifts off topic within 64 tokens."""
+    return _sign(_topic_score(prompt, a) - _topic_score(prompt, b))
+
+
 # Rules that take no argument, by name.
 _PLAIN: dict[str, Rule] = {
     "shorter": lambda _p, a, b: float(len(b.strip()) - len(a.strip())),
     "longer": lambda _p, a, b: float(len(a.strip()) - len(b.strip())),
     "say_the_early": say_the_early,
     "finished_and_short": finished_and_short,
+    "on_topic": on_topic,
 }
 
 

@@ -24,6 +24,7 @@ from odpo.db.engine import Database
 from odpo.db.models import Prompt
 from odpo.trainer.evaluation.blind_pairs import EvalCadence, interleave, reference_adapter, with_references
 from odpo.trainer.priority import lower_thread_priority
+from odpo.trainer.sampling.batch_pairs import pick_pairs, store_batch
 from odpo.trainer.sampling.generation import (
     Generated,
     GenerationInterrupted,
@@ -61,6 +62,8 @@ class SamplerSettings:
     human_eval_share: float = 0.0  # this share of the queued pairs are blind eval pairs vs the base (human_eval.py)
     human_eval_reference: int = 0  # the version eval pairs compare against (0 = the base)
     worker: str = "serve"  # this sampler's name: it claims typed-prompt requests under it (sample_requests)
+    candidates: int = 2  # completions drawn per prompt; the selector shows two (trainer/sampling/selection.py)
+    selector: Any = None  # a selection.Selector; None: the first two
     request_stale_s: float = 300.0  # another worker's claim on a typed prompt older than this was abandoned
 
 
@@ -105,6 +108,7 @@ class Sampler:
         self.pairs_made = 0
         self.interrupted_batches = 0
         self.nul_stripped = 0  # samples whose text held NUL characters (PostgreSQL text cannot store them)
+        self.auto_labels = 0  # pairs a confident judge labeled among the candidates (selector judge-uncertain)
         self.last_batch_seconds: Optional[float] = None
         self.last_error: Optional[str] = None
 
@@ -148,7 +152,7 @@ class Sampler:
             return 0
         params = self._batch_params()
         try:
-            outputs, version, seconds = self._generate(jobs, params)
+            outputs, version, seconds, picks = self._generate(jobs, params)
         except GenerationInterrupted:
             self._requeue_typed(jobs)
             if not self._stop.is_set():
@@ -160,7 +164,7 @@ class Sampler:
             self._requeue_typed(jobs)
             raise
         self._interrupted_streak = 0
-        self._store(jobs, outputs, version=version, params=params)
+        self._store(jobs, outputs, picks, version=version, params=params)
         self._recent.append((len(jobs), seconds))
         self.last_batch_seconds, self.last_error = seconds, None
         self.pairs_made += len(jobs)
@@ -237,9 +241,10 @@ class Sampler:
             return params
         return dataclasses.replace(params, seed=params.seed + self._batch_index - 1)
 
-    def _generate(self, jobs: list[_Job], params: SamplingParams) -> tuple[list[list[Generated]], int, float]:
-        """One batched call under the model lock; the version is read under the same lock, so the
-        stamp on every sample is the version that produced it."""
+    def _generate(self, jobs: list[_Job], params: SamplingParams) -> tuple[list[list[Generated]], int, float, list]:
+        """One batched call under the model lock, and the selector's pick of each prompt's pair (its
+        scores come from the same weights); the version is read under the same lock, so the stamp
+        on every sample is the version that produced it."""
         # A batch gives way to a pending swap, unless several in a row already did (no starvation
         # when versions arrive faster than a batch takes).
         allow_reload = self._interrupted_streak < self.settings.max_interrupts_in_a_row
@@ -255,17 +260,19 @@ class Sampler:
             started = time.perf_counter()
             try:
                 outputs = generate(
-                    self.model, self.tokenizer, [j.text for j in jobs], params=params, n_per_prompt=2,
+                    self.model, self.tokenizer, [j.text for j in jobs], params=params,
+                    n_per_prompt=self.settings.candidates,
                     autocast_dtype=self.settings.autocast_dtype,
                     cache_implementation=self.settings.cache_implementation,
                     should_stop=should_stop)
                 outputs = self._with_references(jobs, outputs, params=params, version=version, should_stop=should_stop)
+                picks = pick_pairs(self.settings.selector, jobs, outputs, version=version)
             finally:
                 self.generating = False
-        return outputs, version, time.perf_counter() - started
+        return outputs, version, time.perf_counter() - started, picks
 
     def _generate_remote(self, jobs: list[_Job], params: SamplingParams,
-                         should_stop: Any) -> tuple[list[list[Generated]], int, float]:
+                         should_stop: Any) -> tuple[list[list[Generated]], int, float, list]:
         """The backend samples under its serving version's name, so the stamp is that version.
         Versions are loaded into the servers while they keep sampling; only the switch of the
         serving name waits for the running batch."""
@@ -274,11 +281,12 @@ class Sampler:
             self.generating = True
             started = time.perf_counter()
             try:
-                outputs = self.backend.generate([j.text for j in jobs], params=params, n_per_prompt=2,
-                                                should_stop=should_stop)
+                outputs = self.backend.generate([j.text for j in jobs], params=params,
+                                                n_per_prompt=self.settings.candidates, should_stop=should_stop)
+                picks = pick_pairs(self.settings.selector, jobs, outputs, version=version)
             finally:
                 self.generating = False
-        return outputs, version, time.perf_counter() - started
+        return outputs, version, time.perf_counter() - started, picks
 
     def _with_references(self, jobs: list[_Job], outputs: list[list[Generated]], *, params: SamplingParams,
                          version: int, should_stop: Any) -> list[list[Generated]]:
@@ -292,25 +300,15 @@ class Sampler:
                                params=params, adapter=adapter, autocast_dtype=self.settings.autocast_dtype,
                                cache_implementation=self.settings.cache_implementation, should_stop=should_stop)
 
-    def _store(self, jobs: list[_Job], outputs: list[list[Generated]], *, version: int,
+    def _store(self, jobs: list[_Job], outputs: list[list[Generated]], picks: list, *, version: int,
                params: SamplingParams) -> None:
-        """Store the pairs; if a swap landed between generating and storing, the staleness rule
-        applies to them at once, exactly as it did to the pairs already queued."""
-        base = {**params.as_dict(), "batch_rows": 2 * len(jobs)}
+        """Store the pairs (trainer/sampling/batch_pairs.py); if a swap landed between generating and
+        storing, the staleness rule applies to them at once, exactly as to the pairs already queued."""
         with self.db.sessions.begin() as s:
-            for job, (a, b) in zip(jobs, outputs, strict=True):
-                samples = [self._new_sample(g, params=base) for g in (a, b)]
-                if job.purpose == "eval":  # held-out: an eval pair, never a training pair
-                    if version:
-                        store.add_eval_pair(s, prompt_id=job.prompt_id, version=version,
-                                            reference_version=self.settings.human_eval_reference,
-                                            policy=samples[0], reference=samples[1],
-                                            labels_wanted=self.settings.overlap,
-                                            policy_side=self.eval_cadence.policy_side())
-                    continue
-                store.add_pair(s, prompt_id=job.prompt_id, version=version, a=samples[0], b=samples[1],
-                               labels_wanted=1 if job.purpose == "typed" else self.settings.overlap,
-                               purpose=job.purpose, requested_by=job.requested_by)
+            self.auto_labels += store_batch(s, jobs, outputs, picks, version=version, params=params,
+                                            settings=self.settings,
+                                            selector=self.settings.selector, eval_side=self.eval_cadence.policy_side,
+                                            new_sample=self._new_sample)
             store.finish_sample_requests(s, ids=[j.request_id for j in jobs if j.request_id is not None],
                                          worker=self.settings.worker)
             serving = self.watcher.serving_version

@@ -124,10 +124,11 @@ class DPOTrainer:
                  "fresh adapter" if latest is None else f"resumed from {latest.path}")
 
     def _publish_config(self) -> None:
-        """Tell the UI (another process) how many labels make the next version: its counter
-        "labels until the next update" reads this through the database, the only data channel."""
-        value = {"batch_size": self.cfg.batch_size, "save_every": self.cfg.save_every,
-                 "sources": self.cfg.sources, "run": self.cfg.run}
+        """Tell other processes through the database, the only data channel, how many labels make
+        the next version (the UI's counter) and the loss the sampler's margin selectors score with."""
+        keys = ("batch_size", "save_every", "sources", "run", "loss_type", "beta", "max_prompt_tokens",
+                "max_completion_tokens")
+        value = {k: getattr(self.cfg, k) for k in keys}
         if self.cfg.mode != "online":  # a round makes one version of round_labels labels
             value.update(mode=self.cfg.mode, round_labels=self.cfg.round_labels, epochs=self.cfg.epochs)
         with self.db.sessions.begin() as s:

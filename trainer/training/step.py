@@ -79,7 +79,7 @@ def _policy_logps(model: Any, batch: dict[str, torch.Tensor], *, forward: Forwar
         model.eval()
 
 
-def _layout(model: Any, tokenizer: Any, chunk: list[PairExample], cfg: TrainConfig,
+def pair_layout(model: Any, tokenizer: Any, chunk: list[PairExample], cfg: TrainConfig,
             dist: Optional[Distributed]) -> tuple[dict[str, torch.Tensor], Forward]:
     """The micro-batch's tensors and the forward that scores them: the shared-prompt layout
     (trainer/policy/shared_prompt.py, each prompt run once) unless it is switched off or cannot apply."""
@@ -112,7 +112,7 @@ def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
     parts: dict[str, list[torch.Tensor]] = {"pc": [], "pr": [], "rc": [], "rr": []}
     for i, chunk in enumerate(chunks):
         with contextlib.nullcontext() if dist is None else dist.sync(last=i == len(chunks) - 1):
-            batch, forward = _layout(model, tokenizer, chunk, cfg, dist)
+            batch, forward = pair_layout(model, tokenizer, chunk, cfg, dist)
             batch = {k: v.to(device) for k, v in batch.items()}
             _micro_step(model, batch, cfg, forward=forward, autocast=autocast, divisor=divisor, dist=dist,
                         parts=parts if divisor is not None else None)
