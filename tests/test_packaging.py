@@ -13,13 +13,14 @@ import tomllib
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = {"odpo": "odpo", "odpo.app": "app", "odpo.trainer": "trainer", "odpo.db": "db", "odpo.static": "static",
            "odpo.bench": "bench"}
+pytestmark = pytest.mark.xdist_group("wheel")  # one wheel build, on one worker
 
 
 @pytest.fixture(scope="module")
 def wheel_names(tmp_path_factory) -> set[str]:
     tmp_path = tmp_path_factory.mktemp("wheel")
     src = tmp_path / "src"  # a copy, so the build's scratch dirs never land in the checkout
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "odpo-data", "build", "*.egg-info",
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "odpo-data", "build", "*.egg-info",
                                                              "test-artifacts", "__pycache__"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                           str(src), "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
