@@ -26,6 +26,7 @@ from odpo.app.lifecycle import (
 from odpo.app.services.status import CONVERTING, FAILED, LOADING, SAMPLING
 from odpo.db import store
 from odpo.db.engine import Database
+from odpo.db.transient import classify
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class Heartbeat:
     def __init__(self, db: Database, *, name: str, info: dict[str, Any]) -> None:
         self.db, self.name, self.info = db, name, info
         self.phase, self.error = LOADING, None
+        self.failing = False  # the last beat could not be written
         self.sampler: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="odpo-heartbeat", daemon=True)
@@ -137,11 +139,20 @@ class Heartbeat:
                 "servers": servers() if servers else [], "at": time.time()}
 
     def beat(self) -> None:
+        """Write this worker's state; while the database is away, say so once (not every second)
+        and once more when it is back."""
         try:
             with self.db.sessions.begin() as s:
                 store.set_control(s, key=store.WORKER_PREFIX + self.name, value=self.state())
         except Exception as exc:  # noqa: BLE001 - a database hiccup must not stop sampling
-            log.warning("heartbeat not written: %s", exc)
+            if not self.failing:
+                log.warning("heartbeat not written (the web app shows this worker as gone meanwhile): %s",
+                            classify(exc).line)
+            self.failing = True
+            return
+        if self.failing:
+            log.warning("heartbeat written again")
+        self.failing = False
 
     def stop(self) -> None:
         self._stop.set()

@@ -3,9 +3,12 @@
 Children are plain `odpo` commands (the same interpreter, --data-dir and --db), so each can also
 be run, stopped and restarted on its own. A child that crashes is restarted with exponential
 backoff and the log says so; one that keeps crashing soon after it starts (or fails twice with
-the same one-line error, which only the user can fix) is given up on with one line. Giving up on
-serve or train stops everything with that child's exit code; giving up on the judge leaves the
-rest running, its pairs with people. A child that exits 0 on its own is done: train with
+the same one-line error, which only the user can fix) is given up on with one line. A child that
+stops on a transient fault (exit status 75: the database away, a full disk) is restarted after a
+capped backoff and never counted: `up` supervises for hours, not seconds. Giving up on serve (or
+on a trainer `up` was asked to finish) stops everything with that child's exit code; giving up on
+any other child leaves the rest running: labelers keep labeling while the trainer is down, and
+the dashboard says why. A child that exits 0 on its own is done: train with
 --max-steps/--until-version ends `up` with 0, any other is not restarted.
 
 Each child runs in its own process group, so a terminal's Ctrl-C reaches only the supervisor,
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Optional, Sequence
 
 from odpo.app.spawn import child_env, preexec_hook, threads_per_child
+from odpo.app.user_errors import EXIT_TRANSIENT
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class ChildSpec:
     finishes: bool = False  # True when its exit 0 means "done" (train with --max-steps), not a failure
     uses_torch: bool = True  # gets a share of the CPU threads (see threads_per_child)
     nice: int = 0  # background children (train, judge) yield the CPU to serve (trainer/priority.py)
-    essential: bool = True  # giving up on it stops `up` (serve, train); the judge is not
+    essential: bool = False  # giving up on it stops `up`: serve only (labelers keep their page otherwise)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class Child:
     last_line: str = ""
     started_at: float = 0.0
     restart_at: Optional[float] = None
+    transient_streak: int = 0  # transient stops in a row (their own backoff, never a give-up)
 
     def started(self, proc: subprocess.Popen) -> None:
         if self.proc is not None:
@@ -95,9 +100,18 @@ class Child:
         self.last_line = ""
 
     def crashed(self, code: int, now: float, policy: RestartPolicy) -> _Decision:
-        """Count a crash and decide: restart (after a delay) or give up."""
+        """Count a crash and decide: restart (after a delay) or give up. A child that stopped on a
+        transient fault (exit status EXIT_TRANSIENT: a database or server away, a full disk) is
+        restarted after a backoff and never counted: only the user can fix a fatal error, but
+        time fixes a transient one."""
         self.last_exit = code
         error = self.last_line[len("Error: "):] if self.last_line.startswith("Error: ") else ""
+        if code == EXIT_TRANSIENT:
+            self.last_error, self.transient_streak = error, self.transient_streak + 1
+            delay = min(policy.max_delay_s, policy.first_delay_s * 2 ** (self.transient_streak - 1))
+            self.state, self.restart_at = "waiting", now + delay
+            return _Decision(False, f"transient: {error or 'a fault that waiting fixes'}", delay)
+        self.transient_streak = 0
         quick = now - self.started_at < policy.stable_s
         repeated = quick and bool(error) and error == self.last_error
         self.last_error = error
@@ -236,7 +250,7 @@ class Supervisor:
             outcome = self._tick(time.monotonic())
             if outcome is not None:
                 return outcome.code
-            if not any(c.state in ("running", "restarting") for c in self._running):
+            if not any(c.state in ("running", "restarting", "waiting") for c in self._running):
                 self._emit("[up] every child has stopped by itself; nothing left to run")
                 return 0
             if time.monotonic() - self._reported_at >= HEARTBEAT_S:
@@ -258,7 +272,7 @@ class Supervisor:
                     self._publish()
                     if outcome is not None:
                         return outcome
-            elif child.state == "restarting" and child.restart_at is not None and now >= child.restart_at:
+            elif child.state in ("restarting", "waiting") and child.restart_at is not None and now >= child.restart_at:
                 self._spawn(child)
                 self._publish()
         return None
@@ -276,13 +290,20 @@ class Supervisor:
         decision = child.crashed(code, now, self.restart)
         if decision.give_up:
             return self._give_up(child, code, f"{why}; {decision.reason}")
-        self._emit(f"[up] {name} {why}; restarting it in {decision.delay_s:.1f} s "
-                   f"(attempt {child.failures} of {self.restart.max_restarts}: {decision.reason})")
+        if child.state == "waiting":
+            self._emit(f"[up] {name} {why}; {decision.reason}; restarting it in {decision.delay_s:.0f} s")
+        else:
+            self._emit(f"[up] {name} {why}; restarting it in {decision.delay_s:.1f} s "
+                       f"(attempt {child.failures} of {self.restart.max_restarts}: {decision.reason})")
         return None
 
     def _give_up(self, child: Child, code: int, why: str) -> Optional[_Outcome]:
+        """Give up on one child. Only serve (the page people label on), a job `up` was asked to
+        finish (train with --max-steps/--until-version), or any child with restarts off (fail fast,
+        as asked) takes the rest down: a trainer that cannot run leaves labelers labeling, and the
+        dashboard says why."""
         child.state = "given up"
-        if child.spec.essential:
+        if child.spec.essential or child.spec.finishes or self.restart.max_restarts == 0:
             self._emit(f"[up] giving up on {child.spec.name} ({why}); stopping {self._others(child)}")
             return _Outcome(code if code > 0 else 1)
         self._emit(f"[up] giving up on {child.spec.name} ({why}); the others keep running")
@@ -295,7 +316,7 @@ class Supervisor:
         """SIGTERM every live child's process group, wait up to grace_s, then SIGKILL the rest;
         one line says how long each took (what --grace has to cover)."""
         for child in self._running:
-            if child.state == "restarting":
+            if child.state in ("restarting", "waiting"):
                 child.state = "stopped"
         live = [c for c in self._running if c.proc is not None and c.proc.poll() is None]
         for child in live:

@@ -4,6 +4,11 @@ from __future__ import annotations
 from typing import Optional
 
 from odpo.db.errors import OdpoError
+from odpo.db.transient import classify
+
+# The exit status of a process that stopped on a transient fault (sysexits.h EX_TEMPFAIL): `odpo up`
+# restarts such a child after a backoff and never counts it toward giving up.
+EXIT_TRANSIENT = 75
 
 # File-system errors a user causes with a path they gave (a data dir under a file, a directory
 # they may not write, a model path that does not exist): the path and the reason say it all.
@@ -15,6 +20,9 @@ def user_error_message(exc: BaseException) -> Optional[str]:
     keep their traceback (`-vv` logs it for the one-line ones too)."""
     if isinstance(exc, OdpoError):
         return _first_line(exc)
+    fault = classify(exc)
+    if fault.transient:  # a database or server that went away: one line, never a traceback
+        return fault.line
     if isinstance(exc, _PATH_ERRORS) or (isinstance(exc, OSError) and exc.filename):
         return _os_error_line(exc)  # type: ignore[arg-type]
     return None
@@ -28,6 +36,11 @@ def _os_error_line(exc: OSError) -> str:
         return _first_line(exc)
     what = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
     return f"{exc.strerror}: {what}"
+
+
+def exit_status(exc: BaseException) -> int:
+    """1 for an error the user must fix; EXIT_TRANSIENT for one that waiting fixes."""
+    return EXIT_TRANSIENT if classify(exc).transient else 1
 
 
 def _first_line(exc: BaseException) -> str:

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 RUNNERS = {"sampling": "odpo.bench.sampling", "train-step": "odpo.bench.train_step", "reload": "odpo.bench.reload",
            "labelers": "odpo.bench.labelers", "learn": "odpo.bench.learn", "memory": "odpo.bench.memory",
            "first-pair": "odpo.bench.first_pair"}
-SOAKS = {"chaos": "odpo.bench.chaos"}  # long fault soaks: run by name only, never by `bench all`
+# long fault soaks: run by name only, never by `bench all`
+SOAKS = {"chaos": "odpo.bench.chaos", "faults": "odpo.bench.faults"}
 OUT_DIR_HELP = "bench/results"  # what --help shows; default_out_dir() says where that is
 
 
@@ -255,6 +256,27 @@ def learn_merge(files: tuple[Path, ...], out_dir: Path) -> None:
 def memory(common: CommonConfig, **opts: Any) -> None:
     """Peak RSS (and GPU memory) of serve and train."""
     _finish(execute("memory", bench_context(common, opts), opts))
+
+
+@bench.command()
+@_shared
+@click.option("--scenarios", callback=_csv, default=None,
+              help="Comma-separated: db_restart,db_outage,disk_full,worker_stall,judge_hang [default: all].")
+@click.option("--databases", callback=_csv, default=None, help="Comma-separated: sqlite,postgresql [default: both].")
+@click.option("--outage", "outage_s", type=click.FloatRange(1), default=None,
+              help="Seconds each fault lasts. [default: 20 with --quick, else 60]")
+@click.pass_obj
+def faults(common: CommonConfig, **opts: Any) -> None:
+    """The ground pulled from under a running loop: the database away, a full disk, a stalled worker,
+    a hanging judge; each must resume with nothing lost (a soak: run by name, never by `bench all`)."""
+    from odpo.bench.faults import SCENARIOS
+
+    bad = [s for s in opts["scenarios"] or () if s not in SCENARIOS]
+    if bad:
+        raise click.BadParameter(f"{', '.join(bad)} (choose from {', '.join(SCENARIOS)})", param_hint="--scenarios")
+    opts["scenarios"] = tuple(opts["scenarios"] or ())
+    opts["databases"] = tuple(opts["databases"] or ("sqlite", "postgresql"))
+    _finish(execute("faults", bench_context(common, opts), opts))
 
 
 @bench.command()

@@ -65,10 +65,14 @@ class Child:
 
     @classmethod
     def start(cls, cfg: CommonConfig, args: Sequence[str], *, log_path: Path,
-              threads: Optional[int] = None) -> "Child":
+              threads: Optional[int] = None, extra_env: Optional[dict[str, str]] = None) -> "Child":
+        """`extra_env` joins the child's environment (a PYTHONPATH entry goes in front of it)."""
         handle = open(log_path, "wb")
+        env = child_env(cfg, threads)
+        for key, value in (extra_env or {}).items():
+            env[key] = os.pathsep.join([value, env[key]]) if key == "PYTHONPATH" and env.get(key) else value
         proc = subprocess.Popen(odpo_command(cfg, args), stdin=subprocess.DEVNULL, stdout=handle,
-                                stderr=subprocess.STDOUT, env=child_env(cfg, threads), process_group=0)
+                                stderr=subprocess.STDOUT, env=env, process_group=0)
         log.info("started odpo %s (pid %d), log %s", " ".join(args), proc.pid, log_path)
         return cls(proc=proc, log_path=log_path, _log=handle)
 

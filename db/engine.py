@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from odpo.db.errors import OdpoError
 from odpo.db.settings import masked_url
+from odpo.db.transient import classify
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     except (OperationalError, SQLAlchemyError) as exc:
         engine.dispose()
         first = str(exc.orig if hasattr(exc, "orig") else exc).splitlines()[0]
-        raise DatabaseError(f"cannot connect to database {parsed.render_as_string()}: {first}") from None
+        error = DatabaseError(f"cannot connect to database {parsed.render_as_string()}: {first}")
+        error.transient = classify(exc).transient  # refused while restarting: wait; bad password: stop
+        raise error from None
     if is_sqlite:
         _private_sqlite_files(parsed.database)
     return engine

@@ -63,7 +63,13 @@ def test_failed_save_never_publishes_a_version(peft_model, tmp_path, monkeypatch
     with pytest.raises(OSError):
         ckpt.write_version(model=peft_model, optimizer=opt, adapters_dir=tmp_path, version=1, state={})
     assert not (tmp_path / "v1").exists()
-    assert (tmp_path / "v1.tmp").is_dir()  # the crash leftover the next start cleans
+    assert not (tmp_path / "v1.tmp").exists()  # a failed write cleans up after itself (a full disk stays full)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_writes_leftover_is_cleaned_on_the_next_start(tmp_path):
+    (tmp_path / "v1.tmp").mkdir()  # what kill -9 in the middle of write_version leaves
+    (tmp_path / "v1.tmp" / "adapter_model.safetensors").write_bytes(b"half")
     assert ckpt.clean_adapters_dir(tmp_path, committed=[]) == [tmp_path / "v1.tmp"]
     assert list(tmp_path.iterdir()) == []
 

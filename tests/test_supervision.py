@@ -46,6 +46,9 @@ if mode == "always-crash":
 if mode == "same-error":
     print("Error: model path /nowhere does not exist", flush=True)
     sys.exit(1)
+if mode == "transient-4" and runs <= 4:
+    print("Error: database unreachable: connection refused", flush=True)
+    sys.exit(75)
 time.sleep(120)
 """
 
@@ -91,10 +94,11 @@ def test_a_crashed_child_is_restarted_and_the_restart_is_logged_and_reported(tmp
 def test_a_child_that_keeps_crashing_gets_growing_delays_then_is_given_up_in_one_line(tmp_path):
     from odpo.app.up import ChildSpec, RestartPolicy
 
-    sup, out, reports = scripted(tmp_path, [ChildSpec("serve", ("sleep",)), ChildSpec("train", ("always-crash",))],
+    sup, out, reports = scripted(tmp_path, [ChildSpec("serve", ("sleep",), essential=True),
+                                            ChildSpec("train", ("always-crash",), finishes=True)],
                                  restart=RestartPolicy(max_restarts=2, first_delay_s=0.3))
     started = time.monotonic()
-    assert sup.run() == 1
+    assert sup.run() == 1  # a trainer `up` was asked to finish (--until-version) cannot: up ends
     text = out.getvalue()
     assert "restarting it in 0.3 s (attempt 1 of 2" in text and "restarting it in 0.6 s (attempt 2 of 2" in text
     assert time.monotonic() - started >= 0.9  # the backoff was waited, not just printed
@@ -105,10 +109,56 @@ def test_a_child_that_keeps_crashing_gets_growing_delays_then_is_given_up_in_one
 
 
 @pytest.mark.timeout(120)
+def test_a_child_stopped_by_a_transient_fault_is_restarted_and_never_given_up(tmp_path):
+    """Exit status 75 (the database away, a full disk): restarted after a growing delay, never
+    counted, even with restarts off; the trainer being down never takes serve with it."""
+    from odpo.app.up import ChildSpec, RestartPolicy
+
+    sup, out, reports = scripted(tmp_path, [ChildSpec("serve", ("sleep",), essential=True),
+                                            ChildSpec("train", ("transient-4",))],
+                                 restart=RestartPolicy(max_restarts=0, first_delay_s=0.1))
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(code=sup.run()))
+    runner.start()
+    try:
+        wait_until(lambda: "[train] run 5" in out.getvalue(), 60, poll=0.1)
+        text = out.getvalue()
+        assert text.count("transient: database unreachable: connection refused; restarting it in") == 4, text
+        assert "giving up" not in text
+        assert any(c["state"] == "waiting" for c in child_report(reports, "train"))
+        assert (tmp_path / "serve.runs").read_text() == "1"
+    finally:
+        sup.request_stop("SIGTERM")
+        runner.join(30)
+    assert result["code"] == 143
+
+
+@pytest.mark.timeout(120)
+def test_giving_up_on_the_trainer_leaves_serve_serving(tmp_path):
+    from odpo.app.up import ChildSpec, RestartPolicy
+
+    sup, out, reports = scripted(tmp_path, [ChildSpec("serve", ("sleep",), essential=True),
+                                            ChildSpec("train", ("same-error",))],
+                                 restart=RestartPolicy(first_delay_s=0.1))
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(code=sup.run()))
+    runner.start()
+    try:
+        wait_until(lambda: "giving up on train" in out.getvalue(), 60, poll=0.1)
+        assert "the same error twice: model path /nowhere does not exist); the others keep running" in out.getvalue()
+        serve = next(c for c in sup._running if c.spec.name == "serve")
+        assert serve.state == "running" and serve.proc.poll() is None
+    finally:
+        sup.request_stop("SIGTERM")
+        runner.join(30)
+    assert result["code"] == 143
+
+
+@pytest.mark.timeout(120)
 def test_the_same_one_line_error_twice_is_given_up_at_once(tmp_path):
     from odpo.app.up import ChildSpec, RestartPolicy
 
-    sup, out, _ = scripted(tmp_path, [ChildSpec("serve", ("same-error",))],
+    sup, out, _ = scripted(tmp_path, [ChildSpec("serve", ("same-error",), essential=True)],
                            restart=RestartPolicy(first_delay_s=0.1))
     assert sup.run() == 1
     assert ("[up] giving up on serve (exited with code 1; the same error twice: model path /nowhere does not "
@@ -121,7 +171,7 @@ def test_giving_up_on_the_judge_leaves_the_others_running(tmp_path):
     from odpo.app.up import ChildSpec, RestartPolicy
 
     sup, out, reports = scripted(tmp_path, [ChildSpec("serve", ("sleep",)),
-                                            ChildSpec("judge", ("always-crash",), essential=False)],
+                                            ChildSpec("judge", ("always-crash",))],
                                  restart=RestartPolicy(max_restarts=1, first_delay_s=0.1))
     result = {}
     runner = threading.Thread(target=lambda: result.update(code=sup.run()))

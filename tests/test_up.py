@@ -155,12 +155,13 @@ def test_background_children_run_at_a_lower_priority(tmp_path):
     from odpo.app.up import ChildSpec, Supervisor
 
     class Scripted(Supervisor):
-        def command(self, spec):
-            return [sys.executable, "-c", "import os; print('nice', os.nice(0), flush=True)"]
+        def command(self, spec):  # train lingers, so serve has printed before train's exit stops it
+            return [sys.executable, "-c", "import os, sys, time; print('nice', os.nice(0), flush=True); "
+                    "time.sleep(float(sys.argv[1]))", *spec.args]
 
     out = tmp_path / "log.txt"
     with out.open("w") as fh:
-        sup = Scripted([ChildSpec("serve", (), finishes=True), ChildSpec("train", (), finishes=True, nice=5)],
+        sup = Scripted([ChildSpec("serve", ("60",)), ChildSpec("train", ("5",), finishes=True, nice=5)],
                        grace_s=5, out=fh)
         assert sup.run() == 0
     mine = os.nice(0)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from odpo.app.config import CommonConfig
-from odpo.app.user_errors import user_error_message
+from odpo.app.user_errors import exit_status, user_error_message
 
 # name -> "module:attribute"; a module is imported only when its command runs (or --help lists it)
 COMMANDS: dict[str, str] = {
@@ -63,7 +63,9 @@ class LazyGroup(click.Group):
             if message is None:
                 raise
             logging.getLogger("odpo").debug("error details", exc_info=True)
-            raise click.ClickException(message) from None
+            error = click.ClickException(message)
+            error.exit_code = exit_status(exc)  # 75: transient, `odpo up` restarts it without counting
+            raise error from None
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

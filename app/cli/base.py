@@ -79,6 +79,9 @@ def status(cfg: CommonConfig, as_json: bool, run: str) -> None:
         click.echo(json.dumps(counts, indent=2))
         return
     click.echo(f"database: {cfg.shown_db_url}")
+    free = counts.get("disk_free_bytes")
+    if free is not None:
+        click.echo(f"disk: {free / 2**20:,.0f} MB free in {cfg.data_dir}")
     click.echo(f"prompts: {counts['prompts']} ({counts['held_out']} held out)")
     click.echo("pairs: " + ", ".join(f"{k} {v}" for k, v in counts["pairs"].items()))
     labels = ", ".join(f"{k} {v}" for k, v in counts["labels"].items()) or "none"

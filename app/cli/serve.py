@@ -136,7 +136,7 @@ def up_children(options: dict[str, Any]) -> list[Any]:
 
     inline = options.get("inline_sampler") or options.get("headless")
     serve_args = config_argv(ServeConfig, options, only=None if inline else web_options())
-    children = [ChildSpec("serve", ("serve", *serve_args), uses_torch=bool(inline))]
+    children = [ChildSpec("serve", ("serve", *serve_args), uses_torch=bool(inline), essential=True)]
     train_values = _train_values(options)
     if not inline:
         worker_args = config_argv(SampleConfig, options)
@@ -155,7 +155,7 @@ def up_children(options: dict[str, Any]) -> list[Any]:
         model_judge = options["judge_spec"].split(":", 1)[0] in ("hf", "rm")  # rule/py/openai: no torch work
         children.append(ChildSpec("judge", ("judge", "--judge", options["judge_spec"], *mode,
                                             *shlex.split(options["judge_args"])), uses_torch=model_judge,
-                                  nice=options["background_nice"], essential=False))
+                                  nice=options["background_nice"]))
     return children
 
 

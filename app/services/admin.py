@@ -20,7 +20,7 @@ from odpo.app.services.exposure import insecure_banner
 from odpo.app.services.human_eval import human_win_rates
 from odpo.app.services.labeler_quality import labeler_quality
 from odpo.app.services.labeling import LabelService, load_guidelines
-from odpo.app.services.status import trainer_state
+from odpo.app.services.status import disk_free, trainer_state
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
@@ -86,6 +86,7 @@ class AdminService:
                 "judges": list(store.controls_with_prefix(s, prefix=store.JUDGE_STATE_PREFIX).values()),
             }
         data["now"] = time.time()  # the reports carry wall-clock times: their age is shown
+        data["disk_free_bytes"] = disk_free(self.data_dir) if self.data_dir is not None else None
         data["sampler"] = self.labels.sampler_state()
         data["warning"] = insecure_banner(host=self.config.host, port=self.config.port, auth_on=self.auth is not None,
                                           insecure_no_auth=self.config.insecure_no_auth)

@@ -26,17 +26,34 @@ UP_REPORT_FRESH_S = 60.0  # `up` reports every 10 s; an older report means `up` 
 STEP_RECENT_S = 300.0  # without `up`: a train step this recent shows a trainer at work
 TRAINER_CACHE_S = 2.0  # every page ticks once a second; one read serves them all for this long
 
-RUNNING, STARTING, DOWN, UNKNOWN = "running", "starting", "down", "unknown"
+RUNNING, STARTING, DOWN, UNKNOWN, PAUSED = "running", "starting", "down", "unknown", "paused"
+FAULT_FRESH_S = 120.0  # a pause report older than its retry plus this is from a trainer long gone
 
 
 def read_status(cfg: CommonConfig, *, run: str) -> dict[str, Any]:
-    """The counts of one run, in one read transaction."""
+    """The counts of one run, in one read transaction, and the data directory's free space."""
     db = cfg.open_db()
     try:
         with db.sessions() as s:
-            return store.status_counts(s, run=run)
+            counts = store.status_counts(s, run=run)
     finally:
         db.close()
+    return {**counts, "disk_free_bytes": disk_free(cfg.data_dir)}
+
+
+def disk_free(path: Any) -> Optional[int]:
+    """Free bytes on the filesystem of `path` (its nearest existing parent); None if unknown. A full
+    data disk pauses training (trainer/training/pauses.py): the operator sees it coming here."""
+    import shutil
+    from pathlib import Path
+
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -52,6 +69,9 @@ class TrainerState:
 def trainer_state(session: Session, *, run: str, now: Optional[float] = None) -> TrainerState:
     """What the database says about the run's trainer (see the module docstring)."""
     now = time.time() if now is None else now
+    fault = store.get_control(session, key=store.TRAIN_FAULT_KEY) or {}
+    if fault.get("line") and now <= float(fault.get("retry_at") or 0) + FAULT_FRESH_S:
+        return TrainerState(PAUSED, f"training paused: {fault['line']}")
     report = store.get_control(session, key=store.up_state_key(run))
     from_up = _from_up_report(report, now=now)
     if from_up is not None:
@@ -85,6 +105,8 @@ def _from_up_report(report: Optional[Mapping[str, Any]], *, now: float) -> Optio
         return TrainerState(RUNNING)
     if child_state in ("starting", "restarting"):
         return TrainerState(STARTING, f"the trainer is {child_state}")
+    if child_state == "waiting":  # stopped on a transient fault; `up` starts it again after a backoff
+        return TrainerState(PAUSED, f"training paused: {children[0].get('last_error') or 'waiting out a fault'}")
     return TrainerState(DOWN, f"the trainer {child_state or 'is not running'}")
 
 
@@ -115,6 +137,8 @@ def update_chip(*, until_update: int, paused: bool, trainer: Optional[TrainerSta
         return "no trainer running"
     if trainer is not None and trainer.state == STARTING:
         return "trainer starting"
+    if trainer is not None and trainer.state == PAUSED:
+        return trainer.detail
     if until_update > 0:
         return f"{until_update} more label{'s' if until_update != 1 else ''}"
     if trainer is None or trainer.state == RUNNING:

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from odpo.app.services.admin import MAX_GUIDELINES_CHARS, AdminError, AdminService
 from odpo.app.services.exports import Export, ExportStore, export_gguf_zip
-from odpo.app.services.status import DOWN, STARTING, UNKNOWN, trainer_state
+from odpo.app.services.status import DOWN, PAUSED, STARTING, UNKNOWN, trainer_state
 from odpo.app.ui.shared import Identity, guarded
 
 log = logging.getLogger(__name__)
@@ -332,6 +332,8 @@ def _training_md(admin: AdminService) -> str:
         state += "; the trainer is starting"
     elif trainer.state == UNKNOWN:
         state += "; no trainer seen lately (start `odpo train`, or use `odpo up`)"
+    elif trainer.state == PAUSED:
+        state += f"; **{html.escape(trainer.detail)}**"
     c = admin.labels.counters()
     return (f"#### Training\nTraining is {state}. Serving v{c.serving_version}; {c.unconsumed} trainable "
             f"labels waiting; queue {c.queue}.")

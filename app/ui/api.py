@@ -21,7 +21,7 @@ import gradio as gr
 
 from odpo.app.services.labeling import DEFAULT_CLIENT, LabelService
 from odpo.app.services.status import trainer_state, waiting_message
-from odpo.app.ui.shared import INTERNAL_ERROR, Identity
+from odpo.app.ui.shared import INTERNAL_ERROR, Identity, outage_message
 from odpo.db.errors import OdpoError
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,9 @@ def _api_guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except OdpoError as exc:
             raise gr.Error(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
                            print_exception=False) from None
-        except Exception:  # noqa: BLE001
-            log.exception("API %s failed", fn.__name__)
-            raise gr.Error(INTERNAL_ERROR, print_exception=False) from None
+        except Exception as exc:  # noqa: BLE001
+            outage = outage_message(exc)
+            if outage is None:
+                log.exception("API %s failed", fn.__name__)
+            raise gr.Error(outage or INTERNAL_ERROR, print_exception=False) from None
     return endpoint

@@ -61,7 +61,7 @@ def build_dashboard_tab(*, admin: AdminService, tab: gr.Tab, other_tabs: list) -
     outputs = [state, loss, acc, margin, lag, win, per_hour, labelers, agreement, human, quality, selectors]
     timer = gr.Timer(REFRESH_SECONDS, active=False)
 
-    @guarded(outputs=len(outputs))
+    @guarded(outputs=len(outputs), ticking=True)
     def refresh(request: gr.Request):
         data = admin.dashboard(username=getattr(request, "username", None))
         return (*dashboard_outputs(data), human_eval_table(data), labeler_quality_table(data), selector_table(data))
@@ -135,11 +135,16 @@ def state_markdown(data: dict[str, Any]) -> str:
         *_worker_lines(sampler.get("workers")),
         *_process_lines(data.get("processes"), data.get("now")),
         *_judge_lines(data.get("judges") or [], data.get("now")),
-        f"**Data** — {status['prompts']} prompts ({status['held_out']} held out); pairs "
+        f"**Data** — {_disk(data.get('disk_free_bytes'))}{status['prompts']} prompts "
+        f"({status['held_out']} held out); pairs "
         + ", ".join(f"{k} {v}" for k, v in status["pairs"].items())
         + "; labels " + (", ".join(f"{e(k)} {v}" for k, v in status["labels"].items()) or "none"),
     ]
     return "\n\n".join(lines)
+
+
+def _disk(free: Optional[int]) -> str:
+    return "" if free is None else f"{free / 2**20:,.0f} MB free on the data disk; "
 
 
 def _trainer_word(data: dict[str, Any]) -> str:
@@ -151,7 +156,7 @@ def _trainer_word(data: dict[str, Any]) -> str:
     if seen is None:
         return "running"
     words = {"running": "running", "starting": "starting", "down": "**not running**",
-             "unknown": "not seen lately"}
+             "unknown": "not seen lately", "paused": f"**{html.escape(seen.detail)}**"}
     return words.get(seen.state, html.escape(seen.state))
 
 

@@ -251,7 +251,7 @@ def _wire_tick(t: LabelTab, h: LabelHandlers) -> None:
     to the front when it is ready, drop expired claims, and refresh the counters."""
     outputs = t.slots + [t.counters]
 
-    @guarded(outputs=len(outputs))
+    @guarded(outputs=len(outputs), ticking=True)
     def tick(name: str, request: gr.Request):
         try:
             labeler = h.labeler(name, request)

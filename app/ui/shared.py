@@ -20,6 +20,7 @@ from odpo.app.services.labeling import Counters, PairView, normalise_labeler
 from odpo.app.services.rendering import clean_html, render_markdown
 from odpo.app.services.status import TrainerState, update_chip
 from odpo.db.errors import OdpoError
+from odpo.db.transient import classify
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,13 @@ def skips(n: int) -> Any:
     return gr.skip() if n == 1 else tuple(gr.skip() for _ in range(n))
 
 
-def guarded(*, outputs: int, on_error: Optional[Callable[..., Any]] = None) -> Callable:
+def guarded(*, outputs: int, on_error: Optional[Callable[..., Any]] = None, ticking: bool = False) -> Callable:
     """Decorate a gradio handler so errors become toasts, never tracebacks.
 
     `on_error(*args, **kwargs)` may return replacement outputs after a user error (e.g. reload
-    the pair after a vote on an expired claim); by default every output is skipped.
+    the pair after a vote on an expired claim); by default every output is skipped. `ticking`: a
+    timer's handler, which stays quiet through an outage (a toast a second helps nobody: the next
+    vote says it); a user error still shows.
     """
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -56,9 +59,12 @@ def guarded(*, outputs: int, on_error: Optional[Callable[..., Any]] = None) -> C
                 return fn(*args, **kwargs)
             except OdpoError as exc:
                 gr.Warning(html.escape(_one_line(exc)))
-            except Exception:  # noqa: BLE001 - the browser must never see a traceback
-                log.exception("UI handler %s failed", fn.__name__)
-                gr.Warning(INTERNAL_ERROR)
+            except Exception as exc:  # noqa: BLE001 - the browser must never see a traceback
+                outage = outage_message(exc)
+                if outage is None:
+                    log.exception("UI handler %s failed", fn.__name__)
+                if outage is None or not ticking:
+                    gr.Warning(outage or INTERNAL_ERROR)
             if on_error is not None:
                 try:
                     return on_error(*args, **kwargs)
@@ -67,6 +73,19 @@ def guarded(*, outputs: int, on_error: Optional[Callable[..., Any]] = None) -> C
             return skips(outputs)
         return handler
     return wrap
+
+
+def outage_message(exc: BaseException) -> Optional[str]:
+    """What a person is told when a transient fault (the database away, its disk full) stopped their
+    request: that nothing was saved and to try again; None for anything else (a bug). A vote is
+    acknowledged only after its transaction committed, so "not recorded" is the truth."""
+    fault = classify(exc)
+    if not fault.transient:
+        return None
+    log.warning("a request failed on a transient fault: %s", fault.line)
+    if fault.what == "disk":
+        return "The server's disk is full: your vote was not recorded. Try again once an admin has made room."
+    return f"The {fault.what} is unreachable: your vote was not recorded. Try again in a moment."
 
 
 def _one_line(exc: BaseException) -> str:

@@ -49,6 +49,7 @@ from odpo.db.store.claims import (
 )
 from odpo.db.store.control import (
     JUDGE_STATE_PREFIX,
+    TRAIN_FAULT_KEY,
     TRAIN_PROGRESS_KEY,
     controls_with_prefix,
     get_control,
@@ -161,7 +162,7 @@ __all__ = [
     "release_expired", "retire_pairs_newer_than", "retire_queue", "retire_stale_pairs", "rollback_to", "set_control",
     "skip_stale_labels", "status_counts", "train_series", "trained_label_counts", "typed_pair_waiting",
     "unconsumed_labels", "undo_label", "version_lineage",
-    "controls_with_prefix", "SampledIds", "sampled_ids", "JUDGE_STATE_PREFIX", "TRAIN_PROGRESS_KEY",
+    "controls_with_prefix", "SampledIds", "sampled_ids", "JUDGE_STATE_PREFIX", "TRAIN_PROGRESS_KEY", "TRAIN_FAULT_KEY",
     "up_state_key",
     # imported datasets and the training modes' label reads (datasets.py)
     "DATASET_PURPOSE", "DATASET_SOURCE_PREFIX", "DatasetImport", "DatasetRow", "LABEL_SOURCES", "dataset_source",

@@ -18,6 +18,7 @@ from odpo.db.store.prompts import count_prompts
 # importing the trainer, which would load torch into `odpo serve`).
 JUDGE_STATE_PREFIX = "judge."  # one row per judge worker (trainer/judges/worker.py)
 TRAIN_PROGRESS_KEY = "train.progress"  # what a round / offline job is at (trainer/training/modes.py)
+TRAIN_FAULT_KEY = "train.fault"  # a trainer paused on a transient fault: {what, line, retry_at, at}, {} after
 
 
 def up_state_key(run: str) -> str:

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Optional
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
+from odpo.db.transient import retry_transient
 from odpo.trainer.judges import Judge, Verdict, judge_labeler_name
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,13 @@ def _loop(db: Database, judge: Judge, *, config: JudgeWorkerConfig, stats: Worke
         if remaining is not None and remaining <= 0:
             break
         limit = config.batch_size if remaining is None else min(config.batch_size, remaining)
-        handled = judge_batch(db, judge, config=config, stats=stats, labeler=labeler, limit=limit)
+        def batch(n: int = limit) -> int:
+            return judge_batch(db, judge, config=config, stats=stats, labeler=labeler, limit=n)
+
+        handled = retry_transient(batch, what=f"judge {judge.spec}", log=log, should_stop=stop.is_set,
+                                  sleep=stop.wait)
+        if handled is None:  # stopped while waiting out a fault
+            break
         reporter.update(stats)
         if handled:
             idle_since = time.monotonic()

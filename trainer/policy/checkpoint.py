@@ -63,17 +63,55 @@ def write_version(*, model: Any, optimizer: torch.optim.Optimizer, adapters_dir:
     final, tmp = version_dir(adapters_dir, version), adapters_dir / f"v{version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model.save_pretrained(str(tmp))
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
-    torch.save(_rng_snapshot(), tmp / RNG_STATE)
-    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
-    fsync_tree(tmp)
+    try:
+        model.save_pretrained(str(tmp))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
+        torch.save(_rng_snapshot(), tmp / RNG_STATE)
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+        fsync_tree(tmp)
+    except BaseException:  # a full disk mid-write: no half-written v<N>.tmp stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         log.warning("replacing %s: a version directory that was never committed", final)
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(adapters_dir)
     return final
+
+
+class DiskFull(OdpoError):
+    """Not enough free space to write a version: transient (the trainer pauses until there is)."""
+
+    transient = True
+    fault_what = "disk"
+
+
+def check_free_space(adapters_dir: Path, *, need_bytes: int) -> None:
+    """Raise DiskFull when the adapters' filesystem has less than `need_bytes` free: checked before
+    a version is written, so a full disk pauses training instead of failing mid-write."""
+    adapters_dir = Path(adapters_dir)
+    probe = adapters_dir if adapters_dir.exists() else adapters_dir.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise DiskFull(f"disk full: {free / 2**20:.0f} MB free in {adapters_dir}, a version needs about "
+                       f"{need_bytes / 2**20:.0f} MB")
+
+
+def version_bytes(model: Any, optimizer: torch.optim.Optimizer) -> int:
+    """What writing a version takes on disk, about: the trainable weights, the optimizer's moments
+    (two per weight for AdamW) and a margin of 25 % plus 8 MB for the rest."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                  if torch.is_tensor(t))
+    return int((weights + max(moments, 2 * weights)) * 1.25) + (8 << 20)
+
+
+def check_room(model: Any, optimizer: torch.optim.Optimizer, adapters_dir: Path) -> None:
+    """DiskFull unless a version of this model and optimizer fits in `adapters_dir` now."""
+    check_free_space(adapters_dir, need_bytes=version_bytes(model, optimizer))
 
 
 def remove_version_dir(path: Path) -> None:

@@ -22,6 +22,7 @@ import torch
 from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.models import Prompt
+from odpo.db.transient import Backoff, wait_after
 from odpo.trainer.evaluation.blind_pairs import EvalCadence, interleave, reference_adapter, with_references
 from odpo.trainer.priority import lower_thread_priority
 from odpo.trainer.sampling.batch_pairs import pick_pairs, store_batch
@@ -111,6 +112,7 @@ class Sampler:
         self.auto_labels = 0  # pairs a confident judge labeled among the candidates (selector judge-uncertain)
         self.last_batch_seconds: Optional[float] = None
         self.last_error: Optional[str] = None
+        self._fault_backoff = Backoff()  # transient faults: 1 s doubling to 30 s, jittered
 
     # --- SamplerHandle -----------------------------------------------------------------------
 
@@ -353,13 +355,19 @@ class Sampler:
             try:
                 made = self.step()
             except Exception as exc:  # noqa: BLE001 - a bad batch must not kill the sampler
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("sampling failed; retrying in %.0fs", self.settings.error_backoff_s)
-                self._stop.wait(self.settings.error_backoff_s)
+                self._stop.wait(self._failed("sampling", exc))
                 continue
+            self._fault_backoff.reset()
             if not made:
                 self._wake.wait(self.settings.poll_s)
                 self._wake.clear()
+
+    def _failed(self, what: str, exc: Exception) -> float:
+        """Seconds to wait after a failed unit of work (db/transient.py wait_after: a transient fault in
+        one line with a growing delay, a bug with its traceback)."""
+        delay, self.last_error = wait_after(exc, what=what, log=log, backoff=self._fault_backoff,
+                                            fixed_s=self.settings.error_backoff_s)
+        return delay
 
     def _time_to_yield(self) -> bool:
         """When the thread lowers its priority: at once, except with `ramp_up` while the first pair
@@ -387,7 +395,6 @@ class Sampler:
                     next_release = time.monotonic() + self.settings.release_every_s
             except Exception as exc:  # noqa: BLE001 - keep serving the old version, try again
                 self.watcher.last_error = f"reload failed: {type(exc).__name__}: {exc}"
-                log.exception("hot reload failed; will retry")
-                self._stop.wait(self.settings.error_backoff_s)
+                self._stop.wait(self._failed("hot reload", exc))
                 continue
             self._stop.wait(self.settings.poll_s)

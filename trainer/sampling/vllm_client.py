@@ -41,6 +41,9 @@ class VllmError(OdpoError):
 class VllmServerDown(VllmError):
     """The server did not answer usefully (connection, timeout, HTTP 5xx): try another one."""
 
+    transient = True  # db/transient.py: a sampler waits it out instead of failing
+    fault_what = "vLLM server"
+
 
 class VllmRequestError(VllmError):
     """The server answered and refused the request (HTTP 4xx)."""

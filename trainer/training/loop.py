@@ -14,7 +14,6 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -24,10 +23,13 @@ from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.db.models import Adapter
+from odpo.db.transient import classify, is_transient
 from odpo.trainer.policy import checkpoint as ckpt
 from odpo.trainer.training import distributed
 from odpo.trainer.training.modes import make_mode
 from odpo.trainer.training.on_policy import drop_length_cut, training_examples
+from odpo.trainer.training.pauses import FaultPause
+from odpo.trainer.training.records import PendingStep, TrainerStats, format_step_line, mean_metrics
 from odpo.trainer.training.step import dpo_step
 from odpo.trainer.training.train_config import TrainConfig
 
@@ -38,26 +40,6 @@ PAUSE_KEY = "train.paused"
 
 class TrainerBusyError(OdpoError):
     """Another `odpo train` holds this run; two trainers would race for the same labels."""
-
-
-@dataclass
-class PendingStep:
-    step: int
-    row_id: int
-    label_ids: list[int]
-    metrics: dict[str, float]
-
-
-@dataclass
-class TrainerStats:
-    """What this process did; `exit_reason` is max_steps, until_version, idle, stopped or done
-    (offline: the imported labels are trained and no --exit-when-idle asks to wait for more)."""
-
-    steps: int = 0
-    versions: list[int] = field(default_factory=list)
-    stale_skipped: int = 0
-    reloads: int = 0
-    exit_reason: str = ""
 
 
 StepCallback = Callable[[int, int, dict[str, float]], None]
@@ -88,14 +70,13 @@ class DPOTrainer:
         self.base_answers: Any = None  # the base's eval answers, kept between auto-evals (start())
         self._excluded: dict[str, dict[str, Any]] = {}  # --min-labeler-agreement's last verdict, for its log
         self.mode = make_mode(self)  # online / iterative / offline (trainer/training/modes.py)
+        self.pause = FaultPause(db, run=cfg.run, stop=self._stop)  # transient faults: wait, then go on
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self, *, model: Any = None, tokenizer: Any = None) -> None:
-        """Lock the run, load the base model (unless given), clean the adapters dir, resume.
-
-        `model` must be a plain (non-PEFT) causal LM; tests pass a tiny one to skip loading.
-        """
+        """Lock the run, load the base model (unless given: a plain, non-PEFT causal LM; tests pass a
+        tiny one to skip loading), clean the adapters dir, resume."""
         import torch
 
         from odpo.trainer.policy.loading import autocast_context, load_model_and_tokenizer, pick_device_dtype
@@ -219,6 +200,7 @@ class DPOTrainer:
                  "steps": [p.step for p in self.pending], "label_ids": sorted(label_steps),
                  "hyperparameters": self.cfg.hyperparameters(),
                  "hyperparameter_hash": self.cfg.hyperparameter_hash(), "created_at": time.time()}
+        ckpt.check_room(self.model, self.optimizer, self.adapters_dir)
         path = ckpt.write_version(model=self.model, optimizer=self.optimizer, adapters_dir=self.adapters_dir,
                                   version=version, state=state)
         try:
@@ -232,8 +214,9 @@ class DPOTrainer:
                         len(self.pending))
             self.sync_with_db(force=True)
             return None
-        except BaseException:
-            ckpt.remove_version_dir(path)
+        except BaseException as exc:
+            if not is_transient(exc):  # a transient fault may hide a commit that happened: the head says
+                ckpt.remove_version_dir(path)
             raise
         self.version, self.pending, self.pending_version = version, [], None
         self.stats.versions.append(version)
@@ -242,7 +225,7 @@ class DPOTrainer:
         return version
 
     def _commit_row(self, *, version: int, parent: int, path: Path, label_steps: dict[int, int]) -> None:
-        metrics = _mean_metrics([p.metrics for p in self.pending])
+        metrics = mean_metrics([p.metrics for p in self.pending])
         metrics.update(labels=len(label_steps), steps=len(self.pending), **self.mode.commit_metrics())
         with self.db.writes.begin() as s:  # the store moves the run's head from parent, or raises HeadMoved
             store.commit_adapter_version(s, run=self.cfg.run, version=version, path=str(path), parent=parent,
@@ -354,7 +337,18 @@ class DPOTrainer:
             reason = self._limit_reached()
             if reason:
                 break
-            if self.mode.iterate():
+            try:
+                if self.pause.what == "disk":  # spend no step while there is still no room to save it
+                    ckpt.check_room(self.model, self.optimizer, self.adapters_dir)
+                stepped = self.mode.iterate()
+            except Exception as exc:  # noqa: BLE001 - a transient fault pauses; anything else stops
+                if not is_transient(exc):
+                    raise
+                self.pause.wait(classify(exc))
+                self._after_fault()
+                continue
+            self.pause.resumed()
+            if stepped:
                 idle_since = time.monotonic()
                 continue
             idle_limit = self.cfg.exit_when_idle
@@ -375,6 +369,20 @@ class DPOTrainer:
                  self.stats.steps)
         return self.stats
 
+    def _after_fault(self) -> None:
+        """Follow the run's head again once the fault may have cleared: pending steps go (their labels
+        replay), a commit the fault hid is loaded if it happened, else its directory goes."""
+        pending, version = len(self.pending), self.pending_version
+        try:
+            self.sync_with_db(force=True)
+        except Exception as exc:  # noqa: BLE001 - not yet: the run loop pauses again
+            if not is_transient(exc):
+                raise
+            return
+        if version is not None and self.version != version:
+            self.stats.steps -= pending  # they replay: --max-steps counts steps that made a version
+            self.pause.drop_uncommitted(self.adapters_dir, version)
+
     def _limit_reached(self) -> str:
         cfg = self.cfg
         if self._stop.is_set():
@@ -384,15 +392,3 @@ class DPOTrainer:
         if cfg.until_version is not None and self.version >= cfg.until_version:
             return "until_version"
         return ""
-
-
-def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    keys = set().union(*rows) if rows else set()
-    return {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in sorted(keys)}
-
-
-def format_step_line(step: int, version: int, m: dict[str, float]) -> str:
-    """The one-line per-step summary in the log."""
-    return (f"step {step} -> v{version} | loss {m['loss']:.4f} acc {m['reward_accuracy']:.2f} "
-            f"margin {m['reward_margin']:+.3f} kl {m['kl']:+.3f} | grad {m['grad_norm']:.3f} | "
-            f"{int(m['pairs'])} pairs {m['seconds']:.2f}s lag {m.get('version_lag', 0.0):.1f}")

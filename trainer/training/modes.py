@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from odpo.db import store
 
 if TYPE_CHECKING:
-    from odpo.trainer.training.loop import DPOTrainer, PendingStep
+    from odpo.trainer.training.loop import DPOTrainer
+    from odpo.trainer.training.records import PendingStep
 
 log = logging.getLogger(__name__)
 
