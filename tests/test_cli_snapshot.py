@@ -24,6 +24,13 @@ ADDED: dict[tuple[str, str], str] = {
        for name in ("candidates", "selector", "selector_judge", "auto_label_confident")},
     ("odpo bench learn", "candidates"): "online+SELECTOR arms (active selection)",
     ("odpo bench sampling", "candidates"): "the cost of K candidates per shown pair (active selection)",
+    **{(cmd, "vllm_bin"): "start vLLM from its own venv (`make vllm`), not odpo's (a real vLLM, really run)"
+       for cmd in ("odpo vllm-serve", "odpo up")},
+    **{("odpo bench sampling", name): "the vLLM backend timed beside hf (a real vLLM, really run)"
+       for name in ("sampler", "vllm_url")},
+    **{(cmd, name): "training metrics in TensorBoard / W&B / trackio (--report-to, as TRL)"
+       for cmd, name in (("odpo train", "report_to"), ("odpo train", "logging_dir"), ("odpo up", "report_to"),
+                         ("odpo eval", "report_to"), ("odpo eval", "logging_dir"))},
 }
 
 

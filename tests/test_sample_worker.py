@@ -264,24 +264,29 @@ def _count(db, **where) -> int:
 
 def test_up_starts_vllm_serve_itself_only_where_vllm_is_installed(monkeypatch, tmp_path):
     from odpo.app.cli.serve import up, up_children
-    from odpo.trainer.sampling import vllm_backend
+    from odpo.trainer.sampling import vllm_launch
 
+    monkeypatch.setattr(vllm_launch, "CHECKOUT_VLLM", tmp_path / "no-venv-vllm" / "vllm")  # as if no `make vllm`
+    monkeypatch.setenv("PATH", str(tmp_path))
     result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "up", "--sampler", "vllm"])
     assert result.exit_code == 2 and "--vllm-url" in result.output and "Traceback" not in result.output
-    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
+    assert "make vllm" in result.output
+    monkeypatch.setattr(vllm_launch, "find_vllm", lambda explicit=None, environ=None: explicit or "/venv/bin/vllm")
     options = up.make_context("up", ["--sampler", "vllm", "--model", "m", "--train-args", "--lora-r 32"]).params
     serve_child, vllm_child, worker, train = up_children(options)
     assert vllm_child.args == ("vllm-serve", "--model", "m", "--port", "8000", "--max-lora-rank", "32",
                                "--max-loras", "2")
     assert worker.args[-2:] == ("--vllm-url", "http://127.0.0.1:8000") and "--sampler" in worker.args
+    options = up.make_context("up", ["--sampler", "vllm", "--vllm-bin", "/opt/vllm/bin/vllm"]).params
+    assert up_children(options)[1].args[-2:] == ("--vllm-bin", "/opt/vllm/bin/vllm")  # passed on when given
 
 
 def test_vllm_serve_execs_vllm_with_lora_and_runtime_loading(monkeypatch, tiny_model_dir, tmp_path):
-    from odpo.trainer.sampling import vllm_backend
+    from odpo.trainer.sampling import vllm_launch
 
-    monkeypatch.setattr(vllm_backend, "vllm_available", lambda: True)
+    monkeypatch.setattr(vllm_launch, "find_vllm", lambda explicit=None, environ=None: explicit or "vllm")
     seen = {}
-    monkeypatch.setattr(os, "execvpe", lambda file, argv, env: seen.update(file=file, argv=argv, env=env))
+    monkeypatch.setattr(os, "execve", lambda file, argv, env: seen.update(file=file, argv=argv, env=env))
     result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "vllm-serve", "--model", str(tiny_model_dir),
                                       "--port", "8123", "--max-lora-rank", "12", "--", "--gpu-memory-utilization",
                                       "0.5"])
@@ -290,7 +295,11 @@ def test_vllm_serve_execs_vllm_with_lora_and_runtime_loading(monkeypatch, tiny_m
     flags = " ".join(seen["argv"])
     assert "--enable-lora --max-lora-rank 16 --max-loras 2" in flags  # 12 rounds up to a rank vLLM accepts
     assert f"--served-model-name {tiny_model_dir}" in flags and flags.endswith("--gpu-memory-utilization 0.5")
-    assert seen["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert seen["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and seen["file"] == "vllm"
+    assert seen["env"].get("VLLM_TARGET_DEVICE") == (None if vllm_launch.cuda_gpu_present() else "cpu")
+    monkeypatch.undo()
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), "vllm-serve", "--vllm-bin", str(tmp_path / "no")])
+    assert result.exit_code == 2 and "make vllm" in result.output and "Traceback" not in result.output
 
 
 def test_serve_names_the_sampling_options_it_leaves_to_workers(monkeypatch, caplog, tmp_path):

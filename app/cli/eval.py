@@ -74,15 +74,22 @@ def describe(result: Any) -> str:
 @click.option("--load-in-4bit", is_flag=True,
               help="Both policies on the base in 4-bit NF4, as a --load-in-4bit trainer trained them.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--report-to", default=None, metavar="LIST",
+              help="Also log the win rate to tensorboard, wandb or trackio (comma-separated), at the step of "
+                   "version A, beside the trainer's curves. [default: none]")
+@click.option("--logging-dir", default=None, metavar="DIR",
+              help="TensorBoard event files' directory. [default: <data-dir>/runs/<run>/tensorboard]")
 @judge_options
 @click.pass_obj
 def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: Optional[str], human: bool,
              n: Optional[int], max_new_tokens: int, temperature: float, top_p: float, seed: int, run: str,
              model_spec: Optional[str], device: str, dtype: str, load_in_4bit: bool, as_json: bool,
-             **judge_kwargs: Any) -> None:
+             report_to: Optional[str], logging_dir: Optional[str], **judge_kwargs: Any) -> None:
     """Sample both policies on the held-out prompts, judge every pair in both orders, and store the
     win rate of A over B with a 95% interval (ties count half) in the evals table. With --human,
     queue those pairs for people to judge blind instead."""
+    if human and report_to:
+        raise click.UsageError("--report-to logs a judged win rate; --human votes show on the dashboard")
     if human:
         sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
         model = {"model_spec": model_spec, "device": device, "dtype": dtype, "load_in_4bit": load_in_4bit}
@@ -97,11 +104,12 @@ def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: Optional[s
     from odpo.trainer.judges import load_judge
     from odpo.trainer.sampling.generation import SamplingParams
 
-    db = cfg.open_db()
+    db, tracker = cfg.open_db(), None
     try:
         (run_a, a), (run_b, b), holds, path = _two_policies(cfg, db, run=run, specs=(version_a, version_b),
                                                            flags="--a and --b")
         judge_impl = load_judge(spec, build_judge_options(cfg, **judge_kwargs))
+        tracker = _tracker(cfg, report_to, logging_dir, run=run_a, config={"a": a, "b": b, "judge": spec, "n": n})
         policy, tokenizer, autocast_dtype = load_eval_policy(
             model_spec=base_model_spec(path, model_spec), adapter_dir=path, cache_dir=cfg.model_cache_dir,
             device=device, dtype=dtype, load_in_4bit=load_in_4bit)
@@ -110,9 +118,30 @@ def eval_cmd(cfg: CommonConfig, version_a: str, version_b: str, spec: Optional[s
                           n=n, params=params, run=run_a, run_b=run_b, holds=holds, base_dir=cfg.data_dir,
                           autocast_dtype=autocast_dtype)
         judge_impl.close()
+        tracker.win_rate(result, step=_version_step(db, run=run_a, version=a))
     finally:
+        if tracker is not None:
+            tracker.close()
         db.close()
     click.echo(json.dumps(result.summary()) if as_json else describe(result))
+
+
+def _tracker(cfg: CommonConfig, report_to: Optional[str], logging_dir: Optional[str], *, run: str,
+             config: dict[str, Any]) -> Any:
+    """--report-to's backends, started before the model loads so a missing package is one line at once."""
+    from odpo.trainer.training import tracking
+
+    log_dir = tracking.logging_dir(logging_dir, cfg.adapters_dir(run).parent)
+    return tracking.open_tracker(report_to or "none", run=run, job="eval", log_dir=log_dir, config=config)
+
+
+def _version_step(db: Any, *, run: str, version: int) -> int:
+    """The optimizer step a version ends on (0 = the base): the x of its win rate."""
+    from odpo.db import store
+
+    with db.sessions() as s:
+        row = store.get_adapter(s, version=version, run=run) if version else None
+    return row.step if row is not None else 0
 
 
 def _two_policies(cfg: CommonConfig, db: Any, *, run: str, specs: tuple[str, str],

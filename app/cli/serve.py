@@ -68,6 +68,8 @@ def serve(cfg: CommonConfig, **options: Any) -> None:
 @click.option("--auto-label", is_flag=True, help="Let the judge label queued pairs (needs --judge).")
 @click.option("--no-train", is_flag=True, help="Do not start the trainer.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Passed to train: pairs per step.")
+@click.option("--report-to", default=None, metavar="LIST",
+              help="Passed to train: where training metrics also go (tensorboard, wandb, trackio, all or none).")
 @click.option("--save-every", type=click.IntRange(1), default=None, help="Passed to train.")
 @click.option("--max-steps", type=click.IntRange(1), default=None,
               help="Passed to train; `up` exits 0 when train finishes.")
@@ -86,6 +88,9 @@ def serve(cfg: CommonConfig, **options: Any) -> None:
               help="Seconds before the first restart; doubled per crash in a row, at most 30.")
 @click.option("--background-nice", type=click.IntRange(0, 19), default=BACKGROUND_NICE, show_default=True,
               help="Nice increment of the trainer and judge processes (background work yields to the web app).")
+@click.option("--vllm-bin", default=None, metavar="PATH",
+              help="With --sampler vllm and no --vllm-url: the vllm executable to start "
+                   "[default: as `odpo vllm-serve` finds it].")
 @click.pass_context
 def up(ctx: click.Context, **options: Any) -> None:
     """Start everything on this machine: serve, sampler workers, train (and a judge), with one log."""
@@ -179,12 +184,15 @@ def _vllm_server(options: dict[str, Any], worker_args: list[str], *, lora_rank: 
 
     if options.get("backend") != "vllm" or options.get("vllm_urls"):
         return []
-    from odpo.trainer.sampling.vllm_backend import vllm_available
+    from odpo.trainer.sampling.vllm_client import VllmError
+    from odpo.trainer.sampling.vllm_launch import find_vllm
 
-    if not vllm_available():
-        raise click.UsageError("--sampler vllm needs --vllm-url URL[,URL...], or the vllm package installed here "
-                               "so that odpo up can start `vllm serve` itself")
+    try:
+        executable = find_vllm(options.get("vllm_bin"))
+    except VllmError as exc:
+        raise click.UsageError(f"--sampler vllm without --vllm-url: {exc}") from None
     worker_args += ["--vllm-url", f"http://127.0.0.1:{VLLM_PORT}"]
+    given_bin = ("--vllm-bin", executable) if options.get("vllm_bin") else ()  # else the child finds the same one
     return [ChildSpec("vllm", ("vllm-serve", "--model", options["model"], "--port", str(VLLM_PORT),
                                "--max-lora-rank", str(lora_rank),
-                               "--max-loras", str(options.get("max_staleness", 1) + 1)))]
+                               "--max-loras", str(options.get("max_staleness", 1) + 1), *given_bin))]

@@ -23,7 +23,6 @@ is stamped with the adapter that produced it. `generate` never takes `lock` itse
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import re
 import threading
@@ -41,15 +40,15 @@ from odpo.trainer.sampling.vllm_client import VllmClient, VllmError, VllmRequest
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VllmBackend", "VllmError", "VllmUnavailable", "vllm_available", "vllm_lora_rank", "vllm_serve_command",
-           "vllm_serve_env"]
-
-RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # without it vLLM has no load/unload endpoints
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the --max-lora-rank values vLLM accepts
+__all__ = ["VllmBackend", "VllmError", "VllmUnavailable"]  # starting vLLM: trainer/sampling/vllm_launch.py
 
 
 class VllmUnavailable(VllmError):
-    """No vLLM server is up right now; the sampler logs it and tries again later."""
+    """No vLLM server is up right now: transient (db/transient.py), so the sampler says so in one line
+    and tries again after its backoff; the servers' own retries go on meanwhile."""
+
+    transient = True
+    fault_what = "vLLM server"
 
 
 class _Server:
@@ -185,8 +184,8 @@ class VllmBackend(ReloadWatcher):
         try:
             models = server.client.models()
             if self.base_model not in models:
-                raise VllmRequestError(f"vLLM at {server.client.url} serves {models[:1]}, not the base model "
-                                       f"{self.base_model!r} (its name in /v1/models)", status=404)
+                raise VllmRequestError(f"vLLM at {server.client.url} serves {models[:1]}, not {self.base_model!r}: "
+                                       f"start it with --served-model-name {self.base_model}", status=404)
             server.loaded = frozenset(m for m in models if self._names.match(m))
             path = self._adapter_dir(_Target(self.serving_version, self._serving_path, None))
             name = self.model_name(self.serving_version)
@@ -204,10 +203,15 @@ class VllmBackend(ReloadWatcher):
         server.last_error, server.failures = None, 0
 
     def _mark_down(self, server: _Server, error: BaseException) -> None:
+        """Out until its backoff runs out: one line per failed try, saying when the next is. While
+        no other server is up, a repeated reason is logged at debug: the sampler's own line for the
+        VllmUnavailable that follows (transient: one line per its retry) says it then."""
+        again = server.last_error == str(error) and not any(s.up for s in self.servers if s is not server)
         server.failures += 1
         delay = min(self.retry_base_s * 2 ** (server.failures - 1), self.retry_max_s)
         server.up, server.last_error, server.retry_at = False, str(error), time.monotonic() + delay
-        log.warning("vLLM at %s is down (%s); next try in %.1fs", server.client.url, error, delay)
+        (log.debug if again else log.warning)("vLLM at %s is down (%s); next try in %.1fs", server.client.url,
+                                              error, delay)
 
     # --- the generation side ------------------------------------------------------------------
 
@@ -297,10 +301,9 @@ class VllmBackend(ReloadWatcher):
             finally:
                 self._sync_lock.release()
             up = [s for s in self.servers if s.up]
-        if not up:
-            waits = [max(s.retry_at - time.monotonic(), 0.0) for s in self.servers]
-            raise VllmUnavailable(f"no vLLM server is up ({len(self.servers)} configured; next try in "
-                                  f"{min(waits):.0f}s): {self.servers[0].last_error}")
+        if not up:  # the caller says when it tries again (the sampler: one line per retry)
+            soonest = min(self.servers, key=lambda s: s.retry_at)
+            raise VllmUnavailable(f"no vLLM server is up ({len(self.servers)} configured): {soonest.last_error}")
         return up
 
     def _generated(self, choice: dict[str, Any], row: list[int], *, params: SamplingParams,
@@ -344,33 +347,3 @@ def _attempt(call: Callable[[], None]) -> Optional[VllmError]:
     except VllmError as exc:
         return exc
     return None
-
-
-# --- starting vLLM ------------------------------------------------------------------------------
-
-def vllm_available() -> bool:
-    """Whether `odpo up --sampler vllm` can start `vllm serve` itself (the package is installed)."""
-    return importlib.util.find_spec("vllm") is not None
-
-
-def vllm_lora_rank(r: int) -> int:
-    """vLLM only accepts a few --max-lora-rank values: the smallest that fits rank `r`."""
-    for rank in VLLM_LORA_RANKS:
-        if rank >= r:
-            return rank
-    raise VllmError(f"LoRA rank {r} is above the {VLLM_LORA_RANKS[-1]} vLLM can serve; train with a smaller --lora-r")
-
-
-def vllm_serve_command(model_dir: str, *, port: int, max_lora_rank: int, max_loras: int,
-                       extra: Sequence[str] = ()) -> list[str]:
-    """argv for a vLLM server odpo can hot-load adapters into. Run it with `vllm_serve_env()`:
-    runtime loading also needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True in its environment.
-    `max_loras` is how many adapters one batch may mix: the staleness window plus one is enough.
-    The base model is then listed in /v1/models as `model_dir` (pass that as `base_model`)."""
-    return ["vllm", "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
-            "--max-lora-rank", str(vllm_lora_rank(max_lora_rank)), "--max-loras", str(max(1, max_loras)), *extra]
-
-
-def vllm_serve_env(environ: dict[str, str]) -> dict[str, str]:
-    """The environment for `vllm serve`: the caller's plus runtime LoRA loading switched on."""
-    return {**environ, RUNTIME_LORA_ENV: "True"}

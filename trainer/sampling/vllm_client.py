@@ -32,6 +32,7 @@ from odpo.db.errors import OdpoError
 log = logging.getLogger(__name__)
 
 TOKEN_ID_PREFIX = "token_id:"  # how vLLM spells a token in logprobs with return_tokens_as_token_ids
+GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: a temperature below it samples greedily
 
 
 class VllmError(OdpoError):
@@ -99,10 +100,14 @@ class VllmClient:
     def complete(self, *, model: str, prompts: Sequence[Sequence[int]], n: int,
                  sampling: dict[str, Any]) -> list[list[dict[str, Any]]]:
         """Sample `n` completions of every token-id prompt; one list of `n` choices per prompt, in
-        prompt order. Each choice is vLLM's, with `token_ids` always filled in."""
-        body = {"model": model, "prompt": [list(map(int, p)) for p in prompts], "n": n, **sampling,
+        prompt order. Each choice is vLLM's, with `token_ids` always filled in. Greedy with n > 1
+        asks for one and repeats it: vLLM refuses n > 1 when greedy (HTTP 400), and greedy samples
+        of one prompt are one sample anyway."""
+        temperature = sampling.get("temperature")  # unset: vLLM's default, 1.0
+        ask = 1 if temperature is not None and float(temperature) < GREEDY_EPS else n
+        body = {"model": model, "prompt": [list(map(int, p)) for p in prompts], **sampling, "n": ask,
                 "return_token_ids": True, "stream": False}
-        choices = self._choices(body, expected=len(prompts) * n)
+        choices = self._choices(body, expected=len(prompts) * ask)
         if any(c.get("token_ids") is None for c in choices) and not self.legacy_ids:
             log.warning("vLLM at %s returns no token_ids (older than 0.10.2?); reading them from logprobs",
                         self.url)
@@ -113,6 +118,8 @@ class VllmClient:
                 raise VllmServerDown(f"vLLM at {self.url} ended a sample with {choice.get('finish_reason')!r}")
             if choice.get("token_ids") is None:
                 choice["token_ids"] = ids_from_logprobs(choice, url=self.url)
+        if ask != n:
+            return [[dict(choices[i]) for _ in range(n)] for i in range(len(prompts))]
         return [choices[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _choices(self, body: dict[str, Any], *, expected: int) -> list[dict[str, Any]]:

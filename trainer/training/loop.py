@@ -25,7 +25,7 @@ from odpo.db.errors import OdpoError
 from odpo.db.models import Adapter
 from odpo.db.transient import classify, is_transient
 from odpo.trainer.policy import checkpoint as ckpt
-from odpo.trainer.training import distributed
+from odpo.trainer.training import distributed, tracking
 from odpo.trainer.training.modes import make_mode
 from odpo.trainer.training.on_policy import drop_length_cut, training_examples
 from odpo.trainer.training.pauses import FaultPause
@@ -68,6 +68,7 @@ class DPOTrainer:
         self._autocast_dtype: Any = None
         self._eval_judge: Any = None  # built once in start() when cfg.eval_every asks for evals
         self.base_answers: Any = None  # the base's eval answers, kept between auto-evals (start())
+        self.tracker = tracking.Tracker()  # --report-to's backends, opened by start()
         self._excluded: dict[str, dict[str, Any]] = {}  # --min-labeler-agreement's last verdict, for its log
         self.mode = make_mode(self)  # online / iterative / offline (trainer/training/modes.py)
         self.pause = FaultPause(db, run=cfg.run, stop=self._stop)  # transient faults: wait, then go on
@@ -82,6 +83,7 @@ class DPOTrainer:
         from odpo.trainer.policy.loading import autocast_context, load_model_and_tokenizer, pick_device_dtype
 
         self._acquire_lock()
+        self.tracker = tracking.trainer_tracker(self.cfg, run_dir=self.adapters_dir.parent, dist=self.dist)
         torch.manual_seed(self.cfg.seed)
         if self.cfg.eval_every:  # before the model: a bad judge spec fails in seconds, not after loading
             from odpo.trainer.evaluation.win_rate import BaseAnswers
@@ -132,6 +134,7 @@ class DPOTrainer:
         return model
 
     def close(self) -> None:
+        self.tracker.close()
         if self._lock_file is not None:
             self._lock_file.close()  # closing releases the flock
             self._lock_file = None
@@ -220,6 +223,7 @@ class DPOTrainer:
             raise
         self.version, self.pending, self.pending_version = version, [], None
         self.stats.versions.append(version)
+        self.tracker.version(self.step, version)
         log.info("committed v%d (parent v%d, step %d, %d labels) -> %s", version, parent, self.step,
                  len(label_steps), path)
         return version
@@ -308,6 +312,7 @@ class DPOTrainer:
         self.pending.append(PendingStep(step=self.step, row_id=row.id, label_ids=ids, metrics=metrics))
         self.stats.steps += 1
         log.info(format_step_line(self.step, self.pending_version, metrics))
+        self.tracker.step(self.step, metrics)
         if self.on_step is not None:
             self.on_step(self.step, self.pending_version, metrics)
 
@@ -322,9 +327,10 @@ class DPOTrainer:
         from odpo.trainer.evaluation.win_rate import DEFAULT_PARAMS, maybe_auto_eval
 
         params = replace(DEFAULT_PARAMS, max_new_tokens=self.cfg.eval_max_new_tokens)
-        maybe_auto_eval(self.db, policy=self.model, tokenizer=self.tokenizer, version=version,
-                        every=self.cfg.eval_every, judge=self._eval_judge, n=self.cfg.eval_n, run=self.cfg.run,
-                        params=params, autocast_dtype=self._autocast_dtype, base_answers=self.base_answers)
+        result = maybe_auto_eval(self.db, policy=self.model, tokenizer=self.tokenizer, version=version, params=params,
+                                 every=self.cfg.eval_every, judge=self._eval_judge, n=self.cfg.eval_n, run=self.cfg.run,
+                                 autocast_dtype=self._autocast_dtype, base_answers=self.base_answers)
+        self.tracker.win_rate(result, step=self.step)
 
     # --- the loop ----------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from odpo.trainer.options import (
     nested,
     option,
 )
+from odpo.trainer.training.tracking import LOGGING_DIR_HELP, REPORT_TO_HELP, valid_report_to
 
 # The sources a user picks; "dataset" follows from --mode offline.
 TRAIN_SOURCES = tuple(s for s in SOURCES if s != "dataset")
@@ -149,6 +150,9 @@ class TrainConfig:
     eval_n: int = option(32, min=1, help="Held-out prompts per auto-eval.")
     eval_max_new_tokens: int = option(128, min=1, help="Answer length in auto-evals (as `odpo eval "
                                                        "--max-new-tokens`).")
+    # Copies of the metrics for TensorBoard / W&B / trackio (trainer/training/tracking.py); not hyperparameters.
+    report_to: Optional[str] = option(None, kind=str, metavar="LIST", help=REPORT_TO_HELP)
+    logging_dir: Optional[str] = option(None, kind=str, metavar="DIR", help=LOGGING_DIR_HELP)
 
     def __post_init__(self) -> None:
         # Defaults that depend on the loss are filled in here, so every reader sees plain numbers.
@@ -203,6 +207,8 @@ class TrainConfig:
              "eval_every needs eval_judge: the judge spec that decides the win rate"),
             (_pos_int(self.eval_n), "eval_n must be an integer >= 1"),
             (_pos_int(self.eval_max_new_tokens), "eval_max_new_tokens must be an integer >= 1"),
+            (valid_report_to(self.report_to), f"report_to must be tensorboard, wandb or trackio (comma-separated), "
+                                              f"all or none, got {self.report_to!r}"),
             (self.min_labeler_agreement is None or (_finite(self.min_labeler_agreement)
                                                    and 0 <= self.min_labeler_agreement <= 1),
              f"min_labeler_agreement must be in [0, 1] (or None for off), got {self.min_labeler_agreement!r}"),
