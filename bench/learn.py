@@ -93,6 +93,7 @@ class ArmSpec:
     round_labels: int
     load_in_4bit: bool = False
     candidates: int = 4  # per prompt, in the online+SELECTOR modes
+    passes: int = 1  # optimizer updates per batch of labels (TrainConfig.passes)
 
     @property
     def loop(self) -> str:
@@ -118,7 +119,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
         seeds: Optional[int] = None, budget: Optional[int] = None, curve: Sequence[int] = (), batch_size: int = 8,
         max_new_tokens: Optional[int] = None, eval_n: Optional[int] = None, lr: Optional[float] = None,
         beta: Optional[float] = None, round_labels: Optional[int] = None, load_in_4bit: bool = False,
-        candidates: int = 4) -> BenchResult:
+        candidates: int = 4, passes: int = 1) -> BenchResult:
     from odpo.trainer.evaluation.win_rate import BaseAnswers
     from odpo.trainer.judges import load_judge
 
@@ -127,7 +128,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
     rounds = round_labels or grid.curve[0]
     params = {**grid.__dict__, "model": ctx.model, "batch_size": batch_size, "beta": beta or "the loss's default",
               "round_labels": rounds, "temperature": 0.9, "eval_temperature": 0.7, "first_seed": ctx.seed,
-              "load_in_4bit": load_in_4bit, "candidates": candidates}
+              "load_in_4bit": load_in_4bit, "candidates": candidates, "passes": passes}
     result = BenchResult(bench="learn", quick=ctx.quick, params=params)
     partial = ctx.out_dir / f"learn{'-quick' if ctx.quick else ''}-arms.partial.json"
     arms: list[dict[str, Any]] = []
@@ -140,7 +141,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
                     spec = ArmSpec(rule=rule, loss=loss, mode=mode, seed=seed, budget=grid.budget, batch=batch_size,
                                    tokens=grid.max_new_tokens, eval_n=grid.eval_n, lr=grid.lr, beta=beta,
                                    curve=grid.curve, round_labels=rounds, load_in_4bit=load_in_4bit,
-                                   candidates=candidates)
+                                   candidates=candidates, passes=passes)
                     log.info("learn arm: %s %s %s seed %d", rule, loss, mode, seed)
                     arms.append({"rule": rule, "loss": loss, "mode": mode, "seed": seed,
                                  **run_arm(ctx, spec, judge=judge, base_answers=base_answers)})
@@ -188,7 +189,7 @@ def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any, base_answers: Any =
         trainer = DPOTrainer(TrainConfig(model=ctx.model, batch_size=spec.batch, lr=spec.lr, beta=spec.beta,
                                          loss_type=spec.loss, seed=spec.seed, max_completion_tokens=spec.tokens,
                                          device=ctx.device, dtype=ctx.dtype, load_in_4bit=spec.load_in_4bit,
-                                         save_every=save_every),
+                                         save_every=save_every, passes=spec.passes),
                              db=db, adapters_dir=cfg.adapters_dir(), model_cache_dir=cfg.model_cache_dir)
         trainer.start()
         try:

@@ -31,6 +31,8 @@ ADDED: dict[tuple[str, str], str] = {
     **{(cmd, name): "training metrics in TensorBoard / W&B / trackio (--report-to, as TRL)"
        for cmd, name in (("odpo train", "report_to"), ("odpo train", "logging_dir"), ("odpo up", "report_to"),
                          ("odpo eval", "report_to"), ("odpo eval", "logging_dir"))},
+    ("odpo train", "passes"): "several updates per batch of fresh labels (every label counts)",
+    ("odpo bench learn", "passes"): "several updates per batch, every arm (every label counts)",
 }
 
 

@@ -369,6 +369,7 @@ def test_rollback_to_base_resets_the_adapter(make_trainer, database):
     ("batch_size", 0, "batch_size"), ("grad_accum", 9, "grad_accum"), ("lr", -1.0, "lr"),
     ("loss_type", "kto", "loss_type"), ("label_smoothing", 0.5, "label_smoothing"),
     ("sources", "robots", "sources"), ("run", "../x", "run"), ("max_staleness_train", -1, "max_staleness"),
+    ("passes", 0, "passes"), ("passes", 9, "passes"),
 ])
 def test_train_config_rejects_bad_values(field, value, message):
     with pytest.raises(TrainConfigError, match=message):
@@ -457,3 +458,24 @@ def test_cli_train_eval_every_without_a_judge_is_one_line(common_config):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0 and "eval_every needs eval_judge" in result.output
     assert "Traceback" not in result.output
+
+
+def test_passes_repeat_the_update_on_the_same_pairs_and_report_the_first_look(tiny_model_dir, tmp_path):
+    """--passes 2 is two optimizer updates on one batch: the weights equal two single-pass steps on
+    that batch, and the metrics are those of the first pass (the loss before any update)."""
+    weights, first = [], []
+    for passes, calls in ((2, 1), (1, 2)):
+        model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "m"))
+        torch.manual_seed(0)
+        model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        cfg = _config(tiny_model_dir, passes=passes)
+        optimizer = make_optimizer(model, cfg)
+        history = [dpo_step(model=model, tokenizer=tokenizer, optimizer=optimizer, examples=EXAMPLES, cfg=cfg)
+                   for _ in range(calls)]
+        weights.append(_lora(model))
+        first.append(history[0])
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6)
+    assert first[0]["loss"] == pytest.approx(0.6931, abs=1e-3) == first[1]["loss"]  # before any update
+    assert _config(tiny_model_dir, passes=2).hyperparameters()["passes"] == 2
+    assert "passes" not in _config(tiny_model_dir).hyperparameters()  # older runs keep their hash

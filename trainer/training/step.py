@@ -102,9 +102,22 @@ def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
     `skipped_update`) rather than poisoning the adapter. With `dist` (several processes,
     trainer/training/distributed.py) `examples` is the global batch: this rank trains its slice through the
     DDP-wrapped policy, weighted so the all-reduced gradient is the global batch's mean, and the
-    metrics are the global batch's.
+    metrics are the global batch's. `cfg.passes` > 1 repeats the update on the same pairs (each
+    pass scores them afresh); the metrics are those of the first pass, what the labels said to the
+    policy before it learnt from them.
     """
     started = time.perf_counter()
+    parts, grad_norm, skipped = _update(model, tokenizer, optimizer, examples, cfg, autocast=autocast, dist=dist)
+    for _ in range(cfg.passes - 1):  # the same pairs again: the metrics stay those of the first look
+        _update(model, tokenizer, optimizer, examples, cfg, autocast=autocast, dist=dist)
+    return _metrics(parts, cfg, grad_norm=grad_norm, skipped=skipped, n_pairs=len(examples),
+                    seconds=time.perf_counter() - started)
+
+
+def _update(model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, examples: Sequence[PairExample],
+            cfg: TrainConfig, *, autocast: AutocastFactory,
+            dist: Optional[Distributed]) -> tuple[dict[str, list[torch.Tensor]], float, bool]:
+    """One optimizer update on `examples`: the log-probs it saw, the gradient norm, whether skipped."""
     device = trainable_parameters(model)[0].device
     optimizer.zero_grad(set_to_none=True)
     local, divisor = (list(examples), len(examples)) if dist is None else dist.share(examples)
@@ -123,8 +136,7 @@ def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return _metrics(parts, cfg, grad_norm=grad_norm, skipped=skipped, n_pairs=len(examples),
-                    seconds=time.perf_counter() - started)
+    return parts, grad_norm, skipped
 
 
 def _micro_step(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, *, forward: Forward,

@@ -92,6 +92,9 @@ class TrainConfig:
     max_staleness_train: Optional[int] = option(None, names=("--max-staleness",), kind=int, min=0,
                                                 help="Skip labels of pairs sampled more than this many versions "
                                                      "ago. [default: no limit]")
+    passes: int = option(1, min=1, max=8,
+                         help="Optimizer updates on each batch of fresh labels (a second pass over the newest "
+                              "labels; the ledger still records each label once, for the version its step made).")
     save_every: int = option(1, min=1, help="Commit a new adapter version every N steps (online and offline; a "
                                             "round of --mode iterative is always one version).")
     max_prompt_tokens: int = option(MAX_PROMPT_TOKENS, min=1,
@@ -191,6 +194,7 @@ class TrainConfig:
             (self.max_staleness_train is None or _nonneg_int(self.max_staleness_train),
              "max_staleness_train must be an integer >= 0 (or None for no limit)"),
             (_pos_int(self.save_every), "save_every must be an integer >= 1"),
+            (_pos_int(self.passes) and self.passes <= 8, f"passes must be an integer in [1, 8], got {self.passes!r}"),
             (_pos_int(self.max_prompt_tokens), "max_prompt_tokens must be an integer >= 1"),
             (_pos_int(self.max_completion_tokens), "max_completion_tokens must be an integer >= 1"),
             (self.length_cut in LENGTH_CUT_MODES,
@@ -255,6 +259,8 @@ class TrainConfig:
                 "sources", "seed")
         out = {k: getattr(self, k) for k in keys}
         out.update(self.loss_options())  # only when set, so older runs keep their hash
+        if self.passes != 1:  # only when set, so older runs keep their hash
+            out["passes"] = self.passes
         if self.length_cut != DEFAULT_LENGTH_CUT:
             out["length_cut"] = self.length_cut
         if self.min_labeler_agreement is not None:  # only when set, so older runs keep their hash
