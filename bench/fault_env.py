@@ -64,8 +64,9 @@ class ThrowawayPostgres:
         self._pg(str(PG_BINDIR / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop", check=False)
 
     def restart(self) -> None:
-        self._pg(str(PG_BINDIR / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "fast", "-w", "-t", "60",
-                 "-o", f"-c listen_addresses= -k {self.dir} -c fsync=off", "restart")
+        # -l: the restarted server must not inherit our captured stdout, or waiting for it never ends
+        self._pg(str(PG_BINDIR / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "server.log"), "-m",
+                 "fast", "-w", "-t", "60", "-o", f"-c listen_addresses= -k {self.dir} -c fsync=off", "restart")
 
     def remove(self) -> None:
         self._pg(str(PG_BINDIR / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop", check=False)

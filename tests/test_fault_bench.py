@@ -28,3 +28,21 @@ def test_a_database_outage_under_a_running_loop_is_ridden_out(tiny_model_dir, tm
     assert row["status"] == "resumed" and row["up_alive"], row
     assert row["versions"][1] > row["versions"][0]
     assert row["tracebacks"] == 0 and row["violations"] == {} and row["up_gave_up"] == []
+
+
+@pytest.mark.skipif(ThrowawayPostgres.missing() is not None, reason="no PostgreSQL binaries here")
+def test_the_bench_postgres_restarts_and_answers_again():
+    """db_restart's `pg_ctl restart` returns (the restarted server holds none of our pipes) and the
+    database answers afterwards."""
+    import sqlalchemy as sa
+
+    pg = ThrowawayPostgres()
+    try:
+        pg.create()
+        pg.restart()
+        engine = sa.create_engine(pg.url)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("select 1")).scalar() == 1
+        engine.dispose()
+    finally:
+        pg.remove()
