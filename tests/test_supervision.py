@@ -133,25 +133,33 @@ def test_a_child_stopped_by_a_transient_fault_is_restarted_and_never_given_up(tm
     assert result["code"] == 143
 
 
-@pytest.mark.timeout(120)
-def test_giving_up_on_the_trainer_leaves_serve_serving(tmp_path):
-    from odpo.app.up import ChildSpec, RestartPolicy
-
-    sup, out, reports = scripted(tmp_path, [ChildSpec("serve", ("sleep",), essential=True),
-                                            ChildSpec("train", ("same-error",))],
-                                 restart=RestartPolicy(first_delay_s=0.1))
+def _give_up_on_one(tmp_path, children, *, restart, name: str) -> tuple[str, list, int]:
+    """Run `children` under up until it gives up on `name`; serve must still be running then.
+    Returns up's output at that moment, its reports and its exit code once stopped."""
+    sup, out, reports = scripted(tmp_path, children, restart=restart)
     result = {}
     runner = threading.Thread(target=lambda: result.update(code=sup.run()))
     runner.start()
     try:
-        wait_until(lambda: "giving up on train" in out.getvalue(), 60, poll=0.1)
-        assert "the same error twice: model path /nowhere does not exist); the others keep running" in out.getvalue()
+        wait_until(lambda: f"giving up on {name}" in out.getvalue(), 60, poll=0.1)
         serve = next(c for c in sup._running if c.spec.name == "serve")
         assert serve.state == "running" and serve.proc.poll() is None
+        said = out.getvalue()
     finally:
         sup.request_stop("SIGTERM")
         runner.join(30)
-    assert result["code"] == 143
+    return said, reports, result["code"]
+
+
+@pytest.mark.timeout(120)
+def test_giving_up_on_the_trainer_leaves_serve_serving(tmp_path):
+    from odpo.app.up import ChildSpec, RestartPolicy
+
+    said, _, code = _give_up_on_one(tmp_path, [ChildSpec("serve", ("sleep",), essential=True),
+                                               ChildSpec("train", ("same-error",))],
+                                    restart=RestartPolicy(first_delay_s=0.1), name="train")
+    assert "the same error twice: model path /nowhere does not exist); the others keep running" in said
+    assert code == 143
 
 
 @pytest.mark.timeout(120)
@@ -170,21 +178,10 @@ def test_the_same_one_line_error_twice_is_given_up_at_once(tmp_path):
 def test_giving_up_on_the_judge_leaves_the_others_running(tmp_path):
     from odpo.app.up import ChildSpec, RestartPolicy
 
-    sup, out, reports = scripted(tmp_path, [ChildSpec("serve", ("sleep",)),
-                                            ChildSpec("judge", ("always-crash",))],
-                                 restart=RestartPolicy(max_restarts=1, first_delay_s=0.1))
-    result = {}
-    runner = threading.Thread(target=lambda: result.update(code=sup.run()))
-    runner.start()
-    try:
-        wait_until(lambda: "giving up on judge" in out.getvalue(), 60, poll=0.1)
-        assert "the others keep running" in out.getvalue()
-        serve = next(c for c in sup._running if c.spec.name == "serve")
-        assert serve.state == "running" and serve.proc.poll() is None
-    finally:
-        sup.request_stop("SIGTERM")
-        runner.join(30)
-    assert result["code"] == 143
+    said, reports, code = _give_up_on_one(tmp_path, [ChildSpec("serve", ("sleep",)),
+                                                     ChildSpec("judge", ("always-crash",))],
+                                          restart=RestartPolicy(max_restarts=1, first_delay_s=0.1), name="judge")
+    assert "the others keep running" in said and code == 143
     assert {c["name"]: c["state"] for c in reports[-1]["children"]} == {"serve": "stopped", "judge": "given up"}
 
 
