@@ -394,3 +394,33 @@ def _child_pids(parent: int, *, want: int, timeout_s: float) -> list[int]:
             return [c.pid for c in children]
         time.sleep(0.2)
     raise AssertionError(f"odpo up started fewer than {want} children in {timeout_s} s")
+
+
+def test_where_processes_run_is_shown_to_admins_only(database, tmp_path):
+    """Hosts, pids, vLLM URLs and judge endpoints are for admins; a labeler's dashboard has none."""
+    auth = load_auth(write_users(tmp_path / "u.toml", {"alice": ("a", True), "bob": ("b", False)}))
+    cfg = ServeConfig()
+    sampler = FakeSampler(database)
+    sampler.state = lambda: {"serving_version": 0, "workers": [{"host": "gpu-7", "pid": 4242}]}
+    svc = AdminService(db=database, config=cfg, labels=LabelService(db=database, config=cfg, sampler=sampler),
+                       auth=auth)
+    with database.sessions.begin() as s:
+        store.set_control(s, key=store.up_state_key(cfg.run), value={"children": [{"name": "sample", "pid": 4242}]})
+        store.set_control(s, key=store.JUDGE_STATE_PREFIX + "w1", value={"endpoint": "http://127.0.0.1:9/v1"})
+    shown = svc.dashboard(username="alice")
+    assert shown["processes"] and shown["judges"] and shown["sampler"]["workers"]
+    for who in ("bob", None):
+        hidden = svc.dashboard(username=who)
+        assert hidden["processes"] is None and hidden["judges"] == [] and "workers" not in hidden["sampler"]
+        assert "4242" not in repr(hidden) and "gpu-7" not in repr(hidden) and "127.0.0.1:9" not in repr(hidden)
+
+
+def test_the_upload_cache_is_cleaned_and_the_queue_is_bounded(database, common_config):
+    """Uploads sit in Gradio's cache where any signed-in user could fetch them by path: cleaned on a
+    timer. A flood of requests waits in a bounded queue instead of growing memory."""
+    from odpo.app.ui.app import QUEUE_MAX_SIZE, UPLOAD_CACHE_S, build_app
+    from odpo.app.web import AppContext
+
+    demo = build_app(AppContext(common=common_config, db=database, config=ServeConfig()))
+    assert demo.delete_cache == (UPLOAD_CACHE_S, UPLOAD_CACHE_S) and 0 < UPLOAD_CACHE_S <= 3600
+    assert demo._queue.max_size == QUEUE_MAX_SIZE and 0 < QUEUE_MAX_SIZE <= 1024
