@@ -24,7 +24,7 @@ import click
 from odpo.app.config import CommonConfig
 from odpo.bench.common import default_out_dir
 from odpo.bench.learn import DEFAULT_RULE as LEARN_RULE
-from odpo.trainer.options import DEFAULT_MODEL
+from odpo.trainer.options import DEFAULT_MODEL, LOSS_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def learn(common: CommonConfig, **opts: Any) -> None:
 
     if opts["curve"]:
         opts["curve"] = _ints(opts["curve"], "--curve")
-    losses = LOSSES + ("ipo", "hinge", "robust", "apo_zero")
+    losses = LOSSES + tuple(t for t in LOSS_TYPES if t not in LOSSES)
     for key, allowed in (("modes", MODES + SELECTED_MODES), ("losses", losses)):
         bad = [v for v in opts[key] or () if v not in allowed]
         if bad:

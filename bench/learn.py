@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional, Sequence
 from odpo.bench.common import BenchContext, BenchResult
 from odpo.bench.learn_table import MODES, TARGETS, fill, write_curve_plot
 from odpo.bench.workspace import import_starter_prompts
+from odpo.trainer.options import EVAL_TEMPERATURE, EVAL_TOP_P
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
                         max_new_tokens=max_new_tokens, eval_n=eval_n, lr=lr)
     rounds = round_labels or grid.curve[0]
     params = {**grid.__dict__, "model": ctx.model, "batch_size": batch_size, "beta": beta or "the loss's default",
-              "round_labels": rounds, "temperature": 0.9, "eval_temperature": 0.7, "first_seed": ctx.seed,
+              "round_labels": rounds, "temperature": 0.9, "eval_temperature": EVAL_TEMPERATURE, "first_seed": ctx.seed,
               "load_in_4bit": load_in_4bit, "candidates": candidates, "passes": passes}
     result = BenchResult(bench="learn", quick=ctx.quick, params=params)
     partial = ctx.out_dir / f"learn{'-quick' if ctx.quick else ''}-arms.partial.json"
@@ -324,7 +325,7 @@ def evaluate(db: Any, trainer: Any, *, judge: Any, n: int, tokens: int, seed: in
         return {"win_rate": None, "eval": None, "version": 0,
                 "eval_note": "no DPO step was taken; the policy is the base"}
     t0 = time.perf_counter()
-    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=tokens, seed=seed + 7919)
+    params = SamplingParams(temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, max_new_tokens=tokens, seed=seed + 7919)
     res = run_eval(db, policy=trainer.model, tokenizer=trainer.tokenizer, version_a=trainer.version, version_b=0,
                    judge=judge, n=n, params=params, holds=trainer.version, base_dir=base_dir,
                    base_answers=base_answers)

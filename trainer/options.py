@@ -34,6 +34,10 @@ MAX_PROMPT_TOKENS = 256  # a prompt keeps its last this many tokens, in sampling
 DEFAULT_TEMPERATURE = 0.9
 DEFAULT_TOP_P = 0.95
 DEFAULT_MAX_NEW_TOKENS = 96
+# `odpo eval` and the learn bench: cooler than sampling for labels, and long enough to finish
+EVAL_TEMPERATURE = 0.7
+EVAL_TOP_P = 0.95
+EVAL_MAX_NEW_TOKENS = 128
 SAMPLER_BACKENDS = ("hf", "vllm")
 # How the sampler picks the pair a person sees from a prompt's candidates (trainer/sampling/selection.py)
 SELECTORS = ("random", "margin", "uncertain", "diverse", "judge-uncertain")

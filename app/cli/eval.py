@@ -13,6 +13,7 @@ import click
 from odpo.app.cli.judge import SPEC_HELP, build_judge_options, judge_options
 from odpo.app.config import CommonConfig
 from odpo.db.errors import OdpoError
+from odpo.trainer.options import EVAL_MAX_NEW_TOKENS, EVAL_TEMPERATURE, EVAL_TOP_P
 
 _VERSION_RE = re.compile(r"^v?(\d+)$")
 
@@ -62,9 +63,10 @@ def describe(result: Any) -> str:
                    "--version and --reference, labeled like any pair, never trained on.")
 @click.option("--n", type=click.IntRange(1), default=None,
               help="Held-out prompts to compare on [default: 64; 20 with --human].")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=128, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0), default=0.7, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=EVAL_MAX_NEW_TOKENS, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=EVAL_TEMPERATURE, show_default=True,
+              help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=EVAL_TOP_P, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed for both policies.")
 @click.option("--run", default="default", show_default=True, help="Training run name.")
 @click.option("--model", "model_spec", default=None,

@@ -29,13 +29,15 @@ from odpo.db import store
 from odpo.db.engine import Database
 from odpo.db.errors import OdpoError
 from odpo.trainer.judges import Judge, Verdict, load_judge
+from odpo.trainer.options import EVAL_MAX_NEW_TOKENS, EVAL_TEMPERATURE, EVAL_TOP_P
 from odpo.trainer.policy.batching import PromptInput, transcript
 from odpo.trainer.sampling.generation import Generated, SamplingParams, generate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")  # what each_version's answer gives per version
 
-DEFAULT_PARAMS = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=128, seed=0)
+DEFAULT_PARAMS = SamplingParams(temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                                seed=0)
 _ORDER_SCORE = {"a": 1.0, "b": 0.0, "tie": 0.5, "both_bad": 0.5}
 
 
