@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 
 import pytest
 import torch
@@ -316,10 +317,18 @@ def test_a_vote_committed_before_the_connection_dropped_counts_once(database, mo
         assert len(s.scalars(select(Label)).all()) == 1
 
 
-def test_status_shows_the_free_space_of_the_data_disk(common_config):
-    result = CliRunner().invoke(cli, ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url,
-                                      "status"])
+def test_status_shows_the_free_space_of_the_data_disk_and_why_training_paused(common_config):
+    args = ["--data-dir", str(common_config.data_dir), "--db", common_config.db_url, "status"]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0 and " MB free in " in result.output
+    assert "trainer: unknown: no trainer seen" in result.output
+    db = common_config.open_db()
+    with db.sessions.begin() as s:
+        line = "disk full: 12 MB free in /x, a version needs about 78 MB; retrying in 8 s"
+        store.set_control(s, key=store.TRAIN_FAULT_KEY, value={"line": line, "retry_at": time.time() + 8})
+    db.close()
+    result = CliRunner().invoke(cli, args)
+    assert "trainer: paused: disk full: 12 MB free in /x, a version needs about 78 MB; retrying in 8 s" in result.output
 
 
 def test_a_worker_loop_waits_out_a_transient_fault_in_one_line_and_logs_a_bug_with_its_traceback(caplog):

@@ -82,6 +82,12 @@ def status(cfg: CommonConfig, as_json: bool, run: str) -> None:
     free = counts.get("disk_free_bytes")
     if free is not None:
         click.echo(f"disk: {free / 2**20:,.0f} MB free in {cfg.data_dir}")
+    if counts.get("runs_disk_free_bytes") is not None:
+        click.echo(f"disk: {counts['runs_disk_free_bytes'] / 2**20:,.0f} MB free in {cfg.data_dir / 'runs'} "
+                   "(adapter versions)")
+    trainer = counts["trainer"]
+    detail = trainer["detail"].removeprefix("training paused: ")
+    click.echo(f"trainer: {trainer['state']}{': ' + detail if detail else ''}")
     click.echo(f"prompts: {counts['prompts']} ({counts['held_out']} held out)")
     click.echo("pairs: " + ", ".join(f"{k} {v}" for k, v in counts["pairs"].items()))
     labels = ", ".join(f"{k} {v}" for k, v in counts["labels"].items()) or "none"

@@ -13,6 +13,7 @@ import datetime as dt
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from sqlalchemy import func, select
@@ -31,21 +32,26 @@ FAULT_FRESH_S = 120.0  # a pause report older than its retry plus this is from a
 
 
 def read_status(cfg: CommonConfig, *, run: str) -> dict[str, Any]:
-    """The counts of one run, in one read transaction, and the data directory's free space."""
+    """The counts of one run and what its trainer is doing, in one read transaction, and the free
+    space of the data directory (and of `runs/`, where versions are written, when it is another
+    filesystem: a full adapters disk pauses training while the data disk looks fine)."""
     db = cfg.open_db()
     try:
         with db.sessions() as s:
             counts = store.status_counts(s, run=run)
+            trainer = trainer_state(s, run=run)
     finally:
         db.close()
-    return {**counts, "disk_free_bytes": disk_free(cfg.data_dir)}
+    runs = Path(cfg.data_dir) / "runs"
+    own_disk = runs.is_dir() and runs.stat().st_dev != Path(cfg.data_dir).stat().st_dev
+    return {**counts, "trainer": {"state": trainer.state, "detail": trainer.detail},
+            "disk_free_bytes": disk_free(cfg.data_dir), "runs_disk_free_bytes": disk_free(runs) if own_disk else None}
 
 
 def disk_free(path: Any) -> Optional[int]:
     """Free bytes on the filesystem of `path` (its nearest existing parent); None if unknown. A full
     data disk pauses training (trainer/training/pauses.py): the operator sees it coming here."""
     import shutil
-    from pathlib import Path
 
     probe = Path(path)
     while not probe.exists() and probe != probe.parent:
