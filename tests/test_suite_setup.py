@@ -1,7 +1,7 @@
 """The suite's own machinery: what keeps it inside its time budget must keep working.
 
-Several expensive session fixtures (a real `vllm serve`, the wheel build, accelerate's two
-processes) rely on `pytest.mark.xdist_group` keeping their tests on one worker under
+Expensive fixtures (the wheel build) and tests that use both cores (accelerate's two processes)
+rely on `pytest.mark.xdist_group` keeping their tests on one worker under
 `--dist loadgroup`. When the pytest / pytest-xdist pair stops honouring it (pytest 9.2 with
 xdist 3.8 did), nothing fails: every worker quietly starts its own copy and the suite slows by
 minutes. This test notices instead.
