@@ -39,6 +39,7 @@ EVAL_TEMPERATURE = 0.7
 EVAL_TOP_P = 0.95
 EVAL_MAX_NEW_TOKENS = 128
 SAMPLER_BACKENDS = ("hf", "vllm")
+VLLM_PORT = 8000  # `odpo vllm-serve` and the server `odpo up --sampler vllm` starts (vLLM's own default)
 # How the sampler picks the pair a person sees from a prompt's candidates (trainer/sampling/selection.py)
 SELECTORS = ("random", "margin", "uncertain", "diverse", "judge-uncertain")
 AUTO_LABEL_SURENESS = 0.9  # --auto-label-confident: the judge labels a pair it is at least this sure of

@@ -8,7 +8,7 @@ import click
 
 from odpo.app.cli.flags import apply_options, click_options, config_from
 from odpo.app.config import CommonConfig, SampleConfig
-from odpo.trainer.options import DEFAULT_MODEL
+from odpo.trainer.options import DEFAULT_MODEL, VLLM_PORT, LoraSettings
 
 
 @click.command()
@@ -25,8 +25,8 @@ def sample(cfg: CommonConfig, **options: Any) -> None:
 
 @click.command("vllm-serve")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="The policy's base model (as odpo names it).")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--max-lora-rank", type=click.IntRange(1), default=16, show_default=True,
+@click.option("--port", type=click.IntRange(1, 65535), default=VLLM_PORT, show_default=True)
+@click.option("--max-lora-rank", type=click.IntRange(1), default=LoraSettings.r, show_default=True,
               help="At least the trainer's --lora-r (rounded up to a rank vLLM accepts).")
 @click.option("--max-loras", type=click.IntRange(1), default=2, show_default=True,
               help="Adapters one batch may mix: the staleness window plus one.")

@@ -17,13 +17,12 @@ import click
 from odpo.app.cli.flags import apply_options, click_options, config_argv, config_from, given, specs
 from odpo.app.config import MODEL_FIELDS, CommonConfig, SampleConfig, ServeConfig
 from odpo.db.settings import DB_URL_ENV
-from odpo.trainer.options import BACKGROUND_NICE
+from odpo.trainer.options import BACKGROUND_NICE, VLLM_PORT
 from odpo.trainer.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 SERVE_OPTIONS = click_options(ServeConfig, skip=("name",))  # a worker's name is `odpo sample`'s alone
-VLLM_PORT = 8000
 
 
 def serve_config(options: dict[str, Any]) -> ServeConfig:
