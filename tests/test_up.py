@@ -60,6 +60,15 @@ class UpProcess:
         """Everything the run printed (a busy judge can log hundreds of lines before serve's last)."""
         return "\n".join(self.lines)
 
+    def run_to_end(self, timeout: float) -> tuple[int, str]:
+        """Wait for `up` to exit on its own; its exit code and output (whatever remains is killed)."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+            self.reader.join(5)
+        finally:
+            self.kill()
+        return code, self.output()
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -91,12 +100,7 @@ def test_up_trains_to_v2_with_an_auto_labeling_judge_and_exits_0(tiny_model_dir,
     args = [a for a in tiny_args(tiny_model_dir) if a != "--headless"]
     up = UpProcess(data, *args, "--port", str(free_port()), "--judge", "py:tests.rules:prefer_shorter",
                    "--auto-label", "--max-steps", "2")
-    try:
-        code = up.proc.wait(timeout=240)
-        up.reader.join(5)
-    finally:
-        up.kill()
-    out = up.output()
+    code, out = up.run_to_end(240)
     assert code == 0, out
     assert set(up.children()) == {"serve", "sample", "train", "judge"}
     assert all(gone(pid) for pid in up.children().values())

@@ -292,12 +292,7 @@ def test_up_with_the_vllm_sampler_trains_to_v2(common_config, real_vllm, vllm_mo
                    "--max-new-tokens", "8", "--batch-size", "3", "--until-version", "2",
                    "--judge", "py:tests.rules:prefer_shorter", "--auto-label",
                    "--train-args", "--poll-seconds 0.2 --lora-r 4 --lora-alpha 8", "--judge-args", "--poll-seconds 0.2")
-    try:
-        code = up.proc.wait(timeout=500)
-        up.reader.join(5)
-    finally:
-        up.kill()
-    out = up.output()
+    code, out = up.run_to_end(500)
     assert code == 0, out
     assert re.search(r"^\[train\] .*committed v2", out, re.M), out
     assert re.search(rf"^\[sample\] .*serving adapter v0 as '{re.escape(str(vllm_model))}'", out, re.M), out
