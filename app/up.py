@@ -108,7 +108,7 @@ class Child:
         error = self.last_line[len("Error: "):] if self.last_line.startswith("Error: ") else ""
         if code == EXIT_TRANSIENT:
             self.last_error, self.transient_streak = error, self.transient_streak + 1
-            delay = min(policy.max_delay_s, policy.first_delay_s * 2 ** (self.transient_streak - 1))
+            delay = policy.delay(self.transient_streak)
             self.state, self.restart_at = "waiting", now + delay
             return _Decision(False, f"transient: {error or 'a fault that waiting fixes'}", delay)
         self.transient_streak = 0
