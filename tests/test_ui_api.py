@@ -120,3 +120,21 @@ def test_auth_records_the_login_and_locks_out_strangers(live_auth_app):
     pair = c.predict("mallory", api_name="/next_pair")["pair"]  # the login wins over the argument
     c.predict(pair["assignment_id"], "left", "mallory", "", api_name="/vote")
     assert [lb.labeler for lb in db_labels(live_auth_app)] == ["bob"]
+
+
+def test_a_slow_self_probe_does_not_stop_the_app_from_starting(common_config, database, monkeypatch):
+    """Gradio's launch() HEADs its own page with a 3 s timeout and, when that times out on a busy
+    machine, raises "When localhost is not accessible, a shareable link must be created". odpo
+    never makes share links, so it skips that probe: here the probe always fails, as a timed-out
+    one does, and the app still starts and serves its page."""
+    import gradio.networking
+
+    probes: list[str] = []
+    monkeypatch.setattr(gradio.networking, "url_ok", lambda url: probes.append(url) or False)
+    monkeypatch.delenv("ODPO_AUTH_FILE", raising=False)
+    app = ui_fixtures._live(common_config, database, serve_kwargs={})
+    try:
+        assert httpx.get(app.url, timeout=30).status_code == 200
+        assert probes == []
+    finally:
+        app.demo.close()

@@ -9,6 +9,7 @@ The named HTTP API that scripts use lives in app/ui/api.py and calls the same La
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from typing import Any, Optional
 
@@ -137,4 +138,18 @@ def launch_kwargs(ctx: AppContext, *, auth: Optional[AuthConfig] = None) -> dict
     if auth is not None:
         kwargs["auth"] = auth.verify
         kwargs["auth_message"] = "Sign in to label with odpo."
-    return kwargs
+    return {**kwargs, **no_share_probe()}
+
+
+def no_share_probe() -> dict[str, Any]:
+    """Skip the probe Gradio's launch() makes to decide whether it needs a public share link.
+
+    Why: launch() first fetches its own startup-events (no timeout), which proves the local server
+    answers; it then HEADs the page once more with a 3 s timeout and takes one slow answer for
+    "localhost is not accessible", raising and asking for share=True. On a busy machine (a
+    training step on both cores) that turned a healthy `odpo serve` into a crash. odpo never makes
+    share links, so the probe can only do harm. `_frontend` is the launch() parameter that guards
+    it; a Gradio without it gets nothing passed."""
+    if "_frontend" in inspect.signature(gr.Blocks.launch).parameters:
+        return {"_frontend": False}
+    return {}
