@@ -144,8 +144,8 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
                                    curve=grid.curve, round_labels=rounds, load_in_4bit=load_in_4bit,
                                    candidates=candidates, passes=passes)
                     log.info("learn arm: %s %s %s seed %d", rule, loss, mode, seed)
-                    arms.append({"rule": rule, "loss": loss, "mode": mode, "seed": seed,
-                                 **run_arm(ctx, spec, judge=judge, base_answers=base_answers)})
+                    arms.append({"rule": rule, "loss": loss, "mode": arm_label(mode, passes), "seed": seed,
+                                 "passes": passes, **run_arm(ctx, spec, judge=judge, base_answers=base_answers)})
                     save_partial(partial, arms)
                     gc.collect()
     fill(result, arms)
@@ -156,6 +156,12 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
         result.notes.append("every arm sampled, trained and was evaluated on a 4-bit NF4 base (--load-in-4bit)")
     result.check(TARGETS)
     return result
+
+
+def arm_label(mode: str, passes: int) -> str:
+    """The name an arm goes by in tables and head-to-head pairs: its mode, and its passes when more
+    than one, so runs that differ only in --passes merge into one table as different arms."""
+    return mode if passes == 1 else f"{mode} ({passes} passes)"
 
 
 def save_partial(path: Path, arms: list[dict[str, Any]]) -> None:

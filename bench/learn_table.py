@@ -199,7 +199,9 @@ def line_styles(table: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[s
 # Parameters that may differ between runs merged into one table: which seeds, rules, losses and
 # modes each covered (the union is the table), where each drew its picture, and, for an input that
 # is itself a merged table, how many runs and which commits it already pooled (merge sums/unites them).
-MERGEABLE = ("first_seed", "seeds", "rules", "losses", "modes", "curve_plot", "merged_runs", "code_commits")
+# Passes name their arms (learn.arm_label), so runs with other --passes merge as other arms.
+MERGEABLE = ("first_seed", "seeds", "rules", "losses", "modes", "curve_plot", "merged_runs", "code_commits",
+             "passes")
 
 
 def run_commits(result: dict[str, Any]) -> list[str]:

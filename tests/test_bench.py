@@ -528,3 +528,18 @@ def test_rate_bench_splits_cpu_by_role():
         pass
     used = cpu.lap()
     assert used["bench"] > 0 and set(used) >= {"bench"}
+
+
+def test_learn_runs_that_differ_in_passes_merge_as_different_arms(tmp_path):
+    from odpo.bench.learn import arm_label
+    from odpo.bench.learn_table import merge
+
+    assert arm_label("online", 1) == "online" and arm_label("online+margin", 2) == "online+margin (2 passes)"
+    older = _learn_run(tmp_path, "old", [_arm("online", 0, 20, 4, 0), _arm("offline", 0, 12, 12, 0)])  # no passes
+    twice = _learn_run(tmp_path, "p2", [{**_arm(arm_label("online", 2), 0, 22, 2, 0), "passes": 2}], passes=2)
+    result = merge([json.loads(p.read_text()) for p in (older, twice)], tmp_path / "out")
+    modes = {c["mode"]: c["final"]["wins"] for c in result.metrics["cells"]}
+    assert modes == {"online": 20, "offline": 12, "online (2 passes)": 22}
+    assert "passes" not in result.params
+    with pytest.raises(ValueError, match="in two of the runs"):
+        merge([json.loads(twice.read_text())] * 2, tmp_path / "out")
