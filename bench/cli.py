@@ -126,7 +126,7 @@ def bench() -> None:
 @click.option("--rounds", type=click.IntRange(1), default=None)
 @click.option("--max-new-tokens", type=click.IntRange(1), default=None)
 @click.option("--candidates", type=click.IntRange(2), default=2, show_default=True,
-              help="Also time K candidates per prompt with the margin selector's scoring, per shown pair.")
+              help="Also time K candidates per prompt, with and without the margin selector's scoring, per shown pair.")
 @click.option("--sampler", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
               help="vllm: also time the vLLM backend on the same prompts (needs --vllm-url).")
 @click.option("--vllm-url", default=None, metavar="URL",

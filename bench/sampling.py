@@ -52,18 +52,20 @@ def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: O
     vllm_batched: list[dict[str, float]] = []
     single: list[dict[str, float]] = []
     selected: list[dict[str, float]] = []
+    unscored: list[dict[str, float]] = []
     for r in range(rounds):
         chosen = cycle(prompts, r * batch, batch)
         batched.append(_timed(policy, chosen, _seeded(params, 1000 * r)))
         if remote is not None:
             vllm_batched.append(_timed(policy, chosen, _seeded(params, 1000 * r), sample=remote))
-        if candidates > 2:
+        if candidates > 2:  # with the margin selector's scoring, and without (random, diverse)
             selected.append(_timed(policy, chosen, _seeded(params, 1000 * r), n=candidates, score=True))
+            unscored.append(_timed(policy, chosen, _seeded(params, 1000 * r), n=candidates))
         for i, prompt in enumerate(chosen):
             single.append(_timed(policy, [prompt], _seeded(params, 1000 * r + i)))
     _fill(result, batched=batched, single=single)
     if selected:
-        _fill_candidates(result, batched, selected, candidates)
+        _fill_candidates(result, batched, selected, unscored, candidates)
     if remote is not None:
         remote.close()
         _fill_vllm(result, batched, vllm_batched, first)
@@ -102,13 +104,18 @@ def _timed(policy: Any, prompts: list[str], params: Any, *, n: int = 2, score: b
 
 
 def _fill_candidates(result: BenchResult, batched: list[dict[str, float]], selected: list[dict[str, float]],
-                     k: int) -> None:
-    """Seconds per shown pair with k candidates (and their margin scores) against two."""
-    two, many = mode_metrics(batched), mode_metrics(selected)
-    cost = ratio(two["pairs_per_minute"], many["pairs_per_minute"])
-    result.metrics.update({f"candidates_{k}": many, "candidates_cost_ratio": cost})
-    result.row(f"shown pairs/minute with {k} candidates per prompt (margin-scored) vs 2",
-               f"{many['pairs_per_minute']:.1f} vs {two['pairs_per_minute']:.1f}: {cost:.2f}x the time per pair")
+                     unscored: list[dict[str, float]], k: int) -> None:
+    """Seconds per shown pair with k candidates against two: margin-scored (margin, uncertain) and
+    generated only (random, diverse), so the generate call's share and the scoring's are apart."""
+    two = mode_metrics(batched)
+    for key, calls, how in ((f"candidates_{k}", selected, "margin-scored"),
+                            (f"candidates_{k}_unscored", unscored, "not scored")):
+        many = mode_metrics(calls)
+        cost = ratio(two["pairs_per_minute"], many["pairs_per_minute"])
+        suffix = "" if how == "margin-scored" else "_unscored"
+        result.metrics.update({key: many, f"candidates_cost_ratio{suffix}": cost})
+        result.row(f"shown pairs/minute with {k} candidates per prompt ({how}) vs 2",
+                   f"{many['pairs_per_minute']:.1f} vs {two['pairs_per_minute']:.1f}: {cost:.2f}x the time per pair")
 
 
 def mode_metrics(calls: list[dict[str, float]]) -> dict[str, Any]:

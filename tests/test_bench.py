@@ -449,12 +449,17 @@ def test_sampling_bench_through_the_cli(common_config, tiny_model_dir, tmp_path)
     out = tmp_path / "results"
     args = ["--data-dir", str(common_config.data_dir), "bench", "sampling", "--quick", "--model", str(tiny_model_dir),
             "--device", "cpu", "--dtype", "fp32", "--out", str(out), "--rounds", "2", "--prompts-per-batch", "2",
-            "--max-new-tokens", "4"]
+            "--max-new-tokens", "4", "--candidates", "3"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     data = json.loads((out / "sampling-quick.json").read_text())
     assert common.validate_result(data) == [] and data["status"] == "ok"
     m = data["metrics"]
+    for key, ratio_key in (("candidates_3", "candidates_cost_ratio"),
+                           ("candidates_3_unscored", "candidates_cost_ratio_unscored")):
+        assert (m[key]["calls"], m[key]["pairs"]) == (2, 4.0)  # shown pairs: 2 of the 3 per prompt
+        assert m[ratio_key] == pytest.approx(m["batched_pairs_per_minute"] / m[key]["pairs_per_minute"])
+    assert "(margin-scored) vs 2" in res.output and "(not scored) vs 2" in res.output
     assert (m["batched"]["calls"], m["batched"]["pairs"]) == (2, 4.0)
     assert (m["one_pair_at_a_time"]["calls"], m["one_pair_at_a_time"]["pairs"]) == (4, 4.0)
     assert m["speedup"] == pytest.approx(m["batched_pairs_per_minute"] / m["single_pairs_per_minute"])
