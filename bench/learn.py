@@ -44,7 +44,7 @@ from typing import Any, Callable, Optional, Sequence
 from odpo.bench.common import BenchContext, BenchResult
 from odpo.bench.learn_table import MODES, TARGETS, fill, write_curve_plot
 from odpo.bench.workspace import import_starter_prompts
-from odpo.trainer.options import EVAL_TEMPERATURE, EVAL_TOP_P
+from odpo.trainer.options import DEFAULT_TEMPERATURE, EVAL_TEMPERATURE, EVAL_TOP_P
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
                         max_new_tokens=max_new_tokens, eval_n=eval_n, lr=lr)
     rounds = round_labels or grid.curve[0]
     params = {**grid.__dict__, "model": ctx.model, "batch_size": batch_size, "beta": beta or "the loss's default",
-              "round_labels": rounds, "temperature": 0.9, "eval_temperature": EVAL_TEMPERATURE, "first_seed": ctx.seed,
-              "load_in_4bit": load_in_4bit, "candidates": candidates, "passes": passes}
+              "round_labels": rounds, "temperature": DEFAULT_TEMPERATURE, "eval_temperature": EVAL_TEMPERATURE,
+              "first_seed": ctx.seed, "load_in_4bit": load_in_4bit, "candidates": candidates, "passes": passes}
     result = BenchResult(bench="learn", quick=ctx.quick, params=params)
     partial = ctx.out_dir / f"learn{'-quick' if ctx.quick else ''}-arms.partial.json"
     arms: list[dict[str, Any]] = []
@@ -187,7 +187,7 @@ def run_arm(ctx: BenchContext, spec: ArmSpec, *, judge: Any, base_answers: Any =
         db = cfg.open_db()
         serve_cfg = ServeConfig(model=ctx.model, device=ctx.device, dtype=ctx.dtype, seed=spec.seed,
                                 queue_size=queue, prompts_per_batch=spec.batch, max_new_tokens=spec.tokens,
-                                temperature=0.9, load_in_4bit=spec.load_in_4bit,
+                                temperature=DEFAULT_TEMPERATURE, load_in_4bit=spec.load_in_4bit,
                                 candidates=spec.candidates if selected else 2, selector=spec.selector)
         model, tokenizer = load_policy(cfg, serve_cfg, db)
         sampler = build_sampler(cfg, serve_cfg, db, model=model, tokenizer=tokenizer)

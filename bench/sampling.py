@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from odpo.bench.common import BenchContext, BenchResult, Target, per_minute, ratio, summarize
 from odpo.bench.model_setup import cycle, load_policy, starter_prompts
+from odpo.trainer.options import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def run(ctx: BenchContext, *, prompts_per_batch: Optional[int] = None, rounds: O
     batch, rounds, tokens = prompts_per_batch or size_b, rounds or size_r, max_new_tokens or size_t
     result = BenchResult(bench="sampling", quick=ctx.quick,
                          params={"model": ctx.model, "prompts_per_batch": batch, "rounds": rounds,
-                                 "max_new_tokens": tokens, "temperature": 0.9, "top_p": 0.95,
+                                 "max_new_tokens": tokens, "temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P,
                                  "samples_per_prompt": 2, "seed": ctx.seed, "candidates": candidates,
                                  "sampler": sampler})
     policy = load_policy(ctx)

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 
 from odpo.bench.common import BenchContext, BenchResult, Target, ratio, summarize
 from odpo.bench.model_setup import Policy, cycle, load_policy, starter_prompts
+from odpo.trainer.options import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ def run(ctx: BenchContext, *, batch_size: Optional[int] = None, max_new_tokens: 
                          params={"model": ctx.model, "batch_size": batch, "max_new_tokens": tokens,
                                  "measured_rounds": rounds, "warmup_rounds": 1, "rule": rule, "lr": lr,
                                  "beta": 0.1, "loss": "sigmoid", "lora": "r=16 alpha=32 dropout=0.05 all-linear",
-                                 "temperature": 0.9, "top_p": 0.95, "load_in_4bit": load_in_4bit})
+                                 "temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P,
+                                 "load_in_4bit": load_in_4bit})
     judge = load_judge(rule)
     prompts = starter_prompts(held_out=False)
     with ctx.scratch("train-step") as cfg:
