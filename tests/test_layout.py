@@ -203,3 +203,30 @@ def test_everything_imports_through_the_odpo_namespace():
     bad = [f"{p.relative_to(ROOT)}: {name}" for p in _modules(ROOT, (*CODE_DIRS, "tests"))
            for name in _imports(ast.parse(p.read_text())) if name.split(".")[0] in OLD_TOP_LEVEL]
     assert not bad, bad
+
+
+def _literal_copies(paths: list[Path], values: tuple) -> list[str]:
+    """Where a str or int literal equal to one of `values` is written (bools are ints: skipped)."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and type(node.value) in (str, int) and node.value in values:
+                found.append(f"{path.relative_to(path.parents[1])}:{node.lineno} {node.value!r}")
+    return found
+
+
+def test_the_values_people_copy_are_written_only_in_options(tmp_path):
+    """docs/architecture.md: the default model's name, the prompt limit and vLLM's port are literals
+    in trainer/options.py alone; elsewhere they are imported. A planted copy is found."""
+    from odpo.trainer import options
+
+    values = (options.DEFAULT_MODEL, options.MAX_PROMPT_CHARS, options.VLLM_PORT)
+    home = ROOT / "trainer" / "options.py"
+    copies = _literal_copies([p for p in _modules() if p != home], values)
+    assert not copies, f"import these from trainer/options.py instead: {copies}"
+    assert _literal_copies([home], values)  # the scan does see them where they live
+    planted = tmp_path / "app" / "planted.py"
+    planted.parent.mkdir()
+    planted.write_text(f"LIMIT = {options.MAX_PROMPT_CHARS}\nMODEL = {options.DEFAULT_MODEL!r}\nFLAG = True\n")
+    assert _literal_copies([planted], values) == [f"app/planted.py:1 {options.MAX_PROMPT_CHARS!r}",
+                                                  f"app/planted.py:2 {options.DEFAULT_MODEL!r}"]
