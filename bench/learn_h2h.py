@@ -8,6 +8,11 @@ rate is the mean, and its 95 % interval a paired bootstrap: prompts are resample
 (the seeds stay as they ran), the same resample for both arms, because they answered the same
 prompts. That is why a head-to-head has more power than comparing two rates against the base.
 
+Self-ties: held-out prompts come up more than once in an evaluation, each time with its own sampling
+seed, so an arm's two answers to one prompt are two fresh samples of its policy; the share the rule
+calls a tie (or both bad) is how much of the next labeling budget that policy would spend on pairs
+that teach nothing, measured without sampling again.
+
 Labels to a target: the first point of the pooled vs-base curve at or above the target win rate,
 interpolated linearly from the point before (with 0 labels at 0.5, the base against itself).
 """
@@ -125,3 +130,32 @@ def annotate(cell: dict[str, Any], arms: Sequence[dict[str, Any]]) -> None:
     used = sum(a.get("labels_used", 0) for a in arms)
     decided = sum(int((a.get("choices") or {}).get(k, 0)) for a in arms for k in ("a", "b"))
     cell["decisive_share"] = decided / used if used else None
+
+
+def self_tie_share(judge: Any, point: dict[str, Any]) -> Optional[tuple[int, int]]:
+    """(ties, pairs): of the prompts a curve point answered twice, how many the judge calls a tie
+    or both bad; None without repeated prompts or answers."""
+    first: dict[Any, int] = {}
+    pairs: list[tuple[int, int]] = []
+    for i, pid in enumerate(point.get("prompt_ids") or []):
+        if pid in first:
+            pairs.append((first.pop(pid), i))
+        else:
+            first[pid] = i
+    answers = point.get("answers") or []
+    if not pairs or len(answers) != len(point["prompt_ids"]):
+        return None
+    prompts = point.get("prompts") or [""] * len(answers)
+    verdicts = judge.judge([prompts[i] for i, _ in pairs], [answers[i] for i, _ in pairs],
+                           [answers[j] for _, j in pairs])
+    return sum(v.choice in ("tie", "both_bad") for v in verdicts), len(pairs)
+
+
+def annotate_self_ties(cell: dict[str, Any], arms: Sequence[dict[str, Any]], judge: Any) -> None:
+    """Each point of a cell's curve gains `self_tie_share`, pooled over the cell's seeds."""
+    for point in cell.get("curve", []):
+        counts = [self_tie_share(judge, p) for a in arms for p in a.get("curve", []) if p["labels"] == point["labels"]]
+        counts = [c for c in counts if c]
+        pairs = sum(n for _, n in counts)
+        point["self_tie_share"] = sum(t for t, _ in counts) / pairs if pairs else None
+        point["self_tie_pairs"] = pairs

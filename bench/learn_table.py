@@ -96,14 +96,17 @@ def _rate(final: Optional[dict[str, Any]]) -> str:
 
 def fill(result: BenchResult, arms: Sequence[dict[str, Any]]) -> None:
     """Metrics (every arm, the pooled cells, the headline, the arms head to head) and rows."""
-    from odpo.bench.learn_h2h import annotate, head_to_head
+    from odpo.bench.learn_h2h import annotate, annotate_self_ties, head_to_head
     from odpo.trainer.judges import load_judge
 
     table = cells(arms)
-    for c in table:
-        annotate(c, [a for a in arms if (a["rule"], a["loss"], a["mode"]) == (c["rule"], c["loss"], c["mode"])])
     answered = [a for a in arms if any(p.get("answers") for p in a.get("curve", []))]
     judges = {rule: load_judge(rule) for rule in dict.fromkeys(a["rule"] for a in answered)}
+    for c in table:
+        mine = [a for a in arms if (a["rule"], a["loss"], a["mode"]) == (c["rule"], c["loss"], c["mode"])]
+        annotate(c, mine)
+        if c["rule"] in judges:
+            annotate_self_ties(c, mine, judges[c["rule"]])
     pairs = head_to_head(answered, judges)
     result.metrics = {**headline(table), **h2h_headline(table, pairs), "cells": table, "head_to_head": pairs,
                       "arms": list(arms)}
@@ -116,6 +119,10 @@ def fill(result: BenchResult, arms: Sequence[dict[str, Any]]) -> None:
         result.row(f"{name}: win rate vs base, pooled over {len(c['seeds'])} seed(s)", _rate(c["final"]))
         result.row(f"{name}: per seed | curve (labels: rate) | wall per arm | decisive labels per seed",
                    f"{seeds} | {curve} | {c['wall_seconds_mean']:.0f} s | {' '.join(map(str, c['decisive_labels']))}")
+        ties = ", ".join(f"{p['labels']}: {p['self_tie_share']:.2f}" for p in c["curve"]
+                         if p.get("self_tie_share") is not None)
+        if ties:
+            result.row(f"{name}: two of its own answers to one prompt tie (labels: share)", ties)
     for arm in arms:
         if arm.get("eval_note"):
             result.notes.append(f"{arm['rule']} {arm['loss']} {arm['mode']} seed {arm['seed']}: {arm['eval_note']}")

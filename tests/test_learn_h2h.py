@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from odpo.bench.learn_h2h import annotate, head_to_head, labels_to, paired_bootstrap, point_scores
+from odpo.bench.learn_h2h import (
+    annotate,
+    annotate_self_ties,
+    head_to_head,
+    labels_to,
+    paired_bootstrap,
+    point_scores,
+    self_tie_share,
+)
 from odpo.trainer.judges import load_judge
 
 
@@ -58,3 +66,18 @@ def test_labels_to_a_target_interpolates_the_pooled_curve():
     annotate(cell, [_arm("online", 0), _arm("online", 1)])
     assert cell["labels_to_0.8"] == pytest.approx(75.0) and cell["labels_to_0.9"] == 100.0
     assert cell["decisive_share"] == pytest.approx(10 / 16)
+
+
+def test_self_ties_judge_an_arms_two_answers_to_a_repeated_prompt():
+    judge = load_judge("rule:say_the_early")
+    # prompts 7 and 9 were answered twice (two sampling seeds), 8 once: two pairs, one a tie
+    point = {"labels": 50, "prompt_ids": [7, 8, 9, 7, 9], "prompts": ["q"] * 5,
+             "answers": ["The cat.", "Hi.", "A dog, the end.", "The hat.", "The dog."]}
+    assert self_tie_share(judge, point) == (1, 2)  # (7: both open with "The") tie, (9) decided
+    assert self_tie_share(judge, {**point, "prompt_ids": [1, 2, 3, 4, 5]}) is None  # nothing repeated
+    assert self_tie_share(judge, {**point, "answers": []}) is None
+    other = {**point, "answers": ["The a", "x", "The b", "The c", "The d"]}  # both pairs tie
+    cell = {"curve": [{"labels": 50}, {"labels": 100}]}
+    annotate_self_ties(cell, [_arm("online", 0, point), _arm("online", 1, other)], judge)
+    assert cell["curve"][0]["self_tie_share"] == pytest.approx(3 / 4) and cell["curve"][0]["self_tie_pairs"] == 4
+    assert cell["curve"][1]["self_tie_share"] is None and cell["curve"][1]["self_tie_pairs"] == 0
