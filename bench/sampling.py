@@ -109,12 +109,10 @@ def _fill_candidates(result: BenchResult, batched: list[dict[str, float]], selec
     """Seconds per shown pair with k candidates against two: margin-scored (margin, uncertain) and
     generated only (random, diverse), so the generate call's share and the scoring's are apart."""
     two = mode_metrics(batched)
-    for key, calls, how in ((f"candidates_{k}", selected, "margin-scored"),
-                            (f"candidates_{k}_unscored", unscored, "not scored")):
+    for suffix, calls, how in (("", selected, "margin-scored"), ("_unscored", unscored, "not scored")):
         many = mode_metrics(calls)
         cost = ratio(two["pairs_per_minute"], many["pairs_per_minute"])
-        suffix = "" if how == "margin-scored" else "_unscored"
-        result.metrics.update({key: many, f"candidates_cost_ratio{suffix}": cost})
+        result.metrics.update({f"candidates_{k}{suffix}": many, f"candidates_cost_ratio{suffix}": cost})
         result.row(f"shown pairs/minute with {k} candidates per prompt ({how}) vs 2",
                    f"{many['pairs_per_minute']:.1f} vs {two['pairs_per_minute']:.1f}: {cost:.2f}x the time per pair")
 
