@@ -24,7 +24,7 @@ import click
 from odpo.app.config import CommonConfig
 from odpo.bench.common import default_out_dir
 from odpo.bench.learn import DEFAULT_RULE as LEARN_RULE
-from odpo.trainer.options import DEFAULT_MODEL, LOSS_TYPES
+from odpo.trainer.options import DEFAULT_MODEL, DEFAULT_PASSES, LOSS_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,9 @@ def labelers(common: CommonConfig, **opts: Any) -> None:
               help="Learning rate of every arm. [default: 1e-3 with --quick, else 5e-4]")
 @click.option("--beta", type=click.FloatRange(0, min_open=True), default=None,
               help="Beta of every arm. [each loss's default: 0.1, 2.0 for simpo]")
-@click.option("--passes", type=click.IntRange(1, 8), default=1, show_default=True,
-              help="Optimizer updates on each batch of labels, every arm (odpo train --passes).")
+@click.option("--passes", type=click.IntRange(1, 8), default=DEFAULT_PASSES, show_default=True,
+              help="Optimizer updates on each batch of labels, every arm (odpo train --passes); an arm with "
+                   "more than one is named 'MODE (P passes)'.")
 @click.option("--load-in-4bit", is_flag=True,
               help="Every arm on a 4-bit NF4 base (QLoRA). Writes learn[-quick].json like a full-precision "
                    "run: give it its own --out to keep both.")

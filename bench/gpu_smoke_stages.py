@@ -168,7 +168,8 @@ def stage_train(s: SmokeSettings, state: SmokeState, row: StageRow, *, four_bit:
         raise StageSkipped(str(exc)) from None
     device, weights, autocast_dtype = pick_device_dtype(s.device, s.dtype)
     cfg = TrainConfig(model=str(s.model_dir), batch_size=s.batch, lr=s.lr, max_completion_tokens=s.max_new_tokens,
-                      device=s.device, dtype=s.dtype, load_in_4bit=four_bit, seed=s.seed)
+                      device=s.device, dtype=s.dtype, load_in_4bit=four_bit, seed=s.seed,
+                      passes=1)  # a step here is one update, comparable across cards and earlier runs
     optimizer = train_step.make_optimizer(model, cfg)
     examples = [PairExample(prompt=p, chosen=CHOSEN * 20, rejected=REJECTED * 20) for p in _prompts(s.batch)]
     times, metrics = [], {}

@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from odpo.bench.common import BenchContext, BenchResult
-from odpo.bench.learn_table import MODES, TARGETS, fill, write_curve_plot
+from odpo.bench.learn_table import MODES, TARGETS, arm_label, fill, write_curve_plot
 from odpo.bench.workspace import import_starter_prompts
-from odpo.trainer.options import DEFAULT_TEMPERATURE, EVAL_TEMPERATURE, EVAL_TOP_P
+from odpo.trainer.options import DEFAULT_PASSES, DEFAULT_TEMPERATURE, EVAL_TEMPERATURE, EVAL_TOP_P
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ArmSpec:
     round_labels: int
     load_in_4bit: bool = False
     candidates: int = 4  # per prompt, in the online+SELECTOR modes
-    passes: int = 1  # optimizer updates per batch of labels (TrainConfig.passes)
+    passes: int = DEFAULT_PASSES  # optimizer updates per batch of labels (TrainConfig.passes)
 
     @property
     def loop(self) -> str:
@@ -120,7 +120,7 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
         seeds: Optional[int] = None, budget: Optional[int] = None, curve: Sequence[int] = (), batch_size: int = 8,
         max_new_tokens: Optional[int] = None, eval_n: Optional[int] = None, lr: Optional[float] = None,
         beta: Optional[float] = None, round_labels: Optional[int] = None, load_in_4bit: bool = False,
-        candidates: int = 4, passes: int = 1) -> BenchResult:
+        candidates: int = 4, passes: int = DEFAULT_PASSES) -> BenchResult:
     from odpo.trainer.evaluation.win_rate import BaseAnswers
     from odpo.trainer.judges import load_judge
 
@@ -156,12 +156,6 @@ def run(ctx: BenchContext, *, rules: Sequence[str] = (), losses: Sequence[str] =
         result.notes.append("every arm sampled, trained and was evaluated on a 4-bit NF4 base (--load-in-4bit)")
     result.check(TARGETS)
     return result
-
-
-def arm_label(mode: str, passes: int) -> str:
-    """The name an arm goes by in tables and head-to-head pairs: its mode, and its passes when more
-    than one, so runs that differ only in --passes merge into one table as different arms."""
-    return mode if passes == 1 else f"{mode} ({passes} passes)"
 
 
 def save_partial(path: Path, arms: list[dict[str, Any]]) -> None:

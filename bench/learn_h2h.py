@@ -103,9 +103,13 @@ def head_to_head(arms: Sequence[dict[str, Any]], judges: dict[str, Any]) -> list
     return out
 
 
-def _rank(mode: str) -> tuple[int, str]:
-    """Pairs read as the more on-policy arm against the less: selectors, online, iterative, offline."""
-    return ({"online": 1, "iterative": 2, "offline": 3}.get(mode, 0), mode)
+def _rank(name: str) -> tuple[int, int, str]:
+    """Pairs read as the more on-policy arm against the less (selectors, online, iterative,
+    offline) and, within a mode, the arm with more passes against the one with fewer."""
+    from odpo.bench.learn_table import split_label
+
+    mode, passes = split_label(name)
+    return ({"online": 1, "iterative": 2, "offline": 3}.get(mode, 0), -passes, name)
 
 
 def labels_to(curve: Sequence[dict[str, Any]], target: float) -> Optional[float]:

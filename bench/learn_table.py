@@ -9,6 +9,7 @@ pooled intervals do not overlap, the issue's bar.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -66,18 +67,42 @@ def decisive(arm: dict[str, Any]) -> int:
     return int(choices.get("a", 0)) + int(choices.get("b", 0))
 
 
+def arm_label(mode: str, passes: int) -> str:
+    """The name an arm goes by in tables and head-to-head pairs: its mode, and its passes when more
+    than one, so runs that differ only in --passes merge into one table as different arms."""
+    return mode if passes == 1 else f"{mode} ({passes} passes)"
+
+
+def split_label(name: str) -> tuple[str, int]:
+    """arm_label's inverse: "online (2 passes)" -> ("online", 2), "offline" -> ("offline", 1)."""
+    found = re.fullmatch(r"(.+) \((\d+) passes\)", name)
+    return (found.group(1), int(found.group(2))) if found else (name, 1)
+
+
 def _find(table: Sequence[dict[str, Any]], rule: str, loss: str, mode: str) -> Optional[dict[str, Any]]:
     return next((c for c in table if (c["rule"], c["loss"], c["mode"]) == (rule, loss, mode)), None)
 
 
+def _online_and_offline(table: Sequence[dict[str, Any]], rule: str,
+                        loss: Optional[str]) -> tuple[Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+    """The rule's online and offline cells trained with the same passes (the first such passes in
+    the table), so the comparison is between sampling policies, not between amounts of training."""
+    for passes in dict.fromkeys(split_label(c["mode"])[1] for c in table if c["rule"] == rule):
+        on = _find(table, rule, loss, arm_label("online", passes))
+        off = _find(table, rule, loss, arm_label("offline", passes))
+        if on and off:
+            return on, off
+    return None, None
+
+
 def headline(table: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The target metrics: the first rule's DPO online rate and margin, and the rules where online's
-    pooled interval sits wholly above offline's."""
+    pooled interval sits wholly above offline's (both with the same passes)."""
     rules = list(dict.fromkeys(c["rule"] for c in table))
     loss = "sigmoid" if any(c["loss"] == "sigmoid" for c in table) else (table[0]["loss"] if table else None)
     beats, online_rate, margin = [], None, None
     for i, rule in enumerate(rules):
-        on, off = _find(table, rule, loss, "online"), _find(table, rule, loss, "offline")
+        on, off = _online_and_offline(table, rule, loss)
         on_f, off_f = (on or {}).get("final"), (off or {}).get("final")
         if i == 0 and on_f:
             online_rate = on_f["win_rate"]
@@ -141,19 +166,24 @@ def h2h_headline(table: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]
     (at the largest budget), and labels to 0.8 of the best on-policy arm vs offline per rule."""
     rules, wins, fewer = list(dict.fromkeys(c["rule"] for c in table)), [], {}
     for rule in rules:
-        final = [p for p in pairs if p["rule"] == rule and "offline" in (p["a"], p["b"])]
+        final = [p for p in pairs if p["rule"] == rule and _is_offline(p["a"]) != _is_offline(p["b"])]
         top = max((p["labels"] for p in final), default=None)
         for p in (p for p in final if p["labels"] == top):
-            on_policy_rate = p["low"] if p["b"] == "offline" else 1 - p["high"]
+            on_policy_rate = p["low"] if _is_offline(p["b"]) else 1 - p["high"]
             if on_policy_rate > 0.5:
-                wins.append(f"{rule} {p['loss']}: {p['a'] if p['b'] == 'offline' else p['b']}")
-        off = next((c for c in table if c["rule"] == rule and c["mode"] == "offline"), None)
-        on = [c[f"labels_to_{0.8}"] for c in table if c["rule"] == rule and c["mode"] != "offline"
-              and c.get("labels_to_0.8") is not None]
-        if off and off.get("labels_to_0.8") and on:
-            fewer[rule] = 1 - min(on) / off["labels_to_0.8"]
+                wins.append(f"{rule} {p['loss']}: {p['a'] if _is_offline(p['b']) else p['b']} over "
+                            f"{p['b'] if _is_offline(p['b']) else p['a']}")
+        reached = [c for c in table if c["rule"] == rule and c.get("labels_to_0.8") is not None]
+        off = [c["labels_to_0.8"] for c in reached if _is_offline(c["mode"])]
+        on = [c["labels_to_0.8"] for c in reached if not _is_offline(c["mode"])]
+        if off and on:  # the best on-policy arm against the best offline one, whatever their passes
+            fewer[rule] = 1 - min(on) / min(off)
     return {"h2h_rules_on_policy_beats_offline": len({w.split(" ")[0] for w in wins}),
             "h2h_wins_over_offline": wins, "labels_to_0.8_saving_vs_offline": fewer}
+
+
+def _is_offline(name: str) -> bool:
+    return split_label(name)[0] == "offline"
 
 
 def write_curve_plot(result: BenchResult, out_dir: Path) -> Optional[str]:

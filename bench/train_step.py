@@ -53,7 +53,6 @@ def run(ctx: BenchContext, *, batch_size: Optional[int] = None, max_new_tokens: 
     result = BenchResult(bench="train-step", quick=ctx.quick,
                          params={"model": ctx.model, "batch_size": batch, "max_new_tokens": tokens,
                                  "measured_rounds": rounds, "warmup_rounds": 1, "rule": rule, "lr": lr,
-                                 "beta": 0.1, "loss": "sigmoid", "lora": "r=16 alpha=32 dropout=0.05 all-linear",
                                  "temperature": DEFAULT_TEMPERATURE, "top_p": DEFAULT_TOP_P,
                                  "load_in_4bit": load_in_4bit})
     judge = load_judge(rule)
@@ -68,6 +67,9 @@ def run(ctx: BenchContext, *, batch_size: Optional[int] = None, max_new_tokens: 
                                         out_dir=cfg.data_dir / "trl")
         while len(odpo.rounds) < rounds + 1:  # TRL failed or stopped early: finish odpo's rounds alone
             round_all(sides, prompts)
+    lora = odpo.cfg.lora  # what both sides train: odpo's config, read back rather than typed here
+    result.params.update(beta=odpo.cfg.beta, loss=odpo.cfg.loss_type, passes=odpo.cfg.passes,
+                         lora=f"r={lora.r} alpha={lora.alpha} dropout={lora.dropout} {lora.target_modules}")
     result.params["trl_version"] = _trl_version()
     result.params["autocast"] = str(odpo.policy.autocast_dtype)
     fill(result, odpo_rounds=odpo.rounds[1:], trl_steps=trl_steps[1:], batch=batch)
@@ -91,8 +93,10 @@ class OdpoSide:
 
         self.policy: Policy = load_policy(ctx, load_in_4bit=load_in_4bit)
         self.judge, self.batch, self.adapters_dir = judge, batch, adapters_dir
+        # passes=1: one update per batch, as TRL's trainer takes, so the two are timed on the same work.
         self.cfg = TrainConfig(model=ctx.model, batch_size=batch, lr=lr, max_completion_tokens=max(tokens, 1),
-                               device=ctx.device, dtype=ctx.dtype, seed=ctx.seed, load_in_4bit=load_in_4bit)
+                               device=ctx.device, dtype=ctx.dtype, seed=ctx.seed, load_in_4bit=load_in_4bit,
+                               passes=1)
         self.optimizer = make_optimizer(self.policy.model, self.cfg)
         self.params = SamplingParams(max_new_tokens=tokens, seed=ctx.seed)  # serve's temperature and top-p
         self.rounds: list[dict[str, float]] = []
@@ -229,7 +233,6 @@ def build_trl_trainer(ctx: BenchContext, odpo: OdpoSide, *, prompts: list[str], 
     from datasets import Dataset
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
-    from odpo.trainer.options import LoraSettings
     from odpo.trainer.policy.loading import load_model_and_tokenizer
 
     base, tokenizer = load_model_and_tokenizer(ctx.model_config())
@@ -246,7 +249,7 @@ def build_trl_trainer(ctx: BenchContext, odpo: OdpoSide, *, prompts: list[str], 
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     timer = _StepTimer(record, after_step)
     trainer = OnlineDPOTrainer(model=base, reward_funcs=pair_reward(judge), args=args, train_dataset=dataset,
-                               processing_class=tokenizer, peft_config=LoraSettings().to_peft_config(),
+                               processing_class=tokenizer, peft_config=odpo.cfg.lora.to_peft_config(),
                                callbacks=[_timer_callback(timer)])
     timer.wrap(trainer)
     return trainer

@@ -31,6 +31,7 @@ from odpo.bench.labeler_sim import (
 )
 from odpo.db.models import Label
 from odpo.trainer.judges import load_judge
+from odpo.trainer.options import DEFAULT_PASSES
 from tests import ui_fixtures
 from tests.db_helpers import make_pairs
 
@@ -303,6 +304,32 @@ def test_learn_table_pools_seeds_into_one_interval_per_cell():
     assert "0.83 0.94 | 12: 0.46, 24: 0.89 | 15 s | 24 15" == result.rows[1][1]
 
 
+def test_arms_trained_with_more_passes_meet_their_own_kind_in_the_headlines():
+    """Since two passes are the default, an arm's name carries its passes: online is compared with the
+    offline arm of the same passes, a win over any offline arm counts, and labels to 0.8 of the best
+    on-policy arm are set against the best offline arm, so no saving is claimed from passes alone."""
+    from odpo.bench import learn_h2h, learn_table
+
+    assert learn_table.split_label(learn_table.arm_label("offline", 2)) == ("offline", 2)
+    assert learn_table.split_label("online+margin") == ("online+margin", 1)
+    arms = [_arm("online (2 passes)", 0, 20, 4, 0), _arm("offline (2 passes)", 0, 10, 14, 0),
+            _arm("offline", 0, 23, 1, 0)]
+    head = learn_table.headline(learn_table.cells(arms))
+    assert head["online_win_rate"] == pytest.approx(20 / 24) and head["online_minus_offline"] == pytest.approx(10 / 24)
+    table = [{"rule": "rule:x", "mode": m, "labels_to_0.8": n}
+             for m, n in (("online (2 passes)", 30), ("offline (2 passes)", 60), ("offline", 50), ("online", None))]
+    pairs = [{"rule": "rule:x", "loss": "sigmoid", "a": "online (2 passes)", "b": "offline (2 passes)", "labels": 24,
+              "low": 0.6, "high": 0.8},
+             {"rule": "rule:x", "loss": "sigmoid", "a": "online", "b": "offline", "labels": 24,
+              "low": 0.4, "high": 0.6}]
+    h2h = learn_table.h2h_headline(table, pairs)
+    assert h2h["h2h_wins_over_offline"] == ["rule:x sigmoid: online (2 passes) over offline (2 passes)"]
+    assert h2h["labels_to_0.8_saving_vs_offline"] == {"rule:x": pytest.approx(1 - 30 / 50)}
+    names = ["offline (2 passes)", "online", "offline", "online (2 passes)", "online+margin"]
+    assert sorted(names, key=learn_h2h._rank) == ["online+margin", "online (2 passes)", "online",
+                                                  "offline (2 passes)", "offline"]
+
+
 def test_learn_curve_styles_a_mode_and_a_loss_alike_in_every_panel():
     from odpo.bench import learn_table
 
@@ -489,14 +516,16 @@ def test_reload_bench_counts_every_committed_version(common_config, tiny_model_d
 def test_learn_bench_spends_exactly_the_budget_in_every_mode(common_config, tiny_model_dir, tmp_path):
     result = learn.run(tiny_ctx(common_config, tiny_model_dir, tmp_path), rules=("rule:shorter",), budget=12,
                        curve=(6,), batch_size=3, max_new_tokens=4, eval_n=3, lr=1e-2)
-    arms = {a["mode"]: a for a in result.metrics["arms"]}
-    assert set(arms) == {"online", "iterative", "offline"} and result.params["round_labels"] == 6
+    names = {m: learn.arm_label(m, DEFAULT_PASSES) for m in ("online", "iterative", "offline")}  # "online (2 passes)"
+    assert {a["mode"] for a in result.metrics["arms"]} == set(names.values()) and result.params["round_labels"] == 6
+    assert {a["passes"] for a in result.metrics["arms"]} == {DEFAULT_PASSES} == {result.params["passes"]}
+    arms = {m: next(a for a in result.metrics["arms"] if a["mode"] == name) for m, name in names.items()}
     for arm in arms.values():
         assert arm["labels_used"] == sum(arm["choices"].values()) == 12
         assert [p["labels"] for p in arm["curve"]] == [6, 12]
         trainable = arm["choices"].get("a", 0) + arm["choices"].get("b", 0)
         assert arm["steps"] == trainable // 3
-    cells = {c["mode"]: c for c in result.metrics["cells"]}
+    cells = {m: next(c for c in result.metrics["cells"] if c["mode"] == names[m]) for m in names}
     assert {m: c["decisive_labels"] for m, c in cells.items()} == {
         m: [a["choices"].get("a", 0) + a["choices"].get("b", 0)] for m, a in arms.items()}
     assert arms["online"]["final_version"] == arms["online"]["steps"]

@@ -202,7 +202,7 @@ def tiny_peft(tiny_model_and_tokenizer):
 
 
 def _cfg(tiny_model_dir, **overrides) -> TrainConfig:
-    base = dict(model=str(tiny_model_dir), device="cpu", dtype="fp32", batch_size=2, lr=1e-2,
+    base = dict(model=str(tiny_model_dir), device="cpu", dtype="fp32", batch_size=2, lr=1e-2, passes=1,  # one update
                 lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     return TrainConfig(**{**base, **overrides})
 

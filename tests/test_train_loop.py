@@ -478,4 +478,33 @@ def test_passes_repeat_the_update_on_the_same_pairs_and_report_the_first_look(ti
         torch.testing.assert_close(weights[1][name], value, rtol=1e-4, atol=1e-6)
     assert first[0]["loss"] == pytest.approx(0.6931, abs=1e-3) == first[1]["loss"]  # before any update
     assert _config(tiny_model_dir, passes=2).hyperparameters()["passes"] == 2
-    assert "passes" not in _config(tiny_model_dir).hyperparameters()  # older runs keep their hash
+    assert "passes" not in _config(tiny_model_dir, passes=1).hyperparameters()  # older runs keep their hash
+
+
+def test_two_passes_is_the_default_where_labels_are_scarce_and_offline_keeps_one():
+    """Online and iterative labels come one by one, so each batch is trained twice by default (the
+    learn bench's measurement, trainer/training/train_config.py); an imported dataset has --epochs."""
+    assert TrainConfig().passes == 2 == TrainConfig(mode="iterative", round_labels=8).passes
+    assert TrainConfig(mode="offline").passes == 1 and TrainConfig(mode="offline", passes=3).passes == 3
+    assert TrainConfig().hyperparameters()["passes"] == 2  # the version records how it was trained
+
+
+def test_later_passes_reuse_the_reference_log_probs(tiny_model_dir, tmp_path, monkeypatch):
+    """The reference (adapter off) does not change between passes: one reference forward per
+    micro-batch, however many passes; the policy forward runs once per pass."""
+    from odpo.trainer.training import step
+
+    calls = {"reference": 0, "policy": 0}
+    for name, key in (("_reference_logps", "reference"), ("_policy_logps", "policy")):
+        original = getattr(step, name)
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(step, name, counted)
+    model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "m"))
+    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    cfg = _config(tiny_model_dir, passes=3, grad_accum=2)
+    dpo_step(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, cfg), examples=EXAMPLES, cfg=cfg)
+    assert calls == {"reference": 2, "policy": 6}

@@ -72,6 +72,10 @@ DEFAULT_LR = 1e-4  # measured: trainer/training/train_config.py explains the cho
 # online: stream labels as they come; iterative: rounds of the serving version's labels; offline: an
 # imported dataset (trainer/training/modes.py).
 MODES = ("online", "iterative", "offline")
+# Optimizer updates on each batch of labels where labels are scarce (online, iterative): a second
+# pass beat one on every rule of the learn bench (trainer/training/train_config.py). --mode offline
+# keeps 1: its --epochs already repeat an imported dataset, as TRL's one update per batch does.
+DEFAULT_PASSES = 2
 SOURCES = LABEL_SOURCES  # human, judge, all, dataset: the ledger's words (db/vocabulary.py)
 LENGTH_CUT_MODES = ("keep", "drop")
 DEFAULT_LENGTH_CUT = "keep"

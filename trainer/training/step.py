@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
@@ -107,27 +108,40 @@ def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
     policy before it learnt from them.
     """
     started = time.perf_counter()
-    parts, grad_norm, skipped = _update(model, tokenizer, optimizer, examples, cfg, autocast=autocast, dist=dist)
+    prepared: list[_Prepared] = []  # filled by the first pass, reused by the others
+    parts, grad_norm, skipped = _update(model, tokenizer, optimizer, examples, cfg, autocast=autocast, dist=dist,
+                                        prepared=prepared)
     for _ in range(cfg.passes - 1):  # the same pairs again: the metrics stay those of the first look
-        _update(model, tokenizer, optimizer, examples, cfg, autocast=autocast, dist=dist)
+        _update(model, tokenizer, optimizer, examples, cfg, autocast=autocast, dist=dist, prepared=prepared)
     return _metrics(parts, cfg, grad_norm=grad_norm, skipped=skipped, n_pairs=len(examples),
                     seconds=time.perf_counter() - started)
 
 
+@dataclass
+class _Prepared:
+    """One micro-batch as the first pass left it: its tensors, its forward, and the reference
+    log-probs, which no update changes (the adapter is off for them), so later passes reuse them
+    instead of running the reference forward again."""
+    batch: dict[str, torch.Tensor]
+    forward: Forward
+    ref: tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
 def _update(model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, examples: Sequence[PairExample],
-            cfg: TrainConfig, *, autocast: AutocastFactory,
-            dist: Optional[Distributed]) -> tuple[dict[str, list[torch.Tensor]], float, bool]:
-    """One optimizer update on `examples`: the log-probs it saw, the gradient norm, whether skipped."""
+            cfg: TrainConfig, *, autocast: AutocastFactory, dist: Optional[Distributed],
+            prepared: list[_Prepared]) -> tuple[dict[str, list[torch.Tensor]], float, bool]:
+    """One optimizer update on `examples`: the log-probs it saw, the gradient norm, whether skipped.
+    An empty `prepared` is filled with the micro-batches; a filled one is trained again as it is."""
     device = trainable_parameters(model)[0].device
     optimizer.zero_grad(set_to_none=True)
     local, divisor = (list(examples), len(examples)) if dist is None else dist.share(examples)
-    chunks = _micro_batches(local, cfg.grad_accum)
+    if not prepared:
+        prepared.extend(_prepare(model, tokenizer, chunk, cfg, dist=dist, device=device, autocast=autocast)
+                        for chunk in _micro_batches(local, cfg.grad_accum))
     parts: dict[str, list[torch.Tensor]] = {"pc": [], "pr": [], "rc": [], "rr": []}
-    for i, chunk in enumerate(chunks):
-        with contextlib.nullcontext() if dist is None else dist.sync(last=i == len(chunks) - 1):
-            batch, forward = pair_layout(model, tokenizer, chunk, cfg, dist)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            _micro_step(model, batch, cfg, forward=forward, autocast=autocast, divisor=divisor, dist=dist,
+    for i, mb in enumerate(prepared):
+        with contextlib.nullcontext() if dist is None else dist.sync(last=i == len(prepared) - 1):
+            _micro_step(model, mb, cfg, autocast=autocast, divisor=divisor, dist=dist,
                         parts=parts if divisor is not None else None)
     if dist is not None:
         parts = dist.gather(parts)
@@ -139,16 +153,25 @@ def _update(model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, exampl
     return parts, grad_norm, skipped
 
 
-def _micro_step(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, *, forward: Forward,
-                autocast: AutocastFactory, divisor: Optional[float], dist: Optional[Distributed],
+def _prepare(model: Any, tokenizer: Any, chunk: list[PairExample], cfg: TrainConfig, *,
+             dist: Optional[Distributed], device: torch.device, autocast: AutocastFactory) -> _Prepared:
+    batch, forward = pair_layout(model, tokenizer, chunk, cfg, dist)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    average = needs_length_normalisation(cfg.loss_type)
+    ref = ((None, None) if is_reference_free(cfg.loss_type)
+           else _reference_logps(model, batch, forward=forward, average=average, autocast=autocast))
+    return _Prepared(batch=batch, forward=forward, ref=ref)
+
+
+def _micro_step(model: Any, mb: _Prepared, cfg: TrainConfig, *, autocast: AutocastFactory,
+                divisor: Optional[float], dist: Optional[Distributed],
                 parts: Optional[dict[str, list[torch.Tensor]]]) -> None:
     """Forward and backward of one micro-batch; its log-probs go into `parts` (None: a weight-0
     stand-in of an empty slice, which only keeps the all-reduce company)."""
     average = needs_length_normalisation(cfg.loss_type)
-    ref_c, ref_r = ((None, None) if is_reference_free(cfg.loss_type)
-                    else _reference_logps(model, batch, forward=forward, average=average, autocast=autocast))
+    ref_c, ref_r = mb.ref
     policy = model if dist is None else dist.policy
-    pol_c, pol_r = _policy_logps(policy, batch, forward=forward, average=average, autocast=autocast)
+    pol_c, pol_r = _policy_logps(policy, mb.batch, forward=mb.forward, average=average, autocast=autocast)
     out = _loss(pol_c, pol_r, ref_c, ref_r, cfg)
     loss = out.losses.sum() / divisor if divisor is not None else out.losses.sum() * 0.0
     if dist is None:

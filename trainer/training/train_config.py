@@ -20,6 +20,12 @@ and noisily, so the default stays at the careful end of the usual LoRA range (1e
 samples are cut at max_new_tokens 96 (69 % at 64) and a pair holds a cut answer in 69 % / 79 % of
 cases, so "drop" throws most labels away; the learn bench's online arm (96 labels, 64 tokens,
 rule:finished_and_short) reached 1.00 [0.89, 1.00] vs the base with keep, 0.73 [0.56, 0.86] with drop.
+
+`passes` 2 by default, measured: in the learn bench (SmolLM2-135M, DPO, lr 5e-4, 200 labels of a rule
+judge, three seeds each, docs/benchmarks.md) the online arm with two updates per batch beat the same
+arm with one, head to head at 200 labels: finished_and_short 0.67 [0.60, 0.73], on_topic 0.58 [0.52,
+0.63], say_the_early 0.64 [0.60, 0.67]. Labels from people are the scarce thing, a step is not.
+--mode offline keeps 1: an imported dataset is large, and --epochs already repeat it.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from odpo.trainer.options import (
     DEFAULT_LENGTH_CUT,
     DEFAULT_LR,
     DEFAULT_MODEL,
+    DEFAULT_PASSES,
     DEVICE_HELP,
     LENGTH_CUT_MODES,
     LOSS_TYPES,
@@ -92,9 +99,11 @@ class TrainConfig:
     max_staleness_train: Optional[int] = option(None, names=("--max-staleness",), kind=int, min=0,
                                                 help="Skip labels of pairs sampled more than this many versions "
                                                      "ago. [default: no limit]")
-    passes: int = option(1, min=1, max=8,
-                         help="Optimizer updates on each batch of fresh labels (a second pass over the newest "
-                              "labels; the ledger still records each label once, for the version its step made).")
+    passes: Optional[int] = option(None, kind=int, min=1, max=8,
+                                   help="Optimizer updates on each batch of fresh labels (a second pass over the "
+                                        "newest labels; the ledger still records each label once, for the version "
+                                        "its step made). [default: 2; 1 with --mode offline, whose --epochs "
+                                        "repeat the dataset]")
     save_every: int = option(1, min=1, help="Commit a new adapter version every N steps (online and offline; a "
                                             "round of --mode iterative is always one version).")
     max_prompt_tokens: int = option(MAX_PROMPT_TOKENS, min=1,
@@ -166,6 +175,8 @@ class TrainConfig:
             object.__setattr__(self, "simpo_gamma", SIMPO_DEFAULT_GAMMA)
         if self.sources is None:
             object.__setattr__(self, "sources", "dataset" if self.mode == "offline" else "all")
+        if self.passes is None:
+            object.__setattr__(self, "passes", 1 if self.mode == "offline" else DEFAULT_PASSES)
         for ok, message in self._checks() + self._mode_checks():
             if not ok:
                 raise TrainConfigError(message)
