@@ -165,7 +165,7 @@ def test_resume_restores_weights_and_optimizer_state(make_trainer, database):
     assert (second.version, second.step) == (2, 2)
     param2 = next(p for p in second.model.parameters() if p.requires_grad)
     assert torch.equal(second.optimizer.state[param2]["exp_avg"], exp_avg)
-    assert float(second.optimizer.state[param2]["step"]) == 2.0
+    assert float(second.optimizer.state[param2]["step"]) == 2 * first.cfg.passes  # two steps of `passes` updates
     assert all(torch.equal(v, weights[k]) for k, v in _lora(second.model).items())
     _labels(database, 4, version=2)
     assert second.run().versions == [3]
@@ -487,6 +487,48 @@ def test_two_passes_is_the_default_where_labels_are_scarce_and_offline_keeps_one
     assert TrainConfig().passes == 2 == TrainConfig(mode="iterative", round_labels=8).passes
     assert TrainConfig(mode="offline").passes == 1 and TrainConfig(mode="offline", passes=3).passes == 3
     assert TrainConfig().hyperparameters()["passes"] == 2  # the version records how it was trained
+
+
+def test_a_stop_request_skips_the_later_passes_and_still_commits_the_step(make_trainer, database, monkeypatch):
+    """`odpo up`'s grace period waits for the step in hand: with a stop requested during the first
+    pass the step ends there (the labels are trained once, recorded once, committed), instead of
+    running the optional passes and perhaps being killed mid-write."""
+    from odpo.trainer.training import step
+
+    _labels(database, 4)
+    trainer = make_trainer(passes=3)
+    original, updates = step._update, []
+
+    def stop_during_the_first(*args, **kwargs):
+        updates.append(1)
+        trainer.request_stop()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(step, "_update", stop_during_the_first)
+    stats = trainer.run()
+    assert stats.steps == 1 and stats.versions == [1] and len(updates) == 1
+    with database.sessions() as s:
+        row = s.scalars(select(TrainStep)).one()
+    assert row.committed and row.metrics["passes"] == 1.0
+    assert set(_consumed(database).values()) == {(1, 1)}
+
+
+def test_should_stop_ends_a_step_after_its_first_pass(tiny_model_dir, tmp_path):
+    """Stopped after one pass, the weights are a one-pass step's; unstopped, all passes run."""
+    weights, ran = [], []
+    for passes, stop in ((3, lambda: True), (1, None), (3, None)):
+        model, tokenizer = load_model_and_tokenizer(tiny_model_config(tiny_model_dir, tmp_path / "m"))
+        torch.manual_seed(0)
+        model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+        cfg = _config(tiny_model_dir, passes=passes)
+        metrics = dpo_step(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, cfg), examples=EXAMPLES,
+                           cfg=cfg, should_stop=stop)
+        weights.append(_lora(model))
+        ran.append(metrics["passes"])
+    assert ran == [1.0, 1.0, 3.0]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=0)
+    assert any(not torch.equal(weights[2][n], v) for n, v in weights[0].items())
 
 
 def test_later_passes_reuse_the_reference_log_probs(tiny_model_dir, tmp_path, monkeypatch):

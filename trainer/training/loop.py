@@ -301,8 +301,10 @@ class DPOTrainer:
                 self.pending_version = store.next_version_number(s, run=self.cfg.run)
         examples = training_examples(self.db, labels)  # the sampled ids, exactly (trainer/training/on_policy.py)
         distributed.mirror_step(self.dist, examples, step=self.step + 1)
+        # A stop request skips the step's later passes; not across processes, which must all run the same passes.
         metrics = dpo_step(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                           examples=examples, cfg=self.cfg, autocast=self._autocast, dist=self.dist)
+                           examples=examples, cfg=self.cfg, autocast=self._autocast, dist=self.dist,
+                           should_stop=self._stop.is_set if self.dist is None else None)
         metrics["version_lag"] = lag
         self.step += 1
         ids = [lb.label_id for lb in labels]

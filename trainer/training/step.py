@@ -95,7 +95,8 @@ def pair_layout(model: Any, tokenizer: Any, chunk: list[PairExample], cfg: Train
 def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
              examples: Sequence[PairExample], cfg: TrainConfig,
              autocast: AutocastFactory = contextlib.nullcontext,
-             dist: Optional[Distributed] = None) -> dict[str, float]:
+             dist: Optional[Distributed] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> dict[str, float]:
     """Forward both models on the pairs, backprop the DPO loss, clip, step; return plain metrics.
 
     The loss of each micro-batch is scaled by its share of the pairs, so grad_accum > 1 gives the
@@ -105,16 +106,22 @@ def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
     DDP-wrapped policy, weighted so the all-reduced gradient is the global batch's mean, and the
     metrics are the global batch's. `cfg.passes` > 1 repeats the update on the same pairs (each
     pass scores them afresh); the metrics are those of the first pass, what the labels said to the
-    policy before it learnt from them.
+    policy before it learnt from them. `should_stop()` true before a later pass ends the step there
+    (a stop request should not wait for the optional passes; the first is the step); `passes` in the
+    metrics says how many ran.
     """
     started = time.perf_counter()
     prepared: list[_Prepared] = []  # filled by the first pass, reused by the others
     parts, grad_norm, skipped = _update(model, tokenizer, optimizer, examples, cfg, autocast=autocast, dist=dist,
                                         prepared=prepared)
-    for _ in range(cfg.passes - 1):  # the same pairs again: the metrics stay those of the first look
+    done = 1
+    while done < cfg.passes and not (should_stop is not None and should_stop()):
         _update(model, tokenizer, optimizer, examples, cfg, autocast=autocast, dist=dist, prepared=prepared)
-    return _metrics(parts, cfg, grad_norm=grad_norm, skipped=skipped, n_pairs=len(examples),
-                    seconds=time.perf_counter() - started)
+        done += 1  # the same pairs again: the metrics stay those of the first look
+    metrics = _metrics(parts, cfg, grad_norm=grad_norm, skipped=skipped, n_pairs=len(examples),
+                       seconds=time.perf_counter() - started)
+    metrics["passes"] = float(done)
+    return metrics
 
 
 @dataclass
