@@ -78,8 +78,9 @@ def serve(cfg: CommonConfig, **options: Any) -> None:
 @click.option("--judge-args", default="", metavar="ARGS", help="Extra `odpo judge` options.")
 @click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True,
               help="Seconds a child gets to stop before it is killed. A trainer stopped mid-step finishes the "
-                   "step and commits what it has (measured 16 s for a batch-8 step of the default model on 2 "
-                   "loaded CPU cores); killing it earlier is safe but replays those steps.")
+                   "step's first pass, skips its later passes and commits what it has (measured 16 s for one "
+                   "pass at batch 8 of the default model on 2 loaded CPU cores); killing it earlier is safe but "
+                   "replays those steps.")
 @click.option("--max-restarts", type=click.IntRange(0), default=5, show_default=True,
               help="Restart a crashed child up to this many times in a row (a child that ran 60 s starts "
                    "a fresh count); then give up on it. 0: a crash stops everything.")

@@ -1,12 +1,11 @@
 """The background DPO trainer: poll labels, take steps, commit versions, follow rollbacks.
 
-Read top to bottom: `start` loads the model and resumes from the latest committed version;
-`run` loops `train_available` until a limit is reached; each step records its metrics at once and
-joins `pending`; every `save_every` steps `commit_pending` writes the version directory and, in ONE
-transaction, moves the run's head from the parent to it, inserts the adapters row and writes the
-labels into the run's ledger. A kill at any moment therefore replays exactly the uncommitted steps'
-labels and never trains a label twice into one run; a rollback that lands while a version trains
-makes its commit refused, and the steps replay from the new head.
+Read top to bottom: `start` loads the model and resumes from the latest committed version; `run` loops
+`train_available` until a limit is reached; each step records its metrics at once and joins `pending`; every
+`save_every` steps `commit_pending` writes the version directory and, in ONE transaction, moves the run's head
+from the parent to it, inserts the adapters row and writes the labels into the run's ledger. A kill at any
+moment therefore replays exactly the uncommitted steps' labels and never trains a label twice into one run; a
+rollback that lands while a version trains makes its commit refused, and the steps replay from the new head.
 """
 from __future__ import annotations
 
@@ -301,10 +300,9 @@ class DPOTrainer:
                 self.pending_version = store.next_version_number(s, run=self.cfg.run)
         examples = training_examples(self.db, labels)  # the sampled ids, exactly (trainer/training/on_policy.py)
         distributed.mirror_step(self.dist, examples, step=self.step + 1)
-        # A stop request skips the step's later passes; not across processes, which must all run the same passes.
-        metrics = dpo_step(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                           examples=examples, cfg=self.cfg, autocast=self._autocast, dist=self.dist,
-                           should_stop=self._stop.is_set if self.dist is None else None)
+        metrics = dpo_step(model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer, examples=examples,
+                           cfg=self.cfg, autocast=self._autocast, dist=self.dist,  # a stop skips later passes,
+                           should_stop=None if self.dist else self._stop.is_set)  # alike in every process or none
         metrics["version_lag"] = lag
         self.step += 1
         ids = [lb.label_id for lb in labels]
