@@ -105,7 +105,8 @@ def dpo_step(*, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
     trainer/training/distributed.py) `examples` is the global batch: this rank trains its slice through the
     DDP-wrapped policy, weighted so the all-reduced gradient is the global batch's mean, and the
     metrics are the global batch's. `cfg.passes` > 1 repeats the update on the same pairs (each
-    pass scores them afresh); the metrics are those of the first pass, what the labels said to the
+    pass scores them afresh with the policy; the reference's log-probs are the first pass's, as they
+    cannot have changed); the metrics are those of the first pass, what the labels said to the
     policy before it learnt from them. `should_stop()` true before a later pass ends the step there
     (a stop request should not wait for the optional passes; the first is the step); `passes` in the
     metrics says how many ran.
