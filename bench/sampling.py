@@ -92,7 +92,7 @@ def _timed(policy: Any, prompts: list[str], params: Any, *, n: int = 2, score: b
     if sample is not None:
         out = sample.generate(prompts, params=params, n_per_prompt=n)
     else:
-        out = generate(policy.model, policy.tokenizer, prompts, params=params, n_per_prompt=n)
+        out = generate(policy.model, policy.tokenizer, prompts, params=params, n_per_prompt=n, record_logps=score)
     if score:
         from odpo.trainer.training.rewards import implicit_rewards
         from odpo.trainer.training.train_config import TrainConfig

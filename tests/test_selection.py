@@ -119,15 +119,18 @@ def test_k_candidates_are_stored_and_only_the_shown_pair_trains(database, tiny_p
         assert (list(ids.chosen_ids), list(ids.rejected_ids)) == (a.token_ids, b.token_ids)
 
 
-def test_the_sampler_margin_is_the_dpo_steps_margin(tiny_policy, tmp_path):
+@pytest.mark.parametrize("recorded", [False, True], ids=["forward", "from-generate"])
+def test_the_sampler_margin_is_the_dpo_steps_margin(tiny_policy, tmp_path, recorded):
     """The implicit reward the margin selectors rank by equals what a DPO step reports for that
-    pair (LoRA dropout 0, so the step's train-mode forward is the sampler's eval-mode one)."""
+    pair (LoRA dropout 0, so the step's train-mode forward is the sampler's eval-mode one), whether
+    the policy's log-probs come from a forward or from the generate call that drew the candidates."""
     model, tok = tiny_policy
     prompts = ["The cat looks at the green hill.", "My teacher answers the long question."]
     params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=0)
     from odpo.trainer.sampling.generation import generate
 
-    cands = generate(model, tok, prompts, params=params, n_per_prompt=4)
+    cands = generate(model, tok, prompts, params=params, n_per_prompt=4, record_logps=recorded)
+    assert all((c.logp is not None) == recorded for cs in cands for c in cs)
     cfg = TrainConfig(model="tiny", batch_size=1, lr=1e-6, beta=0.1, lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     rewards = implicit_rewards(model, tok, prompts, cands, cfg)
     assert [len(r) for r in rewards] == [4, 4]
@@ -136,6 +139,50 @@ def test_the_sampler_margin_is_the_dpo_steps_margin(tiny_policy, tmp_path):
     metrics = dpo_step(model=model, tokenizer=tok, optimizer=make_optimizer(model, cfg), examples=[example], cfg=cfg)
     assert metrics["reward_margin"] == pytest.approx(rewards[1][pick.a] - rewards[1][pick.b], abs=1e-5)
     assert abs(metrics["reward_margin"]) > 1e-3  # the policy is not the reference: a real margin
+
+
+def test_generate_records_the_log_probs_a_forward_computes(tiny_policy, monkeypatch):
+    """Rows that stop early (a seventh of the vocabulary made end-of-text here) and rows cut at the
+    budget, an odd K, temperature and top-p on: each candidate's recorded log-prob equals the
+    trainer's forward over its prompt and token ids (eos included, padding not), and the rewards
+    from it equal the forward's; the recorded path runs one forward (the reference) instead of two."""
+    import dataclasses
+
+    from odpo.trainer.sampling import generation
+    from odpo.trainer.training import rewards
+
+    model, tok = tiny_policy
+    monkeypatch.setattr(generation, "_eos_ids", lambda m, t: list(range(0, model.config.vocab_size, 7)))
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=6, seed=1)
+    prompts = ["Where does the river go?", "Name a colour."]
+    cands = generation.generate(model, tok, prompts, params=params, n_per_prompt=3, record_logps=True)
+    lengths = {len(c.token_ids) for cs in cands for c in cs}
+    assert len(lengths) > 1 and {c.finish_reason for cs in cands for c in cs} == {"stop", "length"}
+    cfg = TrainConfig(model="tiny", beta=0.1)
+    forwards = []
+    original = rewards._logps
+    monkeypatch.setattr(rewards, "_logps", lambda *a, **k: forwards.append(k["reference"]) or original(*a, **k))
+    recorded = implicit_rewards(model, tok, prompts, cands, cfg)
+    assert forwards == [True]  # only the reference's forward
+    plain = [[dataclasses.replace(c, logp=None) for c in cs] for cs in cands]
+    computed = implicit_rewards(model, tok, prompts, plain, cfg)
+    assert forwards == [True, False, True]
+    for r, c in zip(recorded, computed, strict=True):
+        assert r == pytest.approx(c, abs=1e-5)
+    simpo = TrainConfig(model="tiny", loss_type="simpo")  # length-normalised and reference-free: no forward
+    simpo_recorded = implicit_rewards(model, tok, prompts, cands, simpo)
+    assert forwards == [True, False, True]
+    for r, c in zip(simpo_recorded, implicit_rewards(model, tok, prompts, plain, simpo), strict=True):
+        assert r == pytest.approx(c, abs=1e-5)
+    short = TrainConfig(model="tiny", max_completion_tokens=2)  # the trainer would cut the answers: a forward
+    implicit_rewards(model, tok, prompts, cands, short)
+    assert forwards == [True, False, True, False, False, True]
+
+
+def test_only_the_scoring_selectors_ask_generate_for_log_probs():
+    score = lambda p, c: [[0.0] * len(x) for x in c]  # noqa: E731
+    assert Selector("margin", score=score).scores_candidates and Selector("uncertain", score=score).scores_candidates
+    assert not Selector("margin").scores_candidates and not Selector("diverse").scores_candidates
 
 
 def _pair_example(prompt, a: Generated, b: Generated):

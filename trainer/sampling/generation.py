@@ -65,6 +65,9 @@ class Generated:
     seconds: float
     token_ids: tuple[int, ...] = ()
     prompt_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # The policy's log-prob of token_ids given the prompt at temperature 1, summed; set when the
+    # call was asked to record it (record_logps), so scoring the candidates needs no second forward.
+    logp: Optional[float] = field(default=None, repr=False)
 
 
 class _StopWhen(StoppingCriteria):
@@ -79,6 +82,32 @@ class _StopWhen(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
+class _LogpRecorder:
+    """First of the logits processors: it sees the raw logits of every decode step. The token a
+    step drew is known at the next call (the last column of input_ids), so each call scores the
+    previous step's token, and `finish` the last one; one [rows, vocab] tensor is kept, not one per step."""
+
+    def __init__(self) -> None:
+        self.previous: Optional[torch.Tensor] = None
+        self.per_token: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self._score(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _score(self, tokens: torch.Tensor) -> None:
+        assert self.previous is not None
+        self.per_token.append(self.previous.gather(1, tokens.view(-1, 1)).squeeze(1))
+
+    def finish(self, new_tokens: torch.Tensor) -> list[list[float]]:
+        """Per row, the log-prob of each generated token (padding after an eos included: cut by the caller)."""
+        if self.previous is not None and len(self.per_token) < new_tokens.shape[1]:
+            self._score(new_tokens[:, len(self.per_token)])
+        return torch.stack(self.per_token, dim=1).tolist() if self.per_token else [[] for _ in new_tokens]
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -89,6 +118,7 @@ def generate(
     autocast_dtype: Optional[torch.dtype] = None,
     cache_implementation: Optional[str] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    record_logps: bool = False,
 ) -> list[list[Generated]]:
     """Sample `n_per_prompt` completions for every prompt in one batched call.
 
@@ -96,7 +126,8 @@ def generate(
     batch, hence independent random draws. `autocast_dtype` comes from
     `trainer.policy.loading.pick_device_dtype` (the caller decides it once per process);
     `cache_implementation` is passed to transformers ("static" or None for the dynamic cache).
-    Raises GenerationInterrupted when `should_stop()` turns true mid-batch.
+    Raises GenerationInterrupted when `should_stop()` turns true mid-batch. `record_logps` fills each
+    `Generated.logp` from the logits the call computed anyway.
     """
     if n_per_prompt < 1:
         raise ValueError("n_per_prompt must be >= 1")
@@ -112,19 +143,25 @@ def generate(
     config = _generation_config(params, eos_ids=eos_ids, pad_id=pad_id,
                                 cache_implementation=cache_implementation)
     stopper = _StopWhen(should_stop) if should_stop else None
+    recorder = _LogpRecorder() if record_logps else None
+    processors = _warpers(params)
+    if recorder is not None:
+        processors.insert(0, recorder)
     started = time.perf_counter()
     with torch.inference_mode(), autocast_context(device, autocast_dtype), _seeded(params.seed, device):
         prefix = {} if cache_implementation else _shared_prefix(model, input_ids, attention_mask, n_per_prompt,
                                                                 shared)
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             logits_processor=_warpers(params), **prefix,
+                             logits_processor=processors, **prefix,
                              stopping_criteria=StoppingCriteriaList([stopper] if stopper else []))
     seconds = time.perf_counter() - started
     if stopper is not None and stopper.fired:
         raise GenerationInterrupted("generation interrupted")
-    new_tokens = out[:, input_ids.shape[1]:].tolist()
+    new_tokens = out[:, input_ids.shape[1]:]
+    logps = recorder.finish(new_tokens) if recorder is not None else [None] * len(rows)
     flat = [_decode(tokenizer, ids, eos_ids=eos_ids, max_new_tokens=params.max_new_tokens, seconds=seconds,
-                    prompt_ids=row) for ids, row in zip(new_tokens, rows, strict=True)]
+                    prompt_ids=row, token_logps=lp)
+            for ids, row, lp in zip(new_tokens.tolist(), rows, logps, strict=True)]
     return [flat[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompts))]
 
 
@@ -195,7 +232,7 @@ def _warpers(params: SamplingParams) -> LogitsProcessorList:
 
 
 def _decode(tokenizer: Any, ids: list[int], *, eos_ids: list[int], max_new_tokens: int,
-            seconds: float, prompt_ids: Sequence[int] = ()) -> Generated:
+            seconds: float, prompt_ids: Sequence[int] = (), token_logps: Optional[list[float]] = None) -> Generated:
     """Cut after the first eos: everything after it is padding the batch added for the longer rows.
 
     The eos itself stays in `token_ids` (it is what the model emitted and what DPO should credit),
@@ -209,8 +246,10 @@ def _decode(tokenizer: Any, ids: list[int], *, eos_ids: list[int], max_new_token
     if stop_at is None and len(ids) < max_new_tokens:
         reason = FINISH_STOP  # ended by a stop criterion of the model's own, not by the budget
     text = tokenizer.decode(kept, skip_special_tokens=True)
+    logp = None if token_logps is None else float(sum(token_logps[:len(emitted)]))
     return Generated(text=text, tokens=len(kept), finish_reason=reason, seconds=seconds,
-                     token_ids=tuple(int(t) for t in emitted), prompt_token_ids=tuple(int(t) for t in prompt_ids))
+                     token_ids=tuple(int(t) for t in emitted), prompt_token_ids=tuple(int(t) for t in prompt_ids),
+                     logp=logp)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

@@ -265,8 +265,8 @@ class Sampler:
                     self.model, self.tokenizer, [j.text for j in jobs], params=params,
                     n_per_prompt=self.settings.candidates,
                     autocast_dtype=self.settings.autocast_dtype,
-                    cache_implementation=self.settings.cache_implementation,
-                    should_stop=should_stop)
+                    cache_implementation=self.settings.cache_implementation, should_stop=should_stop,
+                    record_logps=bool(self.settings.selector and self.settings.selector.scores_candidates))
                 outputs = self._with_references(jobs, outputs, params=params, version=version, should_stop=should_stop)
                 picks = pick_pairs(self.settings.selector, jobs, outputs, version=version)
             finally:

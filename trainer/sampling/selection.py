@@ -55,6 +55,12 @@ class Selector:
             raise ValueError(f"selector must be one of {', '.join(SELECTORS)}, got {self.name!r}")
         self.rng = random.Random(self.seed)
 
+    @property
+    def scores_candidates(self) -> bool:
+        """margin / uncertain score every candidate with the policy: the generate call records the
+        policy's log-probs for them (trainer/training/rewards.py), which saves a forward."""
+        return self.name in ("margin", "uncertain") and self.score is not None
+
     def pick(self, prompts: Sequence[Any], candidates: Sequence[Sequence[Any]], *, version: int) -> list[Pick]:
         if self.name == "random" or all(len(c) == 2 for c in candidates):
             return [self._random(len(c)) for c in candidates]

@@ -5,12 +5,15 @@ token log-prob, no reference); a pair's margin is the difference of its two rewa
 `margin` and `uncertain` selectors (trainer/sampling/selection.py) rank a prompt's candidates by it,
 so it is computed here with the trainer's own batch layout and forward functions (step._layout and
 the loss's length normalisation), in eval mode: for the same pair it is the number a DPO step's
-metrics report (with LoRA dropout off), not a re-derivation that could drift from it.
+metrics report (with LoRA dropout off), not a re-derivation that could drift from it. The policy's
+half is taken from the generate call when it recorded it (`generate(record_logps=True)`: the same
+weights and ids, scored one decode step at a time, equal to the forward's to rounding), which
+leaves one forward, the reference's, to score K candidates.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -58,12 +61,27 @@ def implicit_rewards(model: Any, tokenizer: Any, prompts: Sequence[Any], candida
         examples += made
     if not examples:
         return []
-    policy = _logps(model, tokenizer, examples, cfg, autocast=autocast, reference=False)
+    policy = (_generated_logps(candidates, cfg)
+              or _logps(model, tokenizer, examples, cfg, autocast=autocast, reference=False))
     reference = None if is_reference_free(cfg.loss_type) else _logps(model, tokenizer, examples, cfg,
                                                                       autocast=autocast, reference=True)
     scores = policy if reference is None else [p - r for p, r in zip(policy, reference, strict=True)]
     flat = [cfg.beta * float(s) for s in scores]
     return [flat[2 * start:2 * start + n] for start, _, n in spans]
+
+
+def _generated_logps(candidates: Sequence[Sequence[Generated]], cfg: TrainConfig) -> Optional[list[float]]:
+    """The policy's log-probs the generate call recorded, in `_logps`'s order (an odd prompt's last
+    candidate twice), when the trainer would score exactly those ids: every candidate has one, and no
+    prompt or answer is longer than `cfg` keeps. None otherwise: then a forward computes them."""
+    flat: list[float] = []
+    for cands in candidates:
+        for c in list(cands) + ([cands[-1]] if len(cands) % 2 else []):
+            if (c.logp is None or not c.token_ids or len(c.token_ids) > cfg.max_completion_tokens
+                    or len(c.prompt_token_ids) > cfg.max_prompt_tokens):
+                return None
+            flat.append(c.logp / len(c.token_ids) if needs_length_normalisation(cfg.loss_type) else c.logp)
+    return flat
 
 
 def _logps(model: Any, tokenizer: Any, examples: list[PairExample], cfg: TrainConfig, *,
