@@ -82,11 +82,11 @@ def build_sampler(common: CommonConfig, cfg: SampleConfig, db: Database, *, mode
 def build_selector(cfg: SampleConfig, db: Database, *, model: Any, tokenizer: Any, backend: Any = None) -> Any:
     """The pair selector of --candidates/--selector. Margin selectors score with the policy in this
     process; with a vLLM backend there is none here, and they fall back to random (said once)."""
-    from odpo.trainer.options import AUTO_LABEL_SURENESS
+    from odpo.trainer.options import AUTO_LABEL_SURENESS, SCORING_SELECTORS
     from odpo.trainer.sampling.selection import Selector
 
     score = None
-    if cfg.selector in ("margin", "uncertain"):
+    if cfg.selector in SCORING_SELECTORS:
         if backend is not None or model is None:
             log.warning("--selector %s scores with the policy in this process; the vllm backend has none here, "
                         "so pairs are picked at random", cfg.selector)

@@ -23,6 +23,8 @@ import logging
 import random
 from typing import Any, Optional, Sequence
 
+from odpo.bench.learn_table import split_label
+
 log = logging.getLogger(__name__)
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -106,8 +108,6 @@ def head_to_head(arms: Sequence[dict[str, Any]], judges: dict[str, Any]) -> list
 def _rank(name: str) -> tuple[int, int, str]:
     """Pairs read as the more on-policy arm against the less (selectors, online, iterative,
     offline) and, within a mode, the arm with more passes against the one with fewer."""
-    from odpo.bench.learn_table import split_label
-
     mode, passes = split_label(name)
     return ({"online": 1, "iterative": 2, "offline": 3}.get(mode, 0), -passes, name)
 

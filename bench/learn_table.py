@@ -169,10 +169,10 @@ def h2h_headline(table: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]
         final = [p for p in pairs if p["rule"] == rule and _is_offline(p["a"]) != _is_offline(p["b"])]
         top = max((p["labels"] for p in final), default=None)
         for p in (p for p in final if p["labels"] == top):
-            on_policy_rate = p["low"] if _is_offline(p["b"]) else 1 - p["high"]
-            if on_policy_rate > 0.5:
-                wins.append(f"{rule} {p['loss']}: {p['a'] if _is_offline(p['b']) else p['b']} over "
-                            f"{p['b'] if _is_offline(p['b']) else p['a']}")
+            b_offline = _is_offline(p["b"])
+            on_arm, off_arm = (p["a"], p["b"]) if b_offline else (p["b"], p["a"])
+            if (p["low"] if b_offline else 1 - p["high"]) > 0.5:  # the on-policy arm's interval above 0.5
+                wins.append(f"{rule} {p['loss']}: {on_arm} over {off_arm}")
         reached = [c for c in table if c["rule"] == rule and c.get("labels_to_0.8") is not None]
         off = [c["labels_to_0.8"] for c in reached if _is_offline(c["mode"])]
         on = [c["labels_to_0.8"] for c in reached if not _is_offline(c["mode"])]

@@ -42,6 +42,7 @@ SAMPLER_BACKENDS = ("hf", "vllm")
 VLLM_PORT = 8000  # `odpo vllm-serve` and the server `odpo up --sampler vllm` starts (vLLM's own default)
 # How the sampler picks the pair a person sees from a prompt's candidates (trainer/sampling/selection.py)
 SELECTORS = ("random", "margin", "uncertain", "diverse", "judge-uncertain")
+SCORING_SELECTORS = ("margin", "uncertain")  # rank candidates by the policy's implicit reward
 AUTO_LABEL_SURENESS = 0.9  # --auto-label-confident: the judge labels a pair it is at least this sure of
 KV_CACHES = ("dynamic", "static")
 # Background work (sampler, trainer, judge) runs at this nice increment: CFS weight ~1/10 of a nice-0

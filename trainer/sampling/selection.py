@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from odpo.trainer.options import SELECTORS
+from odpo.trainer.options import SCORING_SELECTORS, SELECTORS
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,12 @@ class Selector:
     def scores_candidates(self) -> bool:
         """margin / uncertain score every candidate with the policy: the generate call records the
         policy's log-probs for them (trainer/training/rewards.py), which saves a forward."""
-        return self.name in ("margin", "uncertain") and self.score is not None
+        return self.name in SCORING_SELECTORS and self.score is not None
 
     def pick(self, prompts: Sequence[Any], candidates: Sequence[Sequence[Any]], *, version: int) -> list[Pick]:
         if self.name == "random" or all(len(c) == 2 for c in candidates):
             return [self._random(len(c)) for c in candidates]
-        if self.name in ("margin", "uncertain"):
+        if self.name in SCORING_SELECTORS:
             if version == 0 or self.score is None:
                 return [self._random(len(c)) for c in candidates]
             scores = self.score(prompts, candidates)

@@ -40,10 +40,14 @@ def reward_scorer(db: Any, model: Any, tokenizer: Any, *, autocast: Callable[[],
     return score
 
 
+def _paired_rows(candidates: Sequence[Generated]) -> list[Generated]:
+    """The candidates in pair order (0, 1), (2, 3), ...: an odd one out is paired with itself."""
+    return list(candidates) + ([candidates[-1]] if len(candidates) % 2 else [])
+
+
 def candidate_examples(prompt: Any, candidates: Sequence[Generated]) -> list[PairExample]:
-    """A prompt's candidates as pairs (0, 1), (2, 3), ... so the pair layout scores every one once
-    (an odd one out is paired with itself)."""
-    rows = list(candidates) + ([candidates[-1]] if len(candidates) % 2 else [])
+    """A prompt's candidates as pairs (0, 1), (2, 3), ... so the pair layout scores every one once."""
+    rows = _paired_rows(candidates)
     return [PairExample(prompt=prompt, chosen=a.text, rejected=b.text, prompt_ids=a.prompt_token_ids,
                         chosen_ids=a.token_ids, rejected_ids=b.token_ids, chosen_finish=a.finish_reason,
                         rejected_finish=b.finish_reason) for a, b in zip(rows[::2], rows[1::2], strict=True)]
@@ -71,12 +75,12 @@ def implicit_rewards(model: Any, tokenizer: Any, prompts: Sequence[Any], candida
 
 
 def _generated_logps(candidates: Sequence[Sequence[Generated]], cfg: TrainConfig) -> Optional[list[float]]:
-    """The policy's log-probs the generate call recorded, in `_logps`'s order (an odd prompt's last
-    candidate twice), when the trainer would score exactly those ids: every candidate has one, and no
-    prompt or answer is longer than `cfg` keeps. None otherwise: then a forward computes them."""
+    """The policy's log-probs the generate call recorded, in `_logps`'s order, when the trainer would
+    score exactly those ids: every candidate has one, and no prompt or answer is longer than `cfg`
+    keeps. None otherwise: then a forward computes them."""
     flat: list[float] = []
     for cands in candidates:
-        for c in list(cands) + ([cands[-1]] if len(cands) % 2 else []):
+        for c in _paired_rows(cands):
             if (c.logp is None or not c.token_ids or len(c.token_ids) > cfg.max_completion_tokens
                     or len(c.prompt_token_ids) > cfg.max_prompt_tokens):
                 return None
